@@ -1,0 +1,1 @@
+"""One module per pipeline stage. Stages import `saectl`, never each other."""
