@@ -9,6 +9,8 @@ in the array's attributes, and widened to float32 on read.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
@@ -16,7 +18,9 @@ from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 from saectl.errors import ArtifactError
 
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
-CHUNK_BYTES = 4 << 20  # ~4 MiB chunks: large enough to compress and read fast, small to resume
+# ~4 MiB chunks: large enough to compress and read fast, small enough to resume cheaply.
+# SAECTL_CHUNK_BYTES changes it (tests use small chunks to get many with a tiny model).
+CHUNK_BYTES = int(os.environ.get("SAECTL_CHUNK_BYTES", 4 << 20))
 
 
 def compressors(itemsize: int):

