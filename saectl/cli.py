@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -16,7 +15,7 @@ from typer.exceptions import TyperException
 from saectl import store
 from saectl.config import stage_command
 from saectl.errors import SaectlError
-from stages import harvest
+from stages import harvest, import_acts, shuffle
 
 app = typer.Typer(name="saectl", no_args_is_help=True, add_completion=False,
                   help="Sparse autoencoders for language models: harvest → shuffle → train → "
@@ -26,6 +25,11 @@ app = typer.Typer(name="saectl", no_args_is_help=True, add_completion=False,
 STAGES = [
     ("harvest", harvest.HarvestConfig, harvest.run,
      "Run a model over text and store activations at hook points.", ()),
+    ("shuffle", shuffle.ShuffleConfig, shuffle.run,
+     "Shuffle a harvest's token rows out of core and split train/eval by sequence.", ("harvest",)),
+    ("import", import_acts.ImportConfig, import_acts.run,
+     "Make a harvest-like artifact from activations in a .npy, .safetensors or Zarr file.",
+     ("file",)),
 ]
 
 for _name, _cls, _run, _help, _pos in STAGES:

@@ -28,6 +28,20 @@ def opt(default: Any = None, help: str = "", *, address: bool = True, flag: str 
                              metadata={"help": help, "address": address, "flag": flag})
 
 
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'2GiB', '512MiB', '1.5G', '1000000' → bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"cannot read {text!r} as a size; write e.g. 512MiB or 2GiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
 def fields(cls) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if not f.name.startswith("_")]
 

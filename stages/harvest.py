@@ -304,5 +304,5 @@ def _summary(art, group, cfg: HarvestConfig, dims: dict[str, int]) -> dict:
         hooks[hook] = {"d": d, "bytes": nbytes, "bytes_per_value": nbytes / values}
         total_values += values
         total_bytes += nbytes
-    return {"n_seq": cfg.n_seq, "context_size": cfg.context_size, "n_tokens": n_tokens,
+    return {"n_seq": cfg.n_seq, "context_size": cfg.context_size, "n_tokens": n_tokens, "bos": True,
             "dtype": cfg.dtype, "hooks": hooks, "bytes_per_value": total_bytes / total_values}

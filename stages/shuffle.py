@@ -1,0 +1,314 @@
+"""Shuffle: a global random permutation of a harvest's token rows, out of core, split into
+train and eval by *sequence* (no eval token's sequence has a token in train).
+
+The permutation is a keyed Feistel bijection on [0, n_train) with cycle walking, so the
+destination of any row is computed on the fly: no n-sized permutation array, whatever n is.
+Two passes per hook, each within `--memory`:
+  1. read the harvest sequentially, send each train row to the on-disk bucket that holds its
+     destination (`scratch/<hook>/<bucket>.bin`), accumulating normalisation statistics;
+  2. load one bucket at a time, place its rows at their destinations, write the output chunks.
+Progress is recorded after every flush (rows read, bucket file lengths) and every finished
+bucket, so a killed shuffle resumes where it stopped and ends bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from saectl import arrays, faults, store
+from saectl.config import address_params, opt, parse_bytes
+from saectl.console import info, progress
+from saectl.errors import ConfigError
+
+STAGE = "shuffle"
+SCRATCH = "scratch"
+
+
+@dataclass(frozen=True)
+class ShuffleConfig:
+    harvest: str | None = opt(None, "The harvest (or import) artifact to shuffle")
+    eval_fraction: float = opt(0.05, "Fraction of sequences held out for evaluation")
+    seed: int = opt(0, "Seed of the split and the permutation")
+    keep_bos: bool = opt(False, "Keep BOS positions (their activations are outliers)")
+    memory: str = opt("2GiB", "Memory budget for buffers, e.g. 512MiB, 2GiB", address=False)
+    store: str | None = opt(None, "Artifact store (default $SAECTL_STORE or ./artifacts)",
+                            address=False)
+    no_wait: bool = opt(False, "Fail instead of waiting for another writer", address=False)
+
+    def __post_init__(self):
+        if not self.harvest:
+            raise ConfigError("give the harvest to shuffle: saectl shuffle HARVEST_REF")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        floor = 8 * arrays.CHUNK_BYTES  # a read, its copies and a bucket of whole chunks
+        if self.budget < floor:
+            raise ConfigError(f"--memory {self.memory} is below the {floor >> 20}MiB a shuffle "
+                              "needs (8 chunks); give e.g. --memory 256MiB")
+
+    @property
+    def budget(self) -> int:
+        return parse_bytes(self.memory)
+
+
+# ---------------------------------------------------------------------------------------------
+# The permutation
+
+
+def _mix(x: np.ndarray, key: np.uint64) -> np.ndarray:
+    """splitmix64's finaliser: a cheap, well-mixed round function on uint64."""
+    with np.errstate(over="ignore"):
+        z = x + key
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+class Permutation:
+    """A bijection of [0, n) keyed by `seed`: a balanced Feistel network on 2·h bits
+    (4^h ≥ n), cycle-walked back into range (expected < 4 walks)."""
+
+    ROUNDS = 6
+
+    def __init__(self, n: int, seed: int):
+        self.n = n
+        self.h = max(1, math.ceil(math.log2(max(n, 2)) / 2))
+        rng = np.random.default_rng([seed, 0x5AEC7])
+        self.keys = rng.integers(0, 2**63, size=self.ROUNDS, dtype=np.uint64)
+        self.mask = np.uint64((1 << self.h) - 1)
+
+    def _feistel(self, x: np.ndarray) -> np.ndarray:
+        h = np.uint64(self.h)
+        left, right = x >> h, x & self.mask
+        for k in self.keys:
+            left, right = right, left ^ (_mix(right, k) & self.mask)
+        return (left << h) | right
+
+    def __call__(self, idx: np.ndarray) -> np.ndarray:
+        y = self._feistel(idx.astype(np.uint64))
+        out = y >= np.uint64(self.n)
+        while out.any():
+            y[out] = self._feistel(y[out])
+            out = y >= np.uint64(self.n)
+        return y.astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# The split
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which sequences are eval, and how token rows map to train/eval indices."""
+
+    C: int
+    is_eval: np.ndarray  # (n_seq,) bool
+    first: int           # first position kept in each sequence (1 drops BOS)
+
+    @property
+    def per_seq(self) -> int:
+        return self.C - self.first
+
+    def counts(self) -> tuple[int, int]:
+        n_eval = int(self.is_eval.sum())
+        return (len(self.is_eval) - n_eval) * self.per_seq, n_eval * self.per_seq
+
+    def index(self, rows: np.ndarray, want_eval: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(mask over rows, index of each selected row within its split, in harvest order)."""
+        seq, pos = rows // self.C, rows % self.C
+        sel = self.is_eval[seq] == want_eval
+        before = np.concatenate([[0], np.cumsum(self.is_eval == want_eval)])[seq]
+        mask = sel & (pos >= self.first)
+        return mask, (before * self.per_seq + pos - self.first)[mask]
+
+    def index_rows(self, want_eval: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(split index, harvest row) of every row in the split, in harvest order."""
+        seqs = np.flatnonzero(self.is_eval == want_eval)
+        rows = (seqs[:, None] * self.C + np.arange(self.first, self.C)[None]).reshape(-1)
+        return np.arange(len(rows)), rows.astype(np.int64)
+
+
+def make_split(n_seq: int, C: int, cfg: ShuffleConfig, has_bos: bool = True) -> Split:
+    n_eval = round(cfg.eval_fraction * n_seq)
+    if cfg.eval_fraction > 0:
+        n_eval = min(max(n_eval, 1), n_seq - 1)
+    if n_seq - n_eval < 1:
+        raise ConfigError(f"the harvest has {n_seq} sequence(s): too few to split; "
+                          "harvest more tokens or use --eval-fraction 0")
+    rng = np.random.default_rng([cfg.seed, 0xE7A1])
+    is_eval = np.zeros(n_seq, bool)
+    is_eval[rng.permutation(n_seq)[:n_eval]] = True
+    return Split(C, is_eval, 1 if has_bos and not cfg.keep_bos else 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def run(cfg: ShuffleConfig) -> store.Artifact:
+    root = store.store_root(cfg.store)
+    src = store.open_complete(root, cfg.harvest)
+    if src.stage not in ("harvest", "import"):
+        raise ConfigError(f"{src.ref} is a {src.stage} artifact; shuffle takes a harvest or import")
+    params = address_params(cfg)
+    del params["harvest"]  # it is an input, addressed by its digest
+    art = store.artifact_for(root, STAGE, params, {"harvest": src})
+    if art.is_complete():
+        info(f"shuffle: cache hit {art.ref}")
+        return art
+    hin = src.group()
+    hooks = sorted(hin["acts"].array_keys())
+    made = src.manifest()["summary"]
+    n_seq, C = made["n_seq"], made["context_size"]
+    split = make_split(n_seq, C, cfg, has_bos=made.get("bos", True))
+    n_train, n_eval = split.counts()
+    with store.writing(art, params, {"harvest": src}, wait=not cfg.no_wait):
+        if art.is_complete():
+            return art
+        out = art.group("r+")
+        out.create_array("eval/sequences", data=np.flatnonzero(split.is_eval).astype(np.int64),
+                         overwrite=True)
+        _, eval_rows = split.index_rows(want_eval=True)
+        out.create_array("rows/eval", data=eval_rows, overwrite=True)
+        stats = {}
+        for i, hook in enumerate(hooks):
+            stats[hook] = _shuffle_hook(art, out, hin[f"acts/{hook}"], hook, split, n_train,
+                                        n_eval, cfg, src.ref, write_rows=i == 0)
+        shutil.rmtree(art.path / SCRATCH, ignore_errors=True)
+        summary = {"n_train": n_train, "n_eval": n_eval,
+                   "n_eval_sequences": int(split.is_eval.sum()), "context_size": C,
+                   "keep_bos": cfg.keep_bos, "hooks": stats}
+        store.mark_complete(art, summary)
+    info(f"shuffle: wrote {art.ref} ({n_train:,} train rows, {n_eval:,} eval rows)")
+    return art
+
+
+def _state_path(art, hook: str) -> Path:
+    return art.path / store.PROGRESS / f"shuffle-{hook}.json"
+
+
+def _load_state(art, hook: str) -> dict:
+    p = _state_path(art, hook)
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def _save_state(art, hook: str, state: dict) -> None:
+    store.atomic_write(_state_path(art, hook), json.dumps(state).encode())
+
+
+def _shuffle_hook(art, out, src_arr, hook, split: Split, n_train: int, n_eval: int,
+                  cfg: ShuffleConfig, src_ref: str, write_rows: bool) -> dict:
+    d = src_arr.shape[1]
+    storage = src_arr.attrs.get("dtype", str(src_arr.dtype))
+    itemsize = src_arr.dtype.itemsize
+    chunk_rows = arrays.rows_per_chunk(d * itemsize)
+    # Pass 2 holds one bucket's rows, its output block and three int64 per row.
+    bucket_rows = max(chunk_rows,
+                      (cfg.budget // (2 * d * itemsize + 24) // 2) // chunk_rows * chunk_rows)
+    n_buckets = max(1, math.ceil(n_train / bucket_rows))
+    perm = Permutation(n_train, cfg.seed)
+    attrs = {"hook": hook, "d": d}
+    dst = arrays.create(out, f"train/{hook}", (n_train, d), (chunk_rows, d), storage, attrs)
+    dst_eval = arrays.create(out, f"eval/{hook}", (n_eval, d), (chunk_rows, d), storage, attrs)
+    rows_arr = arrays.create(out, "rows/train", (n_train,), (1 << 16,), "int64")
+    scratch = art.path / SCRATCH / hook
+    scratch.mkdir(parents=True, exist_ok=True)
+    state = _load_state(art, hook)
+
+    if not state.get("pass1_done"):
+        state = _pass1(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets,
+                       scratch, state, cfg.budget, src_ref)
+    done = set(state.get("buckets_done", []))
+    with progress(f"shuffle {hook}: place", n_buckets, "buckets", done=len(done)) as bar:
+        for b in range(n_buckets):
+            if b in done:
+                continue
+            lo, hi = b * bucket_rows, min((b + 1) * bucket_rows, n_train)
+            dest = np.fromfile(scratch / f"{b}.idx", dtype=np.int64) - lo
+            if len(dest) != hi - lo:
+                raise store.ArtifactError(f"shuffle scratch of {art.ref} is inconsistent "
+                                          f"(bucket {b}); remove the artifact and re-run")
+            block = np.empty((hi - lo, d), dtype=src_arr.dtype)
+            block[dest] = np.fromfile(scratch / f"{b}.bin", dtype=src_arr.dtype).reshape(-1, d)
+            dst[lo:hi] = block
+            del block
+            if write_rows:
+                origin = np.empty(hi - lo, np.int64)
+                origin[dest] = np.fromfile(scratch / f"{b}.src", dtype=np.int64)
+                rows_arr[lo:hi] = origin
+            done.add(b)
+            state["buckets_done"] = sorted(done)
+            _save_state(art, hook, state)
+            for suffix in ("bin", "idx", "src"):
+                (scratch / f"{b}.{suffix}").unlink(missing_ok=True)
+            faults.point("shuffle.bucket_placed")
+            bar.advance(1)
+    n = max(n_train, 1)
+    mean = np.asarray(state["sum"]) / n
+    out.create_array(f"stats/{hook}/mean", data=mean.astype(np.float32), overwrite=True)
+    return {"d": d, "mean_norm": state["norm_sum"] / n, "mean_sq_norm": state["sq_sum"] / n,
+            "n_buckets": n_buckets}
+
+
+def _pass1(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, scratch, state,
+           budget, src_ref) -> dict:
+    """Send train rows to their buckets and copy eval rows in harvest order. Resumes from the
+    last flush: bucket files are cut back to the lengths recorded with it, and reading goes on
+    from the recorded row. Statistics are summed per source chunk in float64, in chunk order,
+    so they do not depend on --memory."""
+    d = src_arr.shape[1]
+    itemsize = src_arr.dtype.itemsize
+    storage = src_arr.attrs.get("dtype", str(src_arr.dtype))
+    lengths = state.get("lengths", [0] * n_buckets)
+    start = state.get("rows_read", 0)
+    acc_sum = np.asarray(state.get("sum", np.zeros(d)), np.float64)
+    norm_sum, sq_sum = state.get("norm_sum", 0.0), state.get("sq_sum", 0.0)
+    for b in range(n_buckets):
+        for suffix, width in (("bin", d * itemsize), ("idx", 8), ("src", 8)):
+            with open(scratch / f"{b}.{suffix}", "ab") as fh:
+                fh.truncate(lengths[b] * width)
+    n_rows, chunk = src_arr.shape[0], src_arr.chunks[0]
+    # A read and its float32 copy are ~3 raw copies: keep them within a quarter of the budget.
+    step = chunk * max(1, (budget // 12) // (chunk * d * itemsize))
+    with progress(f"shuffle {hook}: scatter", n_rows, "rows", done=start) as bar:
+        for lo in range(start, n_rows, step):
+            hi = min(lo + step, n_rows)
+            idx = np.arange(lo, hi)
+            raw = arrays.read(src_arr, slice(lo, hi), artifact=src_ref, raw=True)
+            emask, et = split.index(idx, want_eval=True)
+            if len(et):  # eval rows of these sequences are contiguous in the eval split
+                dst_eval[int(et[0]):int(et[-1]) + 1] = raw[emask]
+            mask, t = split.index(idx, want_eval=False)
+            for c0 in range(0, hi - lo, chunk):  # statistics per source chunk, in order
+                m = mask[c0:c0 + chunk]
+                x = arrays.from_storage(raw[c0:c0 + chunk][m], storage)
+                acc_sum += x.sum(0, dtype=np.float64)
+                sq = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+                norm_sum += float(np.sqrt(sq).sum())
+                sq_sum += float(sq.sum())
+            rows, src_rows = raw[mask], idx[mask]
+            del raw
+            dest = perm(t)
+            bucket = dest // bucket_rows
+            order = np.argsort(bucket, kind="stable")
+            bounds = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
+            for b in np.unique(bucket):
+                sel = order[bounds[b]:bounds[b + 1]]
+                for suffix, data in (("bin", rows[sel]), ("idx", dest[sel]),
+                                     ("src", src_rows[sel])):
+                    with open(scratch / f"{b}.{suffix}", "ab") as fh:
+                        fh.write(np.ascontiguousarray(data).tobytes())
+                lengths[b] += len(sel)
+            state = {"rows_read": hi, "lengths": lengths, "sum": acc_sum.tolist(),
+                     "norm_sum": norm_sum, "sq_sum": sq_sum}
+            _save_state(art, hook, state)
+            faults.point("shuffle.flushed")
+            bar.advance(hi - lo)
+    state["pass1_done"] = True
+    _save_state(art, hook, state)
+    return state
