@@ -46,10 +46,8 @@ class ShuffleConfig:
             raise ConfigError("give the harvest to shuffle: saectl shuffle HARVEST_REF")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
-        floor = 8 * arrays.CHUNK_BYTES  # a read, its copies and a bucket of whole chunks
-        if self.budget < floor:
-            raise ConfigError(f"--memory {self.memory} is below the {floor >> 20}MiB a shuffle "
-                              "needs (8 chunks); give e.g. --memory 256MiB")
+        if self.budget <= 0:
+            raise ConfigError(f"--memory {self.memory} must be positive, e.g. --memory 2GiB")
 
     @property
     def budget(self) -> int:
@@ -163,6 +161,7 @@ def run(cfg: ShuffleConfig) -> store.Artifact:
         return art
     hin = src.group()
     hooks = sorted(hin["acts"].array_keys())
+    _check_budget(cfg, [hin[f"acts/{h}"] for h in hooks])
     made = src.manifest()["summary"]
     n_seq, C = made["n_seq"], made["context_size"]
     split = make_split(n_seq, C, cfg, has_bos=made.get("bos", True))
@@ -188,6 +187,14 @@ def run(cfg: ShuffleConfig) -> store.Artifact:
     return art
 
 
+def _check_budget(cfg: ShuffleConfig, srcs) -> None:
+    """Reads go a whole source chunk at a time, and ~64 reads fit the budget (see _pass1)."""
+    need = max(64 * a.chunks[0] * a.shape[1] * a.dtype.itemsize for a in srcs)
+    if cfg.budget < need:
+        raise ConfigError(f"--memory {cfg.memory} is too small for this harvest's chunks; "
+                          f"give at least --memory {math.ceil(need / 2**20)}MiB")
+
+
 def _state_path(art, hook: str) -> Path:
     return art.path / store.PROGRESS / f"shuffle-{hook}.json"
 
@@ -201,15 +208,22 @@ def _save_state(art, hook: str, state: dict) -> None:
     store.atomic_write(_state_path(art, hook), json.dumps(state).encode())
 
 
+def _record(dtype: np.dtype, d: int) -> np.dtype:
+    """One scratch record: where the row goes, where it came from, and the row itself."""
+    return np.dtype([("dest", "<i8"), ("src", "<i8"), ("row", dtype, (d,))])
+
+
 def _shuffle_hook(art, out, src_arr, hook, split: Split, n_train: int, n_eval: int,
                   cfg: ShuffleConfig, src_ref: str, write_rows: bool) -> dict:
     d = src_arr.shape[1]
     storage = src_arr.attrs.get("dtype", str(src_arr.dtype))
-    itemsize = src_arr.dtype.itemsize
-    chunk_rows = arrays.rows_per_chunk(d * itemsize)
-    # Pass 2 holds one bucket's rows, its output block and three int64 per row.
-    bucket_rows = max(chunk_rows,
-                      (cfg.budget // (2 * d * itemsize + 24) // 2) // chunk_rows * chunk_rows)
+    rec = _record(src_arr.dtype, d)
+    chunk_rows = arrays.rows_per_chunk(d * src_arr.dtype.itemsize)
+    # Our buffers take half of --memory; the other half is slack for the allocator and Zarr's
+    # encoding copies (bounded by writing the block a few chunks at a time). Pass 2 holds one
+    # bucket's records and its output block: a sixth of --memory.
+    per_row = rec.itemsize + d * src_arr.dtype.itemsize + 8
+    bucket_rows = max(chunk_rows, (cfg.budget // 6) // per_row // chunk_rows * chunk_rows)
     n_buckets = max(1, math.ceil(n_train / bucket_rows))
     perm = Permutation(n_train, cfg.seed)
     attrs = {"hook": hook, "d": d}
@@ -229,23 +243,24 @@ def _shuffle_hook(art, out, src_arr, hook, split: Split, n_train: int, n_eval: i
             if b in done:
                 continue
             lo, hi = b * bucket_rows, min((b + 1) * bucket_rows, n_train)
-            dest = np.fromfile(scratch / f"{b}.idx", dtype=np.int64) - lo
-            if len(dest) != hi - lo:
+            records = np.fromfile(scratch / f"{b}.bin", dtype=rec)
+            if len(records) != hi - lo:
                 raise store.ArtifactError(f"shuffle scratch of {art.ref} is inconsistent "
                                           f"(bucket {b}); remove the artifact and re-run")
             block = np.empty((hi - lo, d), dtype=src_arr.dtype)
-            block[dest] = np.fromfile(scratch / f"{b}.bin", dtype=src_arr.dtype).reshape(-1, d)
-            dst[lo:hi] = block
+            block[records["dest"] - lo] = records["row"]
+            for w in range(0, hi - lo, 4 * chunk_rows):
+                dst[lo + w:lo + min(w + 4 * chunk_rows, hi - lo)] = block[w:w + 4 * chunk_rows]
             del block
             if write_rows:
                 origin = np.empty(hi - lo, np.int64)
-                origin[dest] = np.fromfile(scratch / f"{b}.src", dtype=np.int64)
+                origin[records["dest"] - lo] = records["src"]
                 rows_arr[lo:hi] = origin
+            del records
             done.add(b)
             state["buckets_done"] = sorted(done)
             _save_state(art, hook, state)
-            for suffix in ("bin", "idx", "src"):
-                (scratch / f"{b}.{suffix}").unlink(missing_ok=True)
+            (scratch / f"{b}.bin").unlink(missing_ok=True)
             faults.point("shuffle.bucket_placed")
             bar.advance(1)
     n = max(n_train, 1)
@@ -257,24 +272,47 @@ def _shuffle_hook(art, out, src_arr, hook, split: Split, n_train: int, n_eval: i
 
 def _pass1(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, scratch, state,
            budget, src_ref) -> dict:
-    """Send train rows to their buckets and copy eval rows in harvest order. Resumes from the
-    last flush: bucket files are cut back to the lengths recorded with it, and reading goes on
-    from the recorded row. Statistics are summed per source chunk in float64, in chunk order,
-    so they do not depend on --memory."""
+    """Send train rows to their buckets and copy eval rows in harvest order.
+
+    Records wait in memory until a sixteenth of --memory is filled, then every bucket file gets
+    its share and the progress (rows read, bucket lengths) is saved. A resumed run cuts the
+    bucket files back to the saved lengths and reads on from the saved row. Statistics are
+    summed per source chunk in float64, in chunk order, so they do not depend on --memory."""
     d = src_arr.shape[1]
-    itemsize = src_arr.dtype.itemsize
     storage = src_arr.attrs.get("dtype", str(src_arr.dtype))
+    rec = _record(src_arr.dtype, d)
     lengths = state.get("lengths", [0] * n_buckets)
     start = state.get("rows_read", 0)
     acc_sum = np.asarray(state.get("sum", np.zeros(d)), np.float64)
     norm_sum, sq_sum = state.get("norm_sum", 0.0), state.get("sq_sum", 0.0)
     for b in range(n_buckets):
-        for suffix, width in (("bin", d * itemsize), ("idx", 8), ("src", 8)):
-            with open(scratch / f"{b}.{suffix}", "ab") as fh:
-                fh.truncate(lengths[b] * width)
+        with open(scratch / f"{b}.bin", "ab") as fh:
+            fh.truncate(lengths[b] * rec.itemsize)
     n_rows, chunk = src_arr.shape[0], src_arr.chunks[0]
-    # A read and its float32 copy are ~3 raw copies: keep them within a quarter of the budget.
-    step = chunk * max(1, (budget // 12) // (chunk * d * itemsize))
+    # Half of --memory for our buffers (see _shuffle_hook): a read, its float32 view and its
+    # records are ~4 raw copies, so a read is 1/64 of it; pending records (and their sorted
+    # copy at a flush) a sixteenth each.
+    step = chunk * max(1, (budget // 64) // (chunk * d * src_arr.dtype.itemsize))
+    pending: list[np.ndarray] = []
+    pending_bytes = 0
+
+    def flush(rows_read: int) -> None:
+        nonlocal pending, pending_bytes
+        if pending:
+            allrec = np.concatenate(pending)
+            pending, pending_bytes = [], 0
+            bucket = allrec["dest"] // bucket_rows
+            order = np.argsort(bucket, kind="stable")
+            bounds = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
+            for b in np.flatnonzero(np.diff(bounds)):
+                with open(scratch / f"{b}.bin", "ab") as fh:
+                    fh.write(allrec[order[bounds[b]:bounds[b + 1]]].tobytes())
+                lengths[b] += int(bounds[b + 1] - bounds[b])
+            del allrec
+        _save_state(art, hook, {"rows_read": rows_read, "lengths": lengths,
+                                "sum": acc_sum.tolist(), "norm_sum": norm_sum, "sq_sum": sq_sum})
+        faults.point("shuffle.flushed")
+
     with progress(f"shuffle {hook}: scatter", n_rows, "rows", done=start) as bar:
         for lo in range(start, n_rows, step):
             hi = min(lo + step, n_rows)
@@ -285,30 +323,21 @@ def _pass1(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, sc
                 dst_eval[int(et[0]):int(et[-1]) + 1] = raw[emask]
             mask, t = split.index(idx, want_eval=False)
             for c0 in range(0, hi - lo, chunk):  # statistics per source chunk, in order
-                m = mask[c0:c0 + chunk]
-                x = arrays.from_storage(raw[c0:c0 + chunk][m], storage)
+                x = arrays.from_storage(raw[c0:c0 + chunk][mask[c0:c0 + chunk]], storage)
                 acc_sum += x.sum(0, dtype=np.float64)
                 sq = np.einsum("ij,ij->i", x, x, dtype=np.float64)
                 norm_sum += float(np.sqrt(sq).sum())
                 sq_sum += float(sq.sum())
-            rows, src_rows = raw[mask], idx[mask]
+                del x
+            recs = np.empty(len(t), dtype=rec)
+            recs["dest"], recs["src"], recs["row"] = perm(t), idx[mask], raw[mask]
             del raw
-            dest = perm(t)
-            bucket = dest // bucket_rows
-            order = np.argsort(bucket, kind="stable")
-            bounds = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
-            for b in np.unique(bucket):
-                sel = order[bounds[b]:bounds[b + 1]]
-                for suffix, data in (("bin", rows[sel]), ("idx", dest[sel]),
-                                     ("src", src_rows[sel])):
-                    with open(scratch / f"{b}.{suffix}", "ab") as fh:
-                        fh.write(np.ascontiguousarray(data).tobytes())
-                lengths[b] += len(sel)
-            state = {"rows_read": hi, "lengths": lengths, "sum": acc_sum.tolist(),
-                     "norm_sum": norm_sum, "sq_sum": sq_sum}
-            _save_state(art, hook, state)
-            faults.point("shuffle.flushed")
+            pending.append(recs)
+            pending_bytes += recs.nbytes
+            if pending_bytes >= budget // 16 or hi == n_rows:
+                flush(hi)
             bar.advance(hi - lo)
+    state = _load_state(art, hook)
     state["pass1_done"] = True
     _save_state(art, hook, state)
     return state
