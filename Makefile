@@ -25,8 +25,12 @@ $(STAMP): pyproject.toml Makefile
 test: install
 	$(BIN)/python -m pytest -q
 
+# Until `saectl run` lands, the demo chains the stages that exist with shell variables.
 pipeline: install
-	SAECTL_STORE=$${SAECTL_STORE:-artifacts} $(BIN)/saectl harvest --hooks resid_post.15 --tokens 32768
+	set -e; export SAECTL_STORE=$${SAECTL_STORE:-artifacts}; \
+	ACTS=$$($(BIN)/saectl harvest --hooks resid_post.15 --tokens 32768); \
+	SPLIT=$$($(BIN)/saectl shuffle $$ACTS); \
+	$(BIN)/saectl show $$SPLIT
 
 bench: install
 	$(BIN)/python benchmarks/run.py
