@@ -1,0 +1,398 @@
+"""The shared base of saectl's sparse autoencoders: the config, the architecture registry, the
+`SAE` module, and save/load in the SAELens file layout.
+
+Every architecture computes, with SAELens's names and shapes (SAELens `saes/sae.py`):
+
+    pre   = (x - b_dec) @ W_enc + b_enc        W_enc (d_in, d_sae), b_enc (d_sae,)
+    acts  = activation(pre)                     architecture-specific, acts >= 0
+    x_hat = acts @ W_dec + b_dec                W_dec (d_sae, d_in), b_dec (d_in,)
+
+b_dec is subtracted from the input before encoding (SAELens `apply_b_dec_to_input=True`,
+sparsify `SparseCoder.encode`). `save` writes `cfg.json` + `sae_weights.safetensors` with
+SAELens's key names; the cfg holds the architecture name, and `load_sae` picks the class from
+the registry (SAELens `registry.py`), so no list of architectures is ever written by hand.
+
+Input scale convention (the one SAELens's `fold_activation_norm_scaling_factor` uses):
+training sees `s * x_raw`, with `s` chosen so the mean norm is √d_in. `fold_input_scale(s)`
+multiplies W_enc by s and divides W_dec and b_dec by s. Afterwards
+`encode(x_raw)` equals the training-time `encode(s * x_raw)` (same latents, same thresholds),
+and `decode` returns reconstructions in raw units: `x_hat_raw = x_hat_train / s`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from saectl.errors import ConfigError, NotFoundError, SaectlError
+
+CFG_FILENAME = "cfg.json"
+WEIGHTS_FILENAME = "sae_weights.safetensors"
+SPARSITY_FILENAME = "sparsity.safetensors"
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+
+ARCHS: dict[str, type[SAE]] = {}
+"""Registered architectures by name; CLI choices come from here (`arch_names()`)."""
+
+
+def register(name: str) -> Callable[[type[SAE]], type[SAE]]:
+    """Class decorator: make an SAE class loadable by `name`; a name can be taken only once."""
+
+    def deco(cls: type[SAE]) -> type[SAE]:
+        if name in ARCHS:
+            raise ValueError(f"SAE architecture {name!r} is already registered by "
+                             f"{ARCHS[name].__qualname__}; pick another name")
+        cls.arch = name
+        ARCHS[name] = cls
+        return cls
+
+    return deco
+
+
+def arch_names() -> list[str]:
+    return sorted(ARCHS)
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """What defines an SAE: its architecture, its shape, and the hyperparameters of its loss."""
+
+    arch: str
+    """Architecture, one of `arch_names()`: relu, topk, batchtopk, jumprelu, gated, matryoshka."""
+    d_in: int
+    """Width of the activations the SAE reads."""
+    d_sae: int
+    """Number of latents (dictionary width), usually expansion × d_in."""
+    k: int = 32
+    """Active latents per token (topk), or per token on average over a batch (batchtopk,
+    matryoshka). Unused by relu, jumprelu and gated."""
+    l1_coefficient: float = 5.0
+    """Weight of the decoder-norm-weighted L1 penalty (relu, gated). Anthropic's April 2024
+    update uses 5 with inputs at mean norm √d_in and the MSE summed over d_in."""
+    l0_coefficient: float = 1.0
+    """Weight of the L0 penalty of jumprelu, in squared-error units per active latent (SAELens's
+    default at the same input scale)."""
+    jumprelu_bandwidth: float = 0.1
+    """Width ε of the rectangle kernel of jumprelu's straight-through estimator. The papers'
+    0.001 is for inputs at unit mean squared norm; ours are at mean norm √d_in, where
+    pre-activations are about √d_in times larger (Anthropic's January 2025 update uses 2)."""
+    jumprelu_threshold_init: float = 0.5
+    """Initial jumprelu threshold (the parameter is its log)."""
+    batchtopk_threshold_lr: float = 0.01
+    """Rate of the running average of the smallest positive training activation, which becomes
+    the inference threshold of batchtopk and matryoshka (SAELens `topk_threshold_lr`)."""
+    matryoshka_prefixes: tuple[int, ...] = ()
+    """Nested dictionary sizes of matryoshka, strictly increasing and ending at d_sae; empty
+    means (d_sae/16, d_sae/4, d_sae), keeping those at least k."""
+    dtype: str = "float32"
+    """Parameter dtype: float32 (training), float64, bfloat16 or float16."""
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ConfigError(f"unknown SAE architecture {self.arch!r}; choose one of "
+                              f"{', '.join(arch_names())}")
+        for name in ("d_in", "d_sae", "k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        for name in ("l1_coefficient", "l0_coefficient", "batchtopk_threshold_lr"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be >= 0")
+        for name in ("jumprelu_bandwidth", "jumprelu_threshold_init"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be > 0")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r} is not supported; use one of "
+                              f"{', '.join(DTYPES)}")
+        object.__setattr__(self, "matryoshka_prefixes", tuple(self.matryoshka_prefixes))
+        ARCHS[self.arch].check_config(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["matryoshka_prefixes"] = list(self.matryoshka_prefixes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown SAE config field(s) {', '.join(unknown)}; "
+                              f"fields are {', '.join(sorted(known))}")
+        return cls(**d)
+
+
+class ForwardOutput(NamedTuple):
+    """What `SAE.forward` returns (sparsify `sparse_coder.py:ForwardOutput`)."""
+
+    x_hat: Tensor
+    """Reconstruction, (n, d_in)."""
+    acts: Tensor
+    """Latent activations, (n, d_sae): dense, or a sparse COO tensor on the fast TopK path."""
+    losses: dict[str, Tensor]
+    """Scalar loss terms: `loss` is what training minimises, `mse` the squared error summed over
+    d_in and averaged over tokens, plus the architecture's weighted terms (`l1`, `l0`, `auxk`,
+    `aux_recon`, `mse_prefix_<m>`). `loss` is `mse` + the terms, except matryoshka's, where the
+    mean of the prefix MSEs replaces `mse`."""
+    l0: Tensor
+    """Mean number of active latents per token (scalar, no gradient)."""
+    fired: Tensor
+    """(d_sae,) bool: which latents were active on at least one token."""
+
+
+class SAE(nn.Module):
+    """Base of every architecture. Subclasses set the class attributes, define `encode` (dense
+    acts, for inference) and `forward` (training losses), and register themselves.
+
+    W_enc is a (d_in, d_sae) parameter stored transposed in memory (its latent columns are
+    contiguous rows of a (d_sae, d_in) buffer), as W_decᵀ is at initialisation; the sparse TopK
+    kernels gather latent columns and return its gradient in that layout without a copy.
+    """
+
+    arch: ClassVar[str] = ""
+    saelens_architecture: ClassVar[str] = ""
+    """`architecture` written to cfg.json: the SAELens class that runs this SAE at inference."""
+    unit_norm_decoder: ClassVar[bool] = True
+    """Training keeps decoder rows at unit norm (renormalised after each step, gradient
+    parallel to the rows removed); False where penalties are weighted by decoder norms."""
+    init_decoder_norm: ClassVar[float] = 1.0
+    has_b_enc: ClassVar[bool] = True
+    uses_auxk: ClassVar[bool] = False
+
+    def __init__(self, cfg: SAEConfig, *, generator: torch.Generator | None = None):
+        super().__init__()
+        if cfg.arch != self.arch:
+            raise ConfigError(f"config is for {cfg.arch!r}, not {self.arch!r}; "
+                              f"use load_sae or ARCHS[cfg.arch]")
+        self.cfg = cfg
+        dtype = DTYPES[cfg.dtype]
+        W_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=generator, dtype=torch.float32)
+        W_dec *= self.init_decoder_norm / W_dec.norm(dim=1, keepdim=True)
+        W_dec = W_dec.to(dtype)
+        self.W_enc = nn.Parameter(W_dec.clone().t())
+        if self.has_b_enc:
+            self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))
+        self.W_dec = nn.Parameter(W_dec)
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype))
+
+    # -- configuration -------------------------------------------------------------------
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        """Raise ConfigError for settings this architecture cannot train with."""
+
+    @staticmethod
+    def _check_k(cfg: SAEConfig) -> None:
+        if cfg.k >= cfg.d_sae:
+            raise ConfigError(f"k={cfg.k} must be smaller than the width {cfg.d_sae}; "
+                              f"lower --k or raise --expansion")
+
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_dec.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+    # -- the model ----------------------------------------------------------------------
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """(x - b_dec) @ W_enc + b_enc, dense (n, d_sae)."""
+        return torch.addmm(self.b_enc, x.to(self.dtype) - self.b_dec, self.W_enc)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Latent activations of x (n, d_in), dense (n, d_sae), as used at inference."""
+        raise NotImplementedError
+
+    def decode(self, acts: Tensor) -> Tensor:
+        """acts @ W_dec + b_dec; acts may be dense or sparse COO."""
+        if acts.is_sparse:
+            return torch.sparse.mm(acts, self.W_dec) + self.b_dec
+        return acts @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor, *, dead_mask: Tensor | None = None,
+                auxk_coefficient: float = 0.0, sparsity_scale: float = 1.0) -> ForwardOutput:
+        """Reconstruct x and compute the training losses.
+
+        dead_mask: (d_sae,) bool, latents that have not fired for a while (AuxK targets them).
+        auxk_coefficient: weight of the AuxK loss (architectures that use it).
+        sparsity_scale: multiplier in [0, 1] on the sparsity coefficient (its warm-up).
+        """
+        raise NotImplementedError
+
+    def _finish(self, x: Tensor, x_hat: Tensor, acts: Tensor, terms: dict[str, Tensor],
+                loss: Tensor | None = None) -> ForwardOutput:
+        """Add the MSE and the total (by default MSE + the weighted terms) to the loss terms."""
+        mse = (x_hat - x).pow(2).sum(-1).mean()
+        if loss is None:
+            loss = sum(terms.values(), mse)
+        losses = {"mse": mse, **terms, "loss": loss}
+        with torch.no_grad():
+            if acts.is_sparse:
+                idx, vals = acts._indices(), acts._values()
+                active = vals > 0
+                l0 = active.sum().to(torch.float32) / max(x.shape[0], 1)
+                fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
+                fired[idx[1][active]] = True
+            else:
+                active = acts > 0
+                l0 = active.sum(-1).to(torch.float32).mean()
+                fired = active.any(0)
+        return ForwardOutput(x_hat, acts, losses, l0, fired)
+
+    def _auxk_loss(self, x: Tensor, x_hat: Tensor, pre: Tensor, dead_mask: Tensor | None,
+                   coefficient: float) -> dict[str, Tensor]:
+        """AuxK (Gao et al. 2024, App. B.1; sparsify `sparse_coder.py`): the top k_aux = d_in/2
+        dead latents reconstruct the residual, scaled down when fewer latents are dead. The
+        residual is reconstructed without b_dec, as in the paper."""
+        if dead_mask is None or coefficient == 0.0:
+            return {}
+        num_dead = int(dead_mask.sum())
+        if num_dead == 0:
+            return {}
+        k_aux = min(self.d_in // 2, num_dead)
+        scale = min(num_dead / (self.d_in // 2), 1.0)
+        masked = pre.masked_fill(~dead_mask, float("-inf"))
+        vals, idx = masked.topk(k_aux, dim=-1, sorted=False)
+        e_hat = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals.relu(), mode="sum")
+        residual = (x - x_hat).detach()
+        auxk = (e_hat - residual).pow(2).sum(-1).mean()
+        return {"auxk": coefficient * scale * auxk}
+
+    # -- scale folding ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def fold_input_scale(self, s: float) -> None:
+        """Make an SAE trained on `s * x_raw` work on x_raw (module docstring): same latents,
+        reconstructions in raw units. Decoder rows then have norm 1/s."""
+        self.W_enc.mul_(s)
+        self.W_dec.div_(s)
+        self.b_dec.div_(s)
+
+    # -- save / load --------------------------------------------------------------------
+
+    def saved_tensors(self) -> dict[str, Tensor]:
+        """Tensors as written to sae_weights.safetensors (SAELens key names)."""
+        return {k: v.detach() for k, v in self.state_dict().items()}
+
+    def load_saved_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Inverse of `saved_tensors`."""
+        self._load_strict(tensors)
+
+    def _load_strict(self, tensors: dict[str, Tensor]) -> None:
+        own = self.state_dict()
+        missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+        if missing or extra:
+            raise SaectlError(f"{self.arch} SAE weights do not match: missing "
+                              f"{missing or 'none'}, unexpected {extra or 'none'}")
+        for name, t in tensors.items():
+            if tuple(t.shape) != tuple(own[name].shape):
+                raise SaectlError(f"{self.arch} SAE weight {name} has shape {tuple(t.shape)}, "
+                                  f"expected {tuple(own[name].shape)}")
+        self.load_state_dict(tensors)
+
+    def cfg_json(self, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+        """cfg.json: SAELens's keys at the top level, saectl's full config under `saectl`."""
+        d: dict[str, Any] = {
+            "architecture": self.saelens_architecture,
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            "dtype": self.cfg.dtype,
+            "device": "cpu",
+            "apply_b_dec_to_input": True,
+            "normalize_activations": "none",
+            "reshape_activations": "none",
+            "metadata": dict(metadata or {}),
+            "saectl": self.cfg.to_dict(),
+        }
+        if self.saelens_architecture == "topk":
+            d["k"] = self.cfg.k
+            d["rescale_acts_by_decoder_norm"] = False
+        return d
+
+    def save(self, path: str | Path, *, sparsity: Tensor | None = None,
+             metadata: dict[str, Any] | None = None) -> Path:
+        """Write cfg.json and sae_weights.safetensors (and sparsity.safetensors when given, the
+        log10 firing rate per latent) into the folder `path`; each file is written to a
+        temporary name and renamed into place."""
+        from safetensors.torch import save as st_save
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.saved_tensors().items()}
+        _atomic_write(path / WEIGHTS_FILENAME, st_save(tensors))
+        if sparsity is not None:
+            _atomic_write(path / SPARSITY_FILENAME,
+                          st_save({"sparsity": sparsity.detach().cpu().contiguous()}))
+        text = json.dumps(self.cfg_json(metadata), indent=2, sort_keys=True) + "\n"
+        _atomic_write(path / CFG_FILENAME, text.encode())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> SAE:
+        sae = load_sae(path, device)
+        if cls is not SAE and not isinstance(sae, cls):
+            raise ConfigError(f"{path} holds a {sae.arch} SAE, not {cls.arch}")
+        return sae
+
+
+_FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
+
+
+def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
+    """Load an SAE folder written by `SAE.save` (or a SAELens standard/topk/jumprelu/gated SAE),
+    picking the class from the registry by the architecture in cfg.json. Returns it in eval
+    mode."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_path, weights_path = path / CFG_FILENAME, path / WEIGHTS_FILENAME
+    for p in (cfg_path, weights_path):
+        if not p.is_file():
+            raise NotFoundError(f"no SAE at {path}: {p.name} is missing; pass a folder "
+                                f"written by saectl or SAELens")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise SaectlError(f"cannot read {cfg_path}: {e}; the SAE folder is damaged") from None
+    if "saectl" in raw:
+        cfg = SAEConfig.from_dict(raw["saectl"])
+    else:
+        arch = _FROM_SAELENS.get(raw.get("architecture", "standard"))
+        if arch is None:
+            raise ConfigError(f"{cfg_path}: SAELens architecture {raw.get('architecture')!r} "
+                              f"cannot be loaded; saectl reads {', '.join(_FROM_SAELENS)}")
+        extra = {"k": int(raw["k"])} if arch == "topk" else {}
+        cfg = SAEConfig(arch=arch, d_in=int(raw["d_in"]), d_sae=int(raw["d_sae"]),
+                        dtype=str(raw.get("dtype", "float32")).replace("torch.", ""), **extra)
+    sae = ARCHS[cfg.arch](cfg)
+    sae.load_saved_tensors(load_file(str(weights_path)))
+    return sae.to(device).eval()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

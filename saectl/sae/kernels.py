@@ -1,0 +1,259 @@
+"""Sparse TopK autoencoder kernels: the whole TopK SAE forward and backward as one autograd
+Function that never materialises a dense (n, d_sae) activation or gradient.
+
+Follows sparsify's `fused_encoder.py` (a custom Function whose backward scatters instead of
+doing dense matmuls) and `utils.py:eager_decode` (decode with `F.embedding_bag`), and goes
+further on CPU:
+
+- The encoder matmul is the only O(n·d_sae·d_in) work. Rows are processed in chunks and the
+  top k of each chunk found with a block-max pre-selection (the top k entries of a row lie in
+  the k blocks with the largest maxima), which is cheaper than `torch.topk` over d_sae.
+- Where bfloat16 matmuls are fast (CPUs with avx512_bf16/amx, CUDA) the candidates are found
+  from a bfloat16 matmul, k + 8 per row, and their exact float32 values recomputed with a
+  sampled matmul (SDDMM); the top k of those is the float32 top k unless bfloat16 rounding
+  moves a true top-k latent below rank k + 8. Values, reconstructions and gradients are
+  float32. sparsify uses bf16 autocast for the same matmul on GPU.
+- Decoding is `embedding_bag`: O(n·k·d_in). The backward is O(n·k·d_in) as well: grad of the
+  selected activations by SDDMM, grad W_dec and grad W_enc as one sort of the selected
+  (token, latent) pairs by latent and two `embedding_bag` segment sums (no (n·k, d_in)
+  intermediate as index_add_ would need), grad b_dec through the encoder as W_enc @ grad b_enc.
+
+`topk_autoencode_eager` is the reference the tests compare against (dense, plain autograd).
+`SAECTL_EAGER=1` makes the TopK SAE use it; `SAECTL_BF16_SELECT=0/1` forces the bfloat16
+candidate selection off or on (default: on where the hardware has fast bfloat16).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+FAST = os.environ.get("SAECTL_EAGER", "").lower() not in ("1", "true", "yes")
+"""Use the sparse kernels (chosen once at import; SAECTL_EAGER=1 turns them off)."""
+
+SELECT_MARGIN = 8
+"""Extra candidates per row kept from the bfloat16 pre-selection."""
+
+BF16_MIN_NUMEL = 1 << 20
+"""Encoders smaller than this (d_in·d_sae) select in float32 even where bfloat16 is fast."""
+
+ROW_CHUNK = 1024
+"""Rows of the (n, d_sae) pre-activations held at once."""
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+_BF16_ENV = os.environ.get("SAECTL_BF16_SELECT")
+_CPU_BF16 = _cpu_has_fast_bf16() if _BF16_ENV is None else _BF16_ENV == "1"
+
+
+def bf16_select(device: torch.device) -> bool:
+    """Whether candidate selection runs in bfloat16 on this device."""
+    if _BF16_ENV is not None:
+        return _BF16_ENV == "1"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and _CPU_BF16
+
+
+# -- selection -----------------------------------------------------------------------------
+
+
+def block_topk_indices(pre: Tensor, k: int) -> Tensor:
+    """Indices (c, k) of the k largest entries of each row of pre (c, F), unordered.
+
+    Splits each row into F/s strided blocks of s entries ({b, b + F/s, ...}), takes the k
+    blocks with the largest maxima, and the top k among their k·s entries. Exact up to ties.
+    """
+    c, width = pre.shape
+    s = 16
+    if width % s or width // s < 4 * k:
+        return pre.topk(k, dim=-1, sorted=False).indices
+    nb = width // s
+    blocks = pre.view(c, s, nb)
+    block_ids = blocks.amax(1).topk(k, dim=-1, sorted=False).indices  # (c, k)
+    cand = blocks.gather(2, block_ids[:, None, :].expand(c, s, k)).reshape(c, s * k)
+    j = cand.topk(k, dim=-1, sorted=False).indices  # into (s, k)
+    return block_ids.gather(1, j % k) + (j // k) * nb
+
+
+def _sddmm(cols: Tensor, A: Tensor, B: Tensor) -> Tensor:
+    """out[t, j] = A[t] · B[:, cols[t, j]] for cols (n, m): a sampled matmul (SDDMM)."""
+    n, m = cols.shape
+    if m == 0:
+        return A.new_zeros(n, 0)
+    if A.device.type in ("cpu", "cuda"):
+        crow = torch.arange(0, n * m + 1, m, device=A.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            pattern = torch.sparse_csr_tensor(crow, cols.reshape(-1), A.new_zeros(n * m),
+                                              size=(n, B.shape[1]), check_invariants=False)
+            out = torch.sparse.sampled_addmm(pattern, A, B)
+        return out.values().view(n, m)
+    return torch.einsum("nd,nmd->nm", A, B.t()[cols])  # pragma: no cover - other devices
+
+
+def select_topk(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int,
+                dead_idx: Tensor | None = None, k_aux: int = 0,
+                bf16: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Top-k latents of pre = x_c @ W_enc + b_enc per row, without keeping pre.
+
+    Returns (values, indices) of the top k (values ReLU'd), and (aux_values, aux_indices) of
+    the top k_aux among the latents dead_idx (AuxK). Indices are sorted within each row.
+    """
+    n, width = x_c.shape[0], W_enc.shape[1]
+    margin = SELECT_MARGIN if bf16 else 0
+    kk = min(k + margin, width)
+    n_dead = 0 if dead_idx is None else dead_idx.numel()
+    k_aux = min(k_aux, n_dead)
+    kk_aux = min(k_aux + margin, n_dead) if k_aux else 0
+    idx = torch.empty(n, kk, dtype=torch.long, device=x_c.device)
+    aux_idx = torch.empty(n, kk_aux, dtype=torch.long, device=x_c.device)
+    if bf16:
+        W_sel, b_sel, x_sel = W_enc.to(torch.bfloat16), b_enc.to(torch.bfloat16), x_c.bfloat16()
+    else:
+        W_sel, b_sel, x_sel = W_enc, b_enc, x_c
+    vals = None if bf16 else torch.empty(n, kk, dtype=x_c.dtype, device=x_c.device)
+    aux_vals = None if bf16 else torch.empty(n, kk_aux, dtype=x_c.dtype, device=x_c.device)
+    for start in range(0, n, ROW_CHUNK):
+        rows = slice(start, min(start + ROW_CHUNK, n))
+        pre = torch.addmm(b_sel, x_sel[rows], W_sel)
+        idx[rows] = block_topk_indices(pre, kk)
+        if not bf16:
+            vals[rows] = pre.gather(1, idx[rows])  # type: ignore[index]
+        if kk_aux:
+            local = pre.index_select(1, dead_idx).topk(kk_aux, dim=-1, sorted=False).indices
+            aux_idx[rows] = dead_idx[local]  # type: ignore[index]
+            if not bf16:
+                aux_vals[rows] = pre.gather(1, aux_idx[rows])  # type: ignore[index]
+        del pre
+    if bf16:  # exact float32 values of the candidates, then the exact top k among them
+        vals = _sddmm(idx, x_c, W_enc) + b_enc[idx]
+        vals, j = vals.topk(k, dim=-1, sorted=False)
+        idx = idx.gather(1, j)
+        if kk_aux:
+            aux_vals = _sddmm(aux_idx, x_c, W_enc) + b_enc[aux_idx]
+            aux_vals, j = aux_vals.topk(k_aux, dim=-1, sorted=False)
+            aux_idx = aux_idx.gather(1, j)
+        else:
+            aux_vals = x_c.new_zeros(n, 0)
+    assert vals is not None and aux_vals is not None
+    idx, order = idx.sort(dim=-1)
+    vals = vals.gather(1, order).relu_()
+    if aux_idx.shape[1]:
+        aux_idx, order = aux_idx.sort(dim=-1)
+        aux_vals = aux_vals.gather(1, order).relu_()
+    return vals, idx, aux_vals, aux_idx
+
+
+# -- the autograd Function -------------------------------------------------------------------
+
+
+def _decode(idx: Tensor, vals: Tensor, W_dec: Tensor) -> Tensor:
+    return F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
+
+
+class _TopKAutoencode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, k, dead_idx, k_aux, bf16):  # type: ignore[override]
+        x_c = (x - b_dec).contiguous()
+        vals, idx, aux_vals, aux_idx = select_topk(x_c, W_enc, b_enc, k, dead_idx, k_aux, bf16)
+        x_hat = _decode(idx, vals, W_dec) + b_dec
+        aux_hat = _decode(aux_idx, aux_vals, W_dec) if aux_idx.shape[1] else x.new_zeros(0)
+        ctx.save_for_backward(x_c, W_enc, W_dec, vals, idx, aux_vals, aux_idx)
+        ctx.mark_non_differentiable(idx)
+        return x_hat, vals, idx, aux_hat
+
+    @staticmethod
+    def backward(ctx, g_hat, g_vals, _g_idx, g_aux):  # type: ignore[override]
+        x_c, W_enc, W_dec, vals, idx, aux_vals, aux_idx = ctx.saved_tensors
+        n, width = x_c.shape[0], W_enc.shape[1]
+        has_aux = aux_idx.shape[1] > 0 and g_aux is not None and g_aux.numel() > 0
+        g_hat = g_hat.contiguous()
+        # grad of the selected activations (through the decoder), then through the ReLU
+        gv = _sddmm(idx, g_hat, W_dec.t())
+        if g_vals is not None:
+            gv = gv + g_vals
+        gpre = gv * (vals > 0)
+        lat = [idx.reshape(-1)]
+        tok = [torch.arange(n, device=x_c.device).repeat_interleave(idx.shape[1])]
+        dec_w, enc_w = [vals.reshape(-1)], [gpre.reshape(-1)]
+        dec_tok = [tok[0]]
+        if has_aux:
+            g_aux = g_aux.contiguous()
+            ga = _sddmm(aux_idx, g_aux, W_dec.t()) * (aux_vals > 0)
+            aux_tok = torch.arange(n, device=x_c.device).repeat_interleave(aux_idx.shape[1])
+            lat.append(aux_idx.reshape(-1))
+            tok.append(aux_tok)
+            dec_tok.append(aux_tok + n)  # rows of g_aux in the stacked table below
+            dec_w.append(aux_vals.reshape(-1))
+            enc_w.append(ga.reshape(-1))
+        latents, tokens = torch.cat(lat), torch.cat(tok)
+        dec_table = torch.cat([g_hat, g_aux]) if has_aux else g_hat
+        order = torch.argsort(latents, stable=True)
+        counts = torch.bincount(latents, minlength=width)
+        offsets = counts.cumsum(0) - counts
+        sorted_lat_tok = tokens[order]
+        grad_W_dec = F.embedding_bag(torch.cat(dec_tok)[order], dec_table, offsets,
+                                     per_sample_weights=torch.cat(dec_w)[order], mode="sum")
+        enc_weights = torch.cat(enc_w)
+        grad_W_enc_t = F.embedding_bag(sorted_lat_tok, x_c, offsets,
+                                       per_sample_weights=enc_weights[order], mode="sum")
+        grad_b_enc = torch.zeros(width, dtype=x_c.dtype, device=x_c.device)
+        grad_b_enc.index_add_(0, latents, enc_weights)
+        grad_b_dec = g_hat.sum(0) - W_enc @ grad_b_enc
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _decode(idx, gpre, W_enc.t())
+            if has_aux:
+                grad_x = grad_x + _decode(aux_idx, ga, W_enc.t())
+        return (grad_x, grad_W_enc_t.t(), grad_b_enc, grad_W_dec, grad_b_dec,
+                None, None, None, None)
+
+
+def topk_autoencode(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
+                    k: int, dead_idx: Tensor | None = None, k_aux: int = 0, *,
+                    bf16: bool | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """TopK SAE forward with a sparse backward.
+
+    Returns x_hat (n, d_in) = decode(topk acts) + b_dec, the top-k values and indices (n, k)
+    (indices sorted within rows), and aux_hat (n, d_in) = decode of the top-k_aux latents
+    among dead_idx without b_dec (an empty tensor when k_aux == 0 or no dead latents).
+    bf16: select candidates in bfloat16 (module docstring); None decides by the hardware and
+    the size (small encoders gain nothing from it).
+    """
+    if bf16 is None:
+        bf16 = (bf16_select(x.device) and x.dtype == torch.float32
+                and W_enc.numel() >= BF16_MIN_NUMEL)
+    return _TopKAutoencode.apply(x, W_enc, b_enc, W_dec, b_dec, k, dead_idx, k_aux, bf16)
+
+
+def topk_autoencode_eager(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor,
+                          b_dec: Tensor, k: int, dead_idx: Tensor | None = None,
+                          k_aux: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Reference for `topk_autoencode`: dense matmuls, torch.topk, plain autograd."""
+    pre = (x - b_dec) @ W_enc + b_enc
+    vals, idx = pre.topk(k, dim=-1, sorted=False)
+    idx, order = idx.sort(dim=-1)
+    vals = vals.gather(1, order).relu()
+    acts = torch.zeros_like(pre).scatter(1, idx, vals)
+    x_hat = acts @ W_dec + b_dec
+    n_dead = 0 if dead_idx is None else dead_idx.numel()
+    k_aux = min(k_aux, n_dead)
+    if k_aux == 0:
+        return x_hat, vals, idx, x.new_zeros(0)
+    assert dead_idx is not None
+    aux_vals, local = pre[:, dead_idx].topk(k_aux, dim=-1, sorted=False)
+    aux_acts = torch.zeros_like(pre).scatter(1, dead_idx[local], aux_vals.relu())
+    return x_hat, vals, idx, aux_acts @ W_dec

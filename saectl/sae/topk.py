@@ -1,0 +1,53 @@
+"""TopK SAE (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"; sparsify
+`sparse_coder.py`, SAELens `saes/topk_sae.py`).
+
+acts = ReLU(TopK_k(pre)): exactly k latents per token (fewer where a top-k pre-activation is
+negative). Unit-norm decoder rows; the AuxK loss lets the top d_in/2 dead latents reconstruct
+the residual. Training runs the sparse kernels of `kernels.py` (`SAECTL_EAGER=1`: the dense
+reference), which never build a dense (n, d_sae) activation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from saectl.sae import kernels
+from saectl.sae.base import SAE, ForwardOutput, SAEConfig, register
+
+
+@register("topk")
+class TopKSAE(SAE):
+    saelens_architecture = "topk"
+    uses_auxk = True
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        cls._check_k(cfg)
+
+    def encode(self, x: Tensor) -> Tensor:
+        pre = self.pre_acts(x)
+        vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
+
+    def forward(self, x: Tensor, *, dead_mask: Tensor | None = None,
+                auxk_coefficient: float = 0.0, sparsity_scale: float = 1.0) -> ForwardOutput:
+        x = x.to(self.dtype)
+        use_aux = dead_mask is not None and auxk_coefficient > 0 and bool(dead_mask.any())
+        dead_idx = dead_mask.nonzero().flatten() if use_aux else None  # type: ignore[union-attr]
+        k_aux = self.d_in // 2 if use_aux else 0
+        autoencode = kernels.topk_autoencode if kernels.FAST else kernels.topk_autoencode_eager
+        x_hat, vals, idx, aux_hat = autoencode(x, self.W_enc, self.b_enc, self.W_dec,
+                                               self.b_dec, self.cfg.k, dead_idx, k_aux)
+        terms = {}
+        if use_aux:
+            assert dead_idx is not None
+            scale = min(dead_idx.numel() / (self.d_in // 2), 1.0)
+            auxk = (aux_hat - (x - x_hat).detach()).pow(2).sum(-1).mean()
+            terms["auxk"] = auxk_coefficient * scale * auxk
+        n, k = idx.shape
+        rows = torch.arange(n, device=x.device).repeat_interleave(k)
+        acts = torch.sparse_coo_tensor(torch.stack([rows, idx.reshape(-1)]), vals.reshape(-1),
+                                       (n, self.d_sae), check_invariants=False,
+                                       is_coalesced=True)  # rows, then columns, sorted
+        return self._finish(x, x_hat, acts, terms)

@@ -1,0 +1,282 @@
+"""The SAE training recipe, independent of any file format: it is given batches as tensors.
+
+The recipe follows the published ones:
+- inputs scaled by one constant so their mean norm is √d_in (Anthropic's April 2024 update),
+  the scale folded into the weights on export (`SAE.fold_input_scale`);
+- b_dec initialised at the geometric median of a sample (Gao et al. 2024; Weiszfeld's
+  iterations) or its mean (sparsify), decoder rows random unit (0.1 for the norm-penalised
+  architectures) directions, W_enc = W_decᵀ (SAELens `initialize_weights`);
+- Adam (β = 0.9, 0.999), lr 2e-4/√(d_sae/2¹⁴) unless given (sparsify `trainer.py`), linear
+  warm-up, and linear decay to 0 over the last 20% of steps (Anthropic);
+- the sparsity coefficient warmed up linearly from 0 (relu, jumprelu, gated);
+- unit-norm decoder rows where the architecture wants them: the gradient component parallel
+  to each row is removed before the step and rows renormalised after it (sparsify
+  `remove_gradient_parallel_to_decoder_directions`, `set_decoder_norm_to_unit_norm`);
+- AuxK with coefficient 1/32 on latents that have not fired for `dead_window_tokens` tokens
+  (sparsify's `dead_feature_threshold`, 10M tokens).
+
+`Trainer.state_dict()` holds everything a run needs to continue bit for bit on the same
+hardware: 2N steps equal N steps, save, load, N steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saectl.errors import ConfigError, SaectlError
+from saectl.sae import ARCHS, SAE, SAEConfig
+
+B_DEC_INITS = ("geometric_median", "mean", "zeros")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How an SAE is trained (its shape and loss live in `SAEConfig`)."""
+
+    total_steps: int = 10_000
+    """Optimizer steps in the whole run; schedules are laid out over it."""
+    lr: float | None = None
+    """Adam learning rate; None means 2e-4 / √(d_sae / 16384), sparsify's default."""
+    lr_warmup_steps: int = 1000
+    """Steps of linear learning-rate warm-up from 0."""
+    lr_decay_fraction: float = 0.2
+    """Final fraction of the steps over which the learning rate decays linearly to 0."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's β1, β2."""
+    adam_eps: float = 1e-8
+    """Adam's ε."""
+    sparsity_warmup_steps: int = 1000
+    """Steps of linear warm-up of the sparsity coefficient from 0 (relu, jumprelu, gated)."""
+    auxk_coefficient: float = 1 / 32
+    """Weight of the AuxK loss (topk, batchtopk, matryoshka); k_aux = d_in/2, scaled down by
+    the number of dead latents when fewer than k_aux are dead."""
+    dead_window_tokens: int = 10_000_000
+    """A latent is dead once it has not fired for this many training tokens."""
+    b_dec_init: str = "geometric_median"
+    """Initial b_dec from the sample: geometric_median, mean, or zeros."""
+    normalize_inputs: bool = True
+    """Scale inputs by one constant so their mean norm is √d_in (estimated on the sample)."""
+    seed: int = 0
+    """Seed of the weight initialisation."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
+        for name in ("total_steps",):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
+        for name in ("lr_warmup_steps", "sparsity_warmup_steps", "dead_window_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr={self.lr} must be a positive number")
+        if not 0 <= self.lr_decay_fraction <= 1:
+            raise ConfigError(f"lr_decay_fraction={self.lr_decay_fraction} must be in [0, 1]")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError(f"adam_betas={self.adam_betas} must be two numbers in [0, 1)")
+        if self.auxk_coefficient < 0:
+            raise ConfigError(f"auxk_coefficient={self.auxk_coefficient} must be >= 0")
+        if self.b_dec_init not in B_DEC_INITS:
+            raise ConfigError(f"b_dec_init={self.b_dec_init!r} is unknown; use one of "
+                              f"{', '.join(B_DEC_INITS)}")
+
+    def resolved_lr(self, d_sae: int) -> float:
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(d_sae / 2**14)
+
+    def lr_at(self, step: int, d_sae: int) -> float:
+        """Learning rate at 0-based `step`: warm-up, constant, then linear decay to 0."""
+        mult = 1.0
+        if self.lr_warmup_steps > 0:
+            mult = min(mult, (step + 1) / self.lr_warmup_steps)
+        decay_steps = self.total_steps * self.lr_decay_fraction
+        if decay_steps > 0:
+            mult = min(mult, (self.total_steps - step) / decay_steps)
+        return self.resolved_lr(d_sae) * max(mult, 0.0)
+
+    def sparsity_scale_at(self, step: int) -> float:
+        if self.sparsity_warmup_steps == 0:
+            return 1.0
+        return min(1.0, (step + 1) / self.sparsity_warmup_steps)
+
+
+# -- initialisation ----------------------------------------------------------------------------
+
+
+def estimate_input_scale(sample: Tensor) -> float:
+    """The constant s with mean ‖s·x‖ = √d_in over the sample."""
+    mean_norm = sample.float().norm(dim=-1).mean().item()
+    if not math.isfinite(mean_norm) or mean_norm <= 0:
+        raise SaectlError(f"the activation sample has mean norm {mean_norm}; the activations "
+                          f"are all zero or not finite, re-run harvest")
+    return math.sqrt(sample.shape[-1]) / mean_norm
+
+
+@torch.no_grad()
+def geometric_median(points: Tensor, iters: int = 30, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of distances to `points` (n, d)."""
+    points = points.double()
+    y = points.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (points - y).norm(dim=1).clamp_min(1e-8)
+        y_new = (w[:, None] * points).sum(0) / w.sum()
+        moved = (y_new - y).norm()
+        y = y_new
+        if moved <= tol * y.norm().clamp_min(1e-12):
+            break
+    return y
+
+
+def init_sae(cfg: SAEConfig, sample: Tensor, *, b_dec_init: str = "geometric_median",
+             generator: torch.Generator | None = None) -> SAE:
+    """A new SAE: random decoder rows, W_enc = W_decᵀ, b_dec from the (already scaled)
+    sample by `b_dec_init`."""
+    if b_dec_init not in B_DEC_INITS:
+        raise ConfigError(f"b_dec_init={b_dec_init!r} is unknown; use one of "
+                          f"{', '.join(B_DEC_INITS)}")
+    if sample.ndim != 2 or sample.shape[1] != cfg.d_in:
+        raise ConfigError(f"the sample has shape {tuple(sample.shape)}, expected (n, {cfg.d_in})")
+    sae = ARCHS[cfg.arch](cfg, generator=generator)
+    with torch.no_grad():
+        if b_dec_init == "geometric_median":
+            sae.b_dec.copy_(geometric_median(sample[:65536]))
+        elif b_dec_init == "mean":
+            sae.b_dec.copy_(sample.double().mean(0))
+    return sae
+
+
+# -- training ------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Trains one SAE on batches given one at a time.
+
+        trainer = Trainer(sae_cfg, train_cfg, sample)   # sample: (n, d_in) raw activations
+        for x in batches: logs = trainer.step(x)         # x: (batch, d_in) raw activations
+        sae = trainer.export()                           # folded: runs on raw activations
+    """
+
+    def __init__(self, sae_cfg: SAEConfig, cfg: TrainConfig, sample: Tensor, *,
+                 device: str | torch.device = "cpu"):
+        self.sae_cfg, self.cfg = sae_cfg, cfg
+        self.device = torch.device(device)
+        sample = sample.to(self.device, torch.float32)
+        self.input_scale = estimate_input_scale(sample) if cfg.normalize_inputs else 1.0
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.sae = init_sae(sae_cfg, sample * self.input_scale, b_dec_init=cfg.b_dec_init,
+                            generator=self.generator).to(self.device).train()
+        self.step_count = 0
+        fused = self.device.type in ("cpu", "cuda") and self.sae.dtype == torch.float32
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=cfg.adam_betas,
+                                          eps=cfg.adam_eps, fused=fused or None)
+        self.tokens_seen = 0
+        self.tokens_since_fired = torch.zeros(sae_cfg.d_sae, dtype=torch.long,
+                                              device=self.device)
+
+    @property
+    def lr(self) -> float:
+        return self.cfg.lr_at(self.step_count, self.sae_cfg.d_sae)
+
+    def dead_mask(self) -> Tensor:
+        return self.tokens_since_fired >= self.cfg.dead_window_tokens
+
+    def step(self, x: Tensor) -> dict[str, float]:
+        """One optimizer step on a batch of raw activations (n, d_in); returns its figures:
+        the loss terms, l0, fvu, dead_fraction, lr, sparsity_scale and step (1-based)."""
+        sae, cfg = self.sae, self.cfg
+        x = x.to(self.device, sae.dtype)
+        if self.input_scale != 1.0:
+            x = x * self.input_scale
+        lr, sparsity_scale = self.lr, cfg.sparsity_scale_at(self.step_count)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        dead = self.dead_mask()
+        use_aux = sae.uses_auxk and cfg.auxk_coefficient > 0
+        out = sae(x, dead_mask=dead if use_aux else None,
+                  auxk_coefficient=cfg.auxk_coefficient if use_aux else 0.0,
+                  sparsity_scale=sparsity_scale)
+        loss = out.losses["loss"]
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise SaectlError(f"training diverged: the loss is {loss_value} at step "
+                              f"{self.step_count + 1}; lower --lr or check the activations "
+                              f"for inf/nan")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if sae.unit_norm_decoder:
+            remove_parallel_gradient(sae.W_dec)
+        self.optimizer.step()
+        if sae.unit_norm_decoder:
+            normalize_rows(sae.W_dec)
+        with torch.no_grad():
+            n = x.shape[0]
+            self.tokens_since_fired += n
+            self.tokens_since_fired[out.fired] = 0
+            self.tokens_seen += n
+            self.step_count += 1
+            fvu = ((out.x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+        logs = {name: value.item() for name, value in out.losses.items()}
+        logs.update(step=float(self.step_count), lr=lr, sparsity_scale=sparsity_scale,
+                    l0=out.l0.item(), fvu=fvu,
+                    dead_fraction=self.dead_mask().float().mean().item())
+        return logs
+
+    def export(self) -> SAE:
+        """A copy of the SAE, in eval mode, that runs on raw activations (scale folded in)."""
+        sae = copy.deepcopy(self.sae).eval()
+        sae.fold_input_scale(self.input_scale)
+        return sae
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly; the tensors are live (torch.save them)."""
+        return {
+            "sae_cfg": self.sae_cfg.to_dict(),
+            "train_cfg": dataclasses.asdict(self.cfg),
+            "sae": self.sae.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step_count,
+            "tokens_seen": self.tokens_seen,
+            "tokens_since_fired": self.tokens_since_fired,
+            "input_scale": self.input_scale,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["sae_cfg"] != self.sae_cfg.to_dict():
+            raise ConfigError("the checkpoint was made for another SAE config; resume with "
+                              "the config it was started with")
+        if _normalized(state["train_cfg"]) != _normalized(dataclasses.asdict(self.cfg)):
+            raise ConfigError("the checkpoint was made with another training config; resume "
+                              "with the config it was started with")
+        self.sae.load_state_dict(state["sae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_count = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.tokens_since_fired.copy_(state["tokens_since_fired"])
+        self.input_scale = float(state["input_scale"])
+        self.generator.set_state(state["generator"])
+
+
+def _normalized(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+@torch.no_grad()
+def remove_parallel_gradient(W_dec: torch.nn.Parameter) -> None:
+    """Project each row's gradient onto the tangent space of the unit sphere at that row."""
+    if W_dec.grad is None:
+        return
+    parallel = torch.linalg.vecdot(W_dec.grad, W_dec.detach(), dim=1)
+    W_dec.grad.addcmul_(parallel[:, None], W_dec.detach(), value=-1.0)
+
+
+@torch.no_grad()
+def normalize_rows(W_dec: torch.nn.Parameter) -> None:
+    W_dec.div_(W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(W_dec.dtype).eps))
