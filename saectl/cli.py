@@ -15,7 +15,7 @@ from typer.exceptions import TyperException
 from saectl import store
 from saectl.config import stage_command
 from saectl.errors import SaectlError
-from stages import harvest, import_acts, shuffle
+from stages import harvest, import_acts, shuffle, train
 
 app = typer.Typer(name="saectl", no_args_is_help=True, add_completion=False,
                   help="Sparse autoencoders for language models: harvest → shuffle → train → "
@@ -27,6 +27,8 @@ STAGES = [
      "Run a model over text and store activations at hook points.", ()),
     ("shuffle", shuffle.ShuffleConfig, shuffle.run,
      "Shuffle a harvest's token rows out of core and split train/eval by sequence.", ("harvest",)),
+    ("train", train.TrainStageConfig, train.run,
+     "Train an SAE on a shuffle's train split and evaluate it on the eval split.", ("shuffle",)),
     ("import", import_acts.ImportConfig, import_acts.run,
      "Make a harvest-like artifact from activations in a .npy, .safetensors or Zarr file.",
      ("file",)),

@@ -41,6 +41,7 @@ COMPLETE = "COMPLETE"
 LOCK = ".lock"
 PROGRESS = "progress"
 REPORT = "report"
+SAE_DIR = "sae"  # a trained SAE in SAELens's layout: cfg.json, sae_weights.safetensors, ...
 REFS = "refs"
 TRASH = ".trash"
 _STAGE_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
@@ -198,10 +199,12 @@ def _check_writable(store: Path) -> None:
                             f"pass --store DIR or set {STORE_ENV} to a folder you can write") from None
 
 
-def _create(art: Artifact, params: dict, inputs: dict[str, Artifact] | None) -> None:
+def _create(art: Artifact, params: dict, inputs: dict[str, Artifact] | None,
+            origin: dict | None) -> None:
     manifest = {
         "stage": art.stage, "digest": art.digest, "schema": SCHEMA_VERSION,
         "params": params, "inputs": {k: v.ref for k, v in (inputs or {}).items()},
+        "origin": origin or {},
         "saectl_version": __version__, "created": _now(), "host": _host(), "summary": {},
     }
     # Round-trip through canonical JSON so what is stored is exactly what was hashed.
@@ -228,8 +231,11 @@ class Writing:
 
 @contextmanager
 def writing(art: Artifact, params: dict, inputs: dict[str, Artifact] | None = None, *,
-            shard: str | None = None, wait: bool = True):
+            shard: str | None = None, wait: bool = True, origin: dict | None = None):
     """Create `art` if it does not exist and hold its write lock while the block runs.
+
+    `origin` is recorded in the manifest but not addressed: where things came from (a model's
+    folder or hub id), which later stages need to find them again.
 
     Without `shard` the block holds the artifact's one lock. Shards of one harvest create the
     artifact under that lock, then each holds only its own (`.lock.<shard>`), so they write
@@ -243,7 +249,7 @@ def writing(art: Artifact, params: dict, inputs: dict[str, Artifact] | None = No
                             "permissions and free space") from None
     with flock(art.path / LOCK, wait, art.ref):
         if not art.exists():
-            _create(art, params, inputs)
+            _create(art, params, inputs, origin)
         else:
             read_manifest(art.path)  # refuse a foreign or broken store before writing into it
         if shard is None:
@@ -365,6 +371,11 @@ def resolve(store: Path, ref: str, stage: str | None = None) -> Artifact:
 
 def open_complete(store: Path, ref: str, stage: str | None = None) -> Artifact:
     return check_complete(resolve(store, ref, stage))
+
+
+def sae_dir(art: Artifact) -> Path:
+    """Where a train artifact keeps its SAE (load it with `saectl.sae.load_sae`)."""
+    return art.path / SAE_DIR
 
 
 def size_bytes(art: Artifact) -> int:

@@ -117,8 +117,11 @@ def run(cfg: HarvestConfig) -> store.Artifact:
     tokens = data.pack_tokens(tokenizer, data.iter_texts(data_spec), cfg.context_size, cfg.n_seq)
 
     shard = cfg.shard_index()
+    origin = {"model": {"name": model_spec.name, "source": model_spec.source,
+                        "gguf_file": model_spec.gguf_file, "local": model_spec.local},
+              "dataset": data_spec.name}
     with store.writing(art, params, shard=None if shard is None else f"{shard[0]}-of-{shard[1]}",
-                       wait=not cfg.no_wait) as w:
+                       wait=not cfg.no_wait, origin=origin) as w:
         if art.is_complete():  # finished by another process while we waited for the lock
             return art
         layout = make_layout(cfg, dims)

@@ -1,0 +1,95 @@
+"""Streaming training batches out of a shuffled activation array, with prefetching.
+
+The batch a step gets is a function of the step alone, so a resumed run reads exactly what an
+uninterrupted one would. Epoch 0 reads the (already shuffled) rows in order; each later epoch
+reads whole chunks in a seeded new order, which re-mixes batches without a second shuffle.
+A background thread decodes the next batches while the model trains on this one; only
+`prefetch` batches are ever held, so memory stays flat however large the array.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import numpy as np
+import torch
+
+from saectl import arrays
+
+
+class BatchReader:
+    def __init__(self, arr, batch_size: int, seed: int = 0, artifact: str = ""):
+        self.arr, self.B, self.seed, self.artifact = arr, batch_size, seed, artifact
+        self.n = int(arr.shape[0])
+        self.chunk = int(arr.chunks[0])
+        self.n_chunks = -(-self.n // self.chunk)
+        self._orders: dict[int, np.ndarray] = {}
+
+    def epoch_of(self, step: int) -> int:
+        return (step * self.B) // self.n
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            if epoch == 0:
+                order = np.arange(self.n_chunks)
+            else:  # permute the full chunks; a partial last chunk stays last, so rows map by divmod
+                full = self.n // self.chunk
+                rng = np.random.default_rng([self.seed, epoch, 0xBA7C])
+                order = np.concatenate([rng.permutation(full), np.arange(full, self.n_chunks)])
+            self._orders = {epoch: order}  # keep one epoch's order: memory stays flat
+        return self._orders[epoch]
+
+    def _segments(self, step: int) -> list[tuple[int, int]]:
+        """(start, stop) row ranges of the array that make up batch `step`."""
+        out, pos, left = [], step * self.B, self.B
+        while left > 0:
+            epoch, r = divmod(pos, self.n)
+            order = self._order(epoch)
+            c, off = divmod(r, self.chunk)
+            chunk_rows = min(self.chunk, self.n - order[c] * self.chunk)
+            take = min(left, chunk_rows - off)
+            start = int(order[c]) * self.chunk + off
+            if out and out[-1][1] == start:
+                out[-1] = (out[-1][0], start + take)
+            else:
+                out.append((start, start + take))
+            pos += take
+            left -= take
+        return out
+
+    def batch(self, step: int) -> torch.Tensor:
+        parts = [arrays.read(self.arr, slice(a, b), artifact=self.artifact)
+                 for a, b in self._segments(step)]
+        return torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else parts[0])
+
+    def iterate(self, start: int, stop: int, prefetch: int = 3):
+        """Yield (step, batch) for steps [start, stop), decoded ahead on a thread."""
+        q: queue.Queue = queue.Queue(maxsize=prefetch)
+        stop_flag = threading.Event()
+
+        def work():
+            try:
+                for s in range(start, stop):
+                    if stop_flag.is_set():
+                        return
+                    q.put((s, self.batch(s)))
+                q.put(None)
+            except BaseException as e:  # handed to the consumer
+                q.put(e)
+
+        t = threading.Thread(target=work, name="saectl-reader", daemon=True)
+        t.start()
+        try:
+            while (item := q.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop_flag.set()
+            while t.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    pass
+                t.join(timeout=0.05)

@@ -1,0 +1,301 @@
+"""Train: one SAE on a shuffle artifact's train split, evaluated on its eval split.
+
+Streams batches with a prefetching reader (never loading the split whole; more tokens than
+the split holds means more epochs), checkpoints into the artifact every few minutes, and
+resumes from the last checkpoint bit for bit (CPU, same seed). When training ends it stores
+the SAE (SAELens layout, input scale folded in, so it runs on raw activations), the training
+log, and the evaluation figures: reconstruction on the eval split and, with the SAE spliced
+into the model on held-out sequences, the CE-loss score, KL score and ΔLM loss.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from saectl import faults, store
+from saectl.config import address_params, opt
+from saectl.console import info, progress
+from saectl.errors import ConfigError
+
+STAGE = "train"
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class TrainStageConfig:
+    shuffle: str | None = opt(None, "The shuffle artifact to train on")
+    hook: str | None = opt(None, "Hook to train on (default: the artifact's only hook)")
+    arch: str = opt("topk", "Architecture: relu, topk, batchtopk, jumprelu, gated, matryoshka")
+    expansion: float = opt(8.0, "Width as a multiple of d_in (ignored when --width is given)")
+    width: int | None = opt(None, "Number of latents d_sae")
+    k: int = opt(32, "Active latents per token (topk, batchtopk, matryoshka)")
+    l1: float = opt(5.0, "L1 coefficient (relu, gated)")
+    l0: float = opt(1.0, "L0 coefficient (jumprelu)")
+    bandwidth: float = opt(0.1, "Rectangle-kernel bandwidth of jumprelu's threshold gradient")
+    prefixes: str | None = opt(None, "Matryoshka prefix sizes, e.g. 256,1024,4608")
+    tokens: int | None = opt(None, "Training tokens (default: one epoch of the train split)")
+    batch_size: int = opt(4096, "Tokens per step")
+    lr: float | None = opt(None, "Adam learning rate (default 2e-4/sqrt(width/16384))")
+    warmup_steps: int | None = opt(None, "LR warm-up steps (default min(1000, 5% of steps))")
+    decay_fraction: float = opt(0.2, "Final fraction of steps with linear LR decay to 0")
+    sparsity_warmup_steps: int | None = opt(None, "Sparsity-coefficient warm-up steps "
+                                                  "(default min(1000, 5% of steps))")
+    auxk: float = opt(1 / 32, "AuxK coefficient for dead latents (topk family)")
+    dead_tokens: int = opt(10_000_000, "A latent is dead after this many tokens without firing")
+    b_dec_init: str = opt("geometric_median", "geometric_median, mean or zeros")
+    seed: int = opt(0, "Seed of the initialisation and of the epoch orders")
+    lm_eval: bool = opt(True, "Splice the SAE into the model for CE-loss/KL scores "
+                              "(--no-lm-eval for imported activations)")
+    lm_eval_seqs: int = opt(16, "Held-out sequences for the downstream evaluation")
+    log_every: int = opt(25, "Steps per training-log window")
+    checkpoint_minutes: float = opt(5.0, "Minutes between checkpoints", address=False)
+    checkpoint_steps: int = opt(0, "Also checkpoint every N steps (0: off)", address=False)
+    model: str | None = opt(None, "Where to load the model for --lm-eval if it moved "
+                                  "(checked against the harvest's content hash)", address=False)
+    device: str = opt("auto", "auto, cpu, cuda, ...", address=False)
+    store: str | None = opt(None, "Artifact store (default $SAECTL_STORE or ./artifacts)",
+                            address=False)
+    no_wait: bool = opt(False, "Fail instead of waiting for another writer", address=False)
+
+    def __post_init__(self):
+        if not self.shuffle:
+            raise ConfigError("give the shuffle to train on: saectl train SHUFFLE_REF --arch topk")
+        from saectl.sae import arch_names
+
+        if self.arch not in arch_names():
+            raise ConfigError(f"unknown --arch {self.arch!r}; choose one of {', '.join(arch_names())}")
+        for name in ("batch_size", "k", "lm_eval_seqs", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.tokens is not None and self.tokens < 1:
+            raise ConfigError("--tokens must be at least 1")
+        if self.width is not None and self.width < 1:
+            raise ConfigError("--width must be at least 1")
+        if self.width is None and not self.expansion > 0:
+            raise ConfigError("--expansion must be positive")
+        self.prefix_list()
+
+    def prefix_list(self) -> tuple[int, ...]:
+        if not self.prefixes:
+            return ()
+        try:
+            return tuple(int(p) for p in str(self.prefixes).split(","))
+        except ValueError:
+            raise ConfigError(f"--prefixes {self.prefixes!r} must be comma-separated integers, "
+                              "e.g. 256,1024,4608") from None
+
+
+def resolve(cfg: TrainStageConfig, manifest: dict, d_in_by_hook: dict[str, int]):
+    """(hook, SAEConfig, TrainConfig, total steps, tokens) with every default made explicit."""
+    from saectl.sae import SAEConfig
+    from saectl.trainer import TrainConfig
+
+    hooks = sorted(d_in_by_hook)
+    hook = cfg.hook or (hooks[0] if len(hooks) == 1 else None)
+    if hook is None:
+        raise ConfigError(f"the shuffle holds several hooks; choose one with --hook "
+                          f"({', '.join(hooks)})")
+    if hook not in d_in_by_hook:
+        raise ConfigError(f"the shuffle has no hook {hook!r}; it has {', '.join(hooks)}")
+    d_in = d_in_by_hook[hook]
+    width = cfg.width or int(round(cfg.expansion * d_in))
+    if cfg.arch in ("topk", "batchtopk", "matryoshka") and cfg.k >= width:
+        raise ConfigError(f"--k {cfg.k} must be smaller than the width {width}; lower --k or "
+                          "raise --expansion/--width")
+    sae_cfg = SAEConfig(arch=cfg.arch, d_in=d_in, d_sae=width, k=cfg.k, l1_coefficient=cfg.l1,
+                        l0_coefficient=cfg.l0, jumprelu_bandwidth=cfg.bandwidth,
+                        matryoshka_prefixes=cfg.prefix_list())
+    n_train = manifest["summary"]["n_train"]
+    tokens = cfg.tokens or n_train
+    steps = math.ceil(tokens / cfg.batch_size)
+    warm = min(1000, max(1, steps // 20))
+    train_cfg = TrainConfig(
+        total_steps=steps, lr=cfg.lr,
+        lr_warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None else warm,
+        lr_decay_fraction=cfg.decay_fraction,
+        sparsity_warmup_steps=(cfg.sparsity_warmup_steps if cfg.sparsity_warmup_steps is not None
+                               else warm),
+        auxk_coefficient=cfg.auxk, dead_window_tokens=cfg.dead_tokens,
+        b_dec_init=cfg.b_dec_init, seed=cfg.seed)
+    return hook, sae_cfg, train_cfg, steps, tokens
+
+
+def address_for(cfg: TrainStageConfig, sae_cfg, train_cfg, hook: str) -> dict:
+    import dataclasses
+
+    params = address_params(cfg)
+    for name in ("shuffle", "hook", "arch", "expansion", "width", "k", "l1", "l0", "bandwidth",
+                 "prefixes", "tokens", "lr", "warmup_steps", "decay_fraction",
+                 "sparsity_warmup_steps", "auxk", "dead_tokens", "b_dec_init", "seed"):
+        params.pop(name, None)  # replaced by the resolved configs below
+    params.update(hook=hook, sae=sae_cfg.to_dict(), train=dataclasses.asdict(train_cfg))
+    return params
+
+
+def run(cfg: TrainStageConfig) -> store.Artifact:
+    root = store.store_root(cfg.store)
+    src = store.open_complete(root, cfg.shuffle)
+    if src.stage != "shuffle":
+        raise ConfigError(f"{src.ref} is a {src.stage} artifact; train takes a shuffle "
+                          "(saectl shuffle HARVEST_REF)")
+    manifest = src.manifest()
+    dims = {h: v["d"] for h, v in manifest["summary"]["hooks"].items()}
+    hook, sae_cfg, train_cfg, steps, tokens = resolve(cfg, manifest, dims)
+    params = address_for(cfg, sae_cfg, train_cfg, hook)
+    art = store.artifact_for(root, STAGE, params, {"shuffle": src})
+    if art.is_complete():
+        info(f"train: cache hit {art.ref}")
+        return art
+    harvest = store.open_complete(root, manifest["inputs"]["harvest"])
+    lm = None
+    if cfg.lm_eval and harvest.stage == "import":
+        info("train: the activations were imported, so there is no model to splice the SAE "
+             "into; skipping the downstream evaluation")
+    elif cfg.lm_eval:
+        lm = _lm_setup(cfg, harvest)  # fail early, before training
+    with store.writing(art, params, {"shuffle": src}, wait=not cfg.no_wait):
+        if art.is_complete():
+            return art
+        sae, log = _train(art, src, hook, sae_cfg, train_cfg, steps, tokens, cfg)
+        summary = _evaluate(art, src, harvest, hook, sae, lm, cfg)
+        summary.update(hook=hook, arch=sae_cfg.arch, d_in=sae_cfg.d_in, d_sae=sae_cfg.d_sae,
+                       k=sae_cfg.k, steps=steps, tokens=steps * cfg.batch_size,
+                       epochs=steps * cfg.batch_size / manifest["summary"]["n_train"],
+                       final_log={k: v[-1] for k, v in log.items()} if log else {})
+        store.mark_complete(art, summary)
+        (art.path / CHECKPOINT).unlink(missing_ok=True)  # the weights are saved; free the disk
+    figs = ", ".join(f"{k} {summary[k]:.4g}" for k in ("fvu", "l0", "dead_fraction",
+                                                        "ce_loss_score") if k in summary)
+    info(f"train: wrote {art.ref} ({figs})")
+    return art
+
+
+def _device(cfg):
+    from saectl.models import resolve_device
+
+    return resolve_device(cfg.device)
+
+
+def _train(art, src, hook, sae_cfg, train_cfg, steps, tokens, cfg):
+    import torch
+
+    from saectl.reader import BatchReader
+    from saectl.trainer import Trainer
+
+    device = _device(cfg)
+    group = src.group()
+    reader = BatchReader(group[f"train/{hook}"], cfg.batch_size, cfg.seed, src.ref)
+    n_train = reader.n
+    sample_rows = min(n_train, 16384)
+    from saectl import arrays
+
+    sample = torch.from_numpy(arrays.read(group[f"train/{hook}"], slice(0, sample_rows),
+                                          artifact=src.ref))
+    torch.manual_seed(cfg.seed)
+    trainer = Trainer(sae_cfg, train_cfg, sample, device=device)
+    del sample
+    log: dict[str, list[float]] = {}
+    window: dict[str, list[float]] = {}
+    ckpt = art.path / CHECKPOINT
+    start = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        trainer.load_state_dict(state["trainer"])
+        log, window, start = state["log"], state["window"], state["trainer"]["step"]
+        info(f"train: resuming at step {start:,} of {steps:,}")
+    if tokens > n_train:
+        info(f"train: {tokens:,} tokens over a split of {n_train:,}: "
+             f"{tokens / n_train:.2f} epochs")
+    last_save = time.monotonic()
+
+    def save():
+        buf = {"trainer": trainer.state_dict(), "log": log, "window": window}
+        tmp = ckpt.with_name(f".{CHECKPOINT}.tmp")
+        torch.save(buf, tmp)
+        tmp.replace(ckpt)
+        faults.point("train.checkpointed")
+
+    with progress("train", steps, "steps", done=start) as bar:
+        for step, x in reader.iterate(start, steps):
+            figs = trainer.step(x)  # a NaN loss raises here; the last checkpoint stays as it was
+            for k, v in figs.items():
+                window.setdefault(k, []).append(v)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+                for k, v in window.items():
+                    log.setdefault(k, []).append(float(v[-1]) if k == "step" else float(np.mean(v)))
+                window = {}
+            bar.advance(1)
+            due = time.monotonic() - last_save > cfg.checkpoint_minutes * 60 or (
+                cfg.checkpoint_steps and (step + 1) % cfg.checkpoint_steps == 0)
+            if due and step + 1 < steps:
+                save()
+                last_save = time.monotonic()
+    sae = trainer.export()
+    out = art.group("r+")
+    for k, v in log.items():
+        out.create_array(f"log/{k}", data=np.asarray(v, dtype=np.float64), overwrite=True)
+    return sae, log
+
+
+def _lm_setup(cfg, harvest):
+    """The model the harvest used, found again from its origin (or --model) and checked by
+    content hash; fails before any training if it cannot be found."""
+    from saectl import models
+
+    h = harvest.manifest()
+    want = h["params"]["model"]
+    origin = h.get("origin", {}).get("model", {})
+    name = cfg.model or (origin.get("source") if origin.get("local") else origin.get("name"))
+    if not name:
+        raise ConfigError(f"{harvest.ref} does not say where its model came from; pass --model, "
+                          "or --no-lm-eval")
+    spec = models.resolve_model(name)
+    if origin.get("gguf_file") and spec.gguf_file is None and spec.local:
+        spec = models.ModelSpec(spec.name, spec.source, origin["gguf_file"], True)
+    got = models.model_identity(spec)
+    if want.get("sha256") and got.get("sha256") != want.get("sha256"):
+        raise ConfigError(f"the model at {spec.source} is not the one {harvest.ref} was "
+                          "harvested with (content differs); pass the right --model or --no-lm-eval")
+    return spec
+
+
+def _evaluate(art, src, harvest, hook, sae, lm_spec, cfg) -> dict:
+    import torch
+
+    from saectl import metrics, models
+    from saectl.reader import BatchReader
+
+    group = src.group()
+    ev = group[f"eval/{hook}"]
+    n_eval = int(ev.shape[0])
+    if n_eval == 0:
+        raise ConfigError(f"{src.ref} has no eval split; re-run shuffle with --eval-fraction > 0")
+    reader = BatchReader(ev, min(cfg.batch_size, n_eval), 0, src.ref)
+    steps = math.ceil(n_eval / reader.B)
+    batches = (x[: n_eval - s * reader.B] for s, x in reader.iterate(0, steps))
+    figures, log_density = metrics.reconstruction(sae, batches)
+    out = art.group("r+")
+    out.create_array("eval/log_density", data=log_density.astype(np.float32), overwrite=True)
+    sae_dir = store.sae_dir(art)
+    sparsity = torch.from_numpy(np.where(np.isfinite(log_density), log_density, -10.0)).float()
+    sae.save(sae_dir, sparsity=sparsity,
+             metadata={"hook_name": hook, "saectl_ref": art.ref,
+                       "model_name": harvest.manifest().get("origin", {}).get("model", {})
+                       .get("name"), "context_size": harvest.manifest()["params"]["context_size"]})
+    if lm_spec is not None:
+        device = _device(cfg)
+        model = models.load_model(lm_spec, device=device)
+        hp = models.parse_hooks(model, [hook])[0]
+        seqs = group["eval/sequences"][:][: cfg.lm_eval_seqs]
+        tokens = harvest.group()["tokens"].get_orthogonal_selection((seqs, slice(None)))
+        ids = torch.from_numpy(np.asarray(tokens)).long().to(device)
+        skip = 0 if src.manifest()["params"].get("keep_bos") else 1
+        sae_dev = sae.to(device)
+        batches = [ids[i:i + 4] for i in range(0, len(ids), 4)]
+        figures.update(metrics.downstream(
+            model, hp, lambda a: sae_dev.decode(sae_dev.encode(a.float())), batches, skip))
+    return figures

@@ -1,0 +1,145 @@
+"""Train stage: feature recovery through the real CLI, cache, resume after SIGKILL, NaN stop,
+the downstream CE-loss/KL evaluation on a tiny model, and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from saectl import metrics, models, store
+from saectl.errors import ConfigError
+from saectl.sae import load_sae
+from tests.helpers import assert_one_line_error, run_cli, run_subprocess
+
+
+def synthetic(n=20000, d=32, F=96, active=3, seed=0):
+    """Sparse non-negative combinations of F random unit directions (+ a little noise)."""
+    rng = np.random.default_rng(seed)
+    D = rng.normal(size=(F, d))
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    idx = np.stack([rng.choice(F, active, replace=False) for _ in range(n)])
+    coef = rng.uniform(0.5, 2.0, size=(n, active))
+    x = np.einsum("nk,nkd->nd", coef, D[idx]) + 0.01 * rng.normal(size=(n, d))
+    return x.astype(np.float32), D
+
+
+@pytest.fixture
+def split(tmp_path, capsys):
+    x, D = synthetic()
+    np.save(tmp_path / "x.npy", x)
+    imp = run_cli(capsys, "import", tmp_path / "x.npy", "--hook", "h", "--store", tmp_path)
+    sh = run_cli(capsys, "shuffle", imp.out.strip(), "--store", tmp_path)
+    assert sh.code == 0, sh.err
+    return tmp_path, sh.out.strip(), D
+
+
+def train_args(root, ref, *extra):
+    return ["train", ref, "--store", root, "--arch", "topk", "--k", "3", "--width", "96",
+            "--tokens", "200000", "--batch-size", "512", "--lr", "3e-3", "--device", "cpu", *extra]
+
+
+def test_train_recovers_features_and_caches(split, capsys):
+    root, ref, D = split
+    res = run_cli(capsys, *train_args(root, ref))
+    assert res.code == 0, res.err
+    art = store.open_complete(root, res.out.strip())
+    sae = load_sae(store.sae_dir(art))
+    W = sae.W_dec.detach().numpy()
+    W = W / np.linalg.norm(W, axis=1, keepdims=True)
+    assert (D @ W.T).max(1).mean() >= 0.9
+    s = art.manifest()["summary"]
+    assert s["l0"] == pytest.approx(3.0)
+    assert s["fvu"] < 0.3 and 0 <= s["dead_fraction"] < 0.2 and s["cossim"] > 0.8
+    assert "ce_loss_score" not in s  # imported: no model to splice into
+    assert art.group()["log/loss"].shape[0] >= 10  # the training log is stored
+    assert (store.sae_dir(art) / "sparsity.safetensors").exists()
+    again = run_cli(capsys, *train_args(root, ref))
+    assert again.out == res.out and "cache hit" in again.err
+    other = run_cli(capsys, *train_args(root, ref, "--seed", "1"))
+    assert other.out != res.out
+
+
+def test_resume_after_sigkill_equals_uninterrupted(split):
+    root, ref, _ = split
+    args = train_args(root, ref, "--tokens", "60000", "--checkpoint-steps", "20")
+    killed = run_subprocess(*args, env={"SAECTL_FAULTS": "train.checkpointed:3"})
+    assert killed.code == -9, killed.err
+    part = [a for a in store.list_artifacts(root, "train") if not a.is_complete()]
+    assert len(part) == 1 and (part[0].path / "checkpoint.pt").exists()
+    resumed = run_subprocess(*args)
+    assert resumed.code == 0 and "resuming at step 60" in resumed.err, resumed.err
+    a = store.open_complete(root, resumed.out.strip())
+    weights = (store.sae_dir(a) / "sae_weights.safetensors").read_bytes()
+    log = a.group()["log/loss"][:]
+    store.remove(a)
+    whole = run_subprocess(*args)
+    assert whole.out == resumed.out
+    b = store.open_complete(root, whole.out.strip())
+    assert (store.sae_dir(b) / "sae_weights.safetensors").read_bytes() == weights
+    assert np.array_equal(b.group()["log/loss"][:], log)
+    assert not (b.path / "checkpoint.pt").exists()
+
+
+def test_divergence_stops_with_the_step(split, capsys):
+    root, ref, _ = split
+    res = run_cli(capsys, *train_args(root, ref, "--lr", "1e30", "--checkpoint-steps", "1"))
+    assert_one_line_error(res, "diverged", "step")
+    part = [a for a in store.list_artifacts(root, "train") if not a.is_complete()]
+    assert len(part) == 1  # incomplete, its last good checkpoint kept
+    state = torch.load(part[0].path / "checkpoint.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["trainer"]["sae"].values())
+
+
+def test_bad_input(split, capsys, tmp_path):
+    root, ref, _ = split
+    cases = [
+        (["--k", "96"], ["--k 96", "width 96"]),
+        (["--hook", "nope"], ["no hook", "h"]),
+        (["--arch", "banana"], ["unknown --arch", "topk"]),
+        (["--arch", "matryoshka", "--prefixes", "64,32,96"], ["prefixes"]),
+        (["--prefixes", "a,b"], ["comma-separated"]),
+        (["--batch-size", "0"], ["batch-size"]),
+    ]
+    for extra, needles in cases:
+        assert_one_line_error(run_cli(capsys, *train_args(root, ref, *extra)), *needles)
+    imp = store.list_artifacts(root, "import")[0]
+    assert_one_line_error(run_cli(capsys, *train_args(root, imp.ref)), "train takes a shuffle")
+    sh = store.resolve(root, ref)
+    (sh.path / store.COMPLETE).rename(sh.path / "was-complete")
+    assert_one_line_error(run_cli(capsys, *train_args(root, ref)), "incomplete")
+    (sh.path / "was-complete").rename(sh.path / store.COMPLETE)
+    # An SAE paired with activations of another width.
+    res = run_cli(capsys, *train_args(root, ref, "--tokens", "2048"))
+    sae = load_sae(store.sae_dir(store.resolve(root, res.out.strip())))
+    with pytest.raises(ConfigError, match="d_in=32"):
+        metrics.reconstruction(sae, [torch.zeros(4, 16)])
+
+
+def test_downstream_scores_bracket_identity_and_zero(tiny_model_dirs, tiny_corpus, tmp_path):
+    spec = models.resolve_model(str(tiny_model_dirs["llama"]))
+    model = models.load_model(spec)
+    hook = models.parse_hooks(model, ["resid_post.1"])[0]
+    ids = [torch.randint(2, 300, (2, 16)) for _ in range(2)]
+    ident = metrics.downstream(model, hook, lambda a: a, ids)
+    assert ident["ce_loss_score"] == pytest.approx(1.0, abs=1e-6)
+    assert ident["kl_score"] == pytest.approx(1.0, abs=1e-6)
+    assert ident["delta_lm_loss"] == pytest.approx(0.0, abs=1e-6)
+    zero = metrics.downstream(model, hook, torch.zeros_like, ids)
+    assert zero["ce_loss_score"] == pytest.approx(0.0, abs=1e-6)
+    assert zero["kl_score"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_train_on_a_harvest_with_lm_eval(tiny_model_dirs, tiny_corpus, tmp_path, capsys):
+    h = run_cli(capsys, "harvest", "--model", tiny_model_dirs["gpt_neox"], "--dataset",
+                tiny_corpus, "--hooks", "resid_post.1", "--tokens", 64 * 16, "--context-size",
+                16, "--store", tmp_path, "--device", "cpu")
+    sh = run_cli(capsys, "shuffle", h.out.strip(), "--store", tmp_path, "--eval-fraction", "0.2")
+    res = run_cli(capsys, "train", sh.out.strip(), "--store", tmp_path, "--arch", "relu",
+                  "--expansion", "2", "--tokens", "4096", "--batch-size", "256",
+                  "--lm-eval-seqs", "4", "--device", "cpu")
+    assert res.code == 0, res.err
+    s = store.open_complete(tmp_path, res.out.strip()).manifest()["summary"]
+    for key in ("ce_loss_score", "kl_score", "delta_lm_loss", "ce_clean", "ce_zero"):
+        assert np.isfinite(s[key]), key
+    assert s["lm_eval_tokens"] == 4 * 15
