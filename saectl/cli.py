@@ -10,11 +10,12 @@ import sys
 from typing import Annotated, Optional
 
 import typer
+from pathlib import Path
 from typer.exceptions import TyperException
 
 from saectl import store
 from saectl.config import stage_command
-from saectl.errors import SaectlError
+from saectl.errors import ConfigError, SaectlError
 from stages import harvest, import_acts, shuffle, train
 
 app = typer.Typer(name="saectl", no_args_is_help=True, add_completion=False,
@@ -110,6 +111,30 @@ def gc(store_: StoreOpt = None,
         if not dry_run:
             store.remove(a)
         print(f"{'would remove' if dry_run else 'removed'} {a.ref}")
+
+
+@app.command("export")
+def export(ref: Annotated[str, typer.Argument(help="A train artifact")],
+           out: Annotated[Path, typer.Option("--out", help="Folder to write")],
+           fmt: Annotated[str, typer.Option("--format", help="saelens")] = "saelens",
+           store_: StoreOpt = None,
+           force: Annotated[bool, typer.Option("--force", help="Write into a non-empty "
+                                               "folder")] = False):
+    """Write a trained SAE in another tool's layout (SAELens: cfg.json, sae_weights.safetensors,
+    sparsity.safetensors, loadable with sae_lens.SAE.load_from_disk)."""
+    import shutil
+
+    if fmt != "saelens":
+        raise ConfigError(f"--format {fmt!r} is not supported; use --format saelens")
+    art = store.open_complete(store.store_root(store_), ref, stage="train")
+    src = store.sae_dir(art)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ConfigError(f"{out} is not empty; choose another --out or pass --force")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.iterdir()):
+        if f.is_file():
+            shutil.copyfile(f, out / f.name)
+    print(out)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,100 @@
+"""Export to SAELens, checked with the real sae_lens (in its own environment, `.venv-saelens`,
+which `make test` builds): the exported SAE loads with `SAE.load_from_disk` and encodes and
+decodes as saectl does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from saectl import store
+from saectl.sae import load_sae
+from tests.helpers import REPO, assert_one_line_error, run_cli
+from tests.test_train import synthetic
+
+SAELENS_PY = Path(os.environ.get("SAECTL_SAELENS_PYTHON", REPO / ".venv-saelens/bin/python"))
+
+LOAD = """
+import sys, numpy as np, torch
+from sae_lens import SAE
+sae = SAE.load_from_disk(sys.argv[1], device="cpu")
+x = torch.from_numpy(np.load(sys.argv[2]))
+with torch.no_grad():
+    acts = sae.encode(x)
+    np.save(sys.argv[3], acts.numpy())
+    np.save(sys.argv[4], sae.decode(acts).numpy())
+print(type(sae).__name__)
+"""
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    import contextlib
+    import io
+
+    from saectl.cli import main
+
+    root = tmp_path_factory.mktemp("export")
+    x, _ = synthetic(n=8000)
+    np.save(root / "x.npy", x)
+
+    def cli(*args):  # the real CLI in-process (capsys is per test, this fixture per module)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            try:
+                main([str(a) for a in args])
+            except SystemExit as e:
+                assert e.code in (0, None)
+        return out.getvalue().strip()
+
+    imp = cli("import", root / "x.npy", "--hook", "h", "--store", root)
+    sh = cli("shuffle", imp, "--store", root)
+    refs = {}
+    for arch in ("topk", "relu", "jumprelu", "batchtopk", "gated", "matryoshka"):
+        refs[arch] = cli("train", sh, "--store", root, "--arch", arch, "--k", "3", "--width", "64",
+                         "--tokens", "20000", "--batch-size", "500", "--device", "cpu")
+    return root, refs, x[:200]
+
+
+@pytest.mark.skipif(not SAELENS_PY.exists(),
+                    reason=f"sae-lens is not installed at {SAELENS_PY} (`make test` builds it)")
+@pytest.mark.parametrize("arch", ["topk", "relu", "jumprelu", "batchtopk", "gated", "matryoshka"])
+def test_saelens_loads_and_encodes_the_same(arch, trained, tmp_path, capsys):
+    root, refs, x = trained
+    out = tmp_path / "sae"
+    res = run_cli(capsys, "export", refs[arch], "--format", "saelens", "--out", out,
+                  "--store", root)
+    assert res.code == 0, res.err
+    assert {p.name for p in out.iterdir()} >= {"cfg.json", "sae_weights.safetensors",
+                                                "sparsity.safetensors"}
+    np.save(tmp_path / "x.npy", x)
+    p = subprocess.run([str(SAELENS_PY), "-c", LOAD, out, tmp_path / "x.npy", tmp_path / "a.npy",
+                        tmp_path / "r.npy"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    ours = load_sae(out)
+    with torch.no_grad():
+        acts = ours.encode(torch.from_numpy(x))
+        rec = ours.decode(acts)
+    np.testing.assert_allclose(np.load(tmp_path / "a.npy"), acts.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "r.npy"), rec.numpy(), rtol=1e-5, atol=1e-5)
+    assert (acts > 0).any()
+
+
+def test_export_bad_input(trained, tmp_path, capsys):
+    root, refs, _ = trained
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    res = run_cli(capsys, "export", refs["topk"], "--out", busy, "--store", root)
+    assert_one_line_error(res, "not empty")
+    assert (busy / "keep.txt").read_text() == "mine"
+    assert_one_line_error(run_cli(capsys, "export", refs["topk"], "--out", tmp_path / "x",
+                                  "--format", "onnx", "--store", root), "saelens")
+    imp = store.list_artifacts(root, "import")[0]
+    assert_one_line_error(run_cli(capsys, "export", imp.ref, "--out", tmp_path / "y",
+                                  "--store", root), "train")
