@@ -114,16 +114,16 @@ def _topk_grads(fn, params, x, k, dead_idx, k_aux):
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-@pytest.mark.parametrize("with_dead", [False, True])
-def test_fast_topk_matches_eager(bf16, with_dead):
+@pytest.mark.parametrize("n_dead", [0, 20, 40, 300])  # AuxK: none, dense (all, top-k), sparse
+def test_fast_topk_matches_eager(bf16, n_dead):
     n, d, width, k = 700, 48, 1024, 12
     x = torch.randn(n, d) * 2
     W_dec = torch.randn(width, d)
     W_dec /= W_dec.norm(dim=1, keepdim=True)
     params = [torch.nn.Parameter(W_dec.clone().t()), torch.nn.Parameter(0.1 * torch.randn(width)),
               torch.nn.Parameter(W_dec.clone()), torch.nn.Parameter(0.1 * torch.randn(d))]
-    dead_idx = torch.randperm(width)[:300].sort().values if with_dead else None
-    k_aux = d // 2 if with_dead else 0
+    dead_idx = torch.randperm(width)[:n_dead].sort().values if n_dead else None
+    k_aux = d // 2 if n_dead else 0
 
     def fast(*args):
         return kernels.topk_autoencode(*args, bf16=bf16)

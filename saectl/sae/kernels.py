@@ -153,7 +153,7 @@ def select_topk(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int,
         if not bf16:
             vals[rows] = pre.gather(1, idx[rows])  # type: ignore[index]
         if kk_aux:
-            local = pre.index_select(1, dead_idx).topk(kk_aux, dim=-1, sorted=False).indices
+            local = block_topk_indices(pre.index_select(1, dead_idx), kk_aux)
             aux_idx[rows] = dead_idx[local]  # type: ignore[index]
             if not bf16:
                 aux_vals[rows] = pre.gather(1, aux_idx[rows])  # type: ignore[index]
@@ -179,38 +179,64 @@ def select_topk(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int,
 
 # -- the autograd Function -------------------------------------------------------------------
 
+DENSE_AUX_FACTOR = 2
+"""AuxK over at most this many × k_aux dead latents runs as dense matmuls over the dead
+columns (cheaper than sparse bookkeeping when nearly all of them are selected anyway)."""
+
 
 def _decode(idx: Tensor, vals: Tensor, W_dec: Tensor) -> Tensor:
     return F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
+
+
+def _dense_aux(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, dead_idx: Tensor,
+               k_aux: int) -> Tensor:
+    """ReLU'd top-k_aux of the exact pre-activations of the dead latents, dense (n, n_dead)."""
+    pre = torch.addmm(b_enc[dead_idx], x_c, W_enc.t()[dead_idx].t())
+    if k_aux < dead_idx.numel():
+        keep = torch.zeros_like(pre, dtype=torch.bool)
+        keep.scatter_(1, block_topk_indices(pre, k_aux), True)
+        pre = pre * keep
+    return pre.relu_()
 
 
 class _TopKAutoencode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, k, dead_idx, k_aux, bf16):  # type: ignore[override]
         x_c = (x - b_dec).contiguous()
-        vals, idx, aux_vals, aux_idx = select_topk(x_c, W_enc, b_enc, k, dead_idx, k_aux, bf16)
+        n_dead = 0 if dead_idx is None or k_aux == 0 else dead_idx.numel()
+        dense_aux = 0 < n_dead <= DENSE_AUX_FACTOR * k_aux
+        vals, idx, aux_vals, aux_idx = select_topk(
+            x_c, W_enc, b_enc, k, None if dense_aux else dead_idx, k_aux, bf16)
         x_hat = _decode(idx, vals, W_dec) + b_dec
-        aux_hat = _decode(aux_idx, aux_vals, W_dec) if aux_idx.shape[1] else x.new_zeros(0)
-        ctx.save_for_backward(x_c, W_enc, W_dec, vals, idx, aux_vals, aux_idx)
+        aux_hat, aux_acts = x.new_zeros(0), x.new_zeros(0)
+        if dense_aux:
+            aux_acts = _dense_aux(x_c, W_enc, b_enc, dead_idx, k_aux)
+            aux_hat = aux_acts @ W_dec[dead_idx]
+        elif aux_idx.shape[1]:
+            aux_hat = _decode(aux_idx, aux_vals, W_dec)
+        ctx.save_for_backward(x_c, W_enc, W_dec, vals, idx, aux_vals, aux_idx, aux_acts,
+                              dead_idx if dense_aux else None)
         ctx.mark_non_differentiable(idx)
         return x_hat, vals, idx, aux_hat
 
     @staticmethod
     def backward(ctx, g_hat, g_vals, _g_idx, g_aux):  # type: ignore[override]
-        x_c, W_enc, W_dec, vals, idx, aux_vals, aux_idx = ctx.saved_tensors
+        x_c, W_enc, W_dec, vals, idx, aux_vals, aux_idx, aux_acts, dead_idx = ctx.saved_tensors
         n, width = x_c.shape[0], W_enc.shape[1]
-        has_aux = aux_idx.shape[1] > 0 and g_aux is not None and g_aux.numel() > 0
+        has_aux = g_aux is not None and g_aux.numel() > 0
+        sparse_aux = has_aux and aux_idx.shape[1] > 0
+        dense_aux = has_aux and dead_idx is not None
         g_hat = g_hat.contiguous()
         # grad of the selected activations (through the decoder), then through the ReLU
         gv = _sddmm(idx, g_hat, W_dec.t())
         if g_vals is not None:
             gv = gv + g_vals
         gpre = gv * (vals > 0)
-        lat = [idx.reshape(-1)]
-        tok = [torch.arange(n, device=x_c.device).repeat_interleave(idx.shape[1])]
-        dec_w, enc_w = [vals.reshape(-1)], [gpre.reshape(-1)]
-        dec_tok = [tok[0]]
-        if has_aux:
+        # one sort of all (token, latent) pairs by latent, then segment sums per latent
+        lat, tok = [idx.reshape(-1)], [torch.arange(n, device=x_c.device).repeat_interleave(
+            idx.shape[1])]
+        dec_tok, dec_w, enc_w = [tok[0]], [vals.reshape(-1)], [gpre.reshape(-1)]
+        if sparse_aux:
             g_aux = g_aux.contiguous()
             ga = _sddmm(aux_idx, g_aux, W_dec.t()) * (aux_vals > 0)
             aux_tok = torch.arange(n, device=x_c.device).repeat_interleave(aux_idx.shape[1])
@@ -219,25 +245,31 @@ class _TopKAutoencode(torch.autograd.Function):
             dec_tok.append(aux_tok + n)  # rows of g_aux in the stacked table below
             dec_w.append(aux_vals.reshape(-1))
             enc_w.append(ga.reshape(-1))
-        latents, tokens = torch.cat(lat), torch.cat(tok)
-        dec_table = torch.cat([g_hat, g_aux]) if has_aux else g_hat
+        latents, tokens, enc_weights = torch.cat(lat), torch.cat(tok), torch.cat(enc_w)
         order = torch.argsort(latents, stable=True)
         counts = torch.bincount(latents, minlength=width)
         offsets = counts.cumsum(0) - counts
-        sorted_lat_tok = tokens[order]
+        dec_table = torch.cat([g_hat, g_aux]) if sparse_aux else g_hat
         grad_W_dec = F.embedding_bag(torch.cat(dec_tok)[order], dec_table, offsets,
                                      per_sample_weights=torch.cat(dec_w)[order], mode="sum")
-        enc_weights = torch.cat(enc_w)
-        grad_W_enc_t = F.embedding_bag(sorted_lat_tok, x_c, offsets,
+        grad_W_enc_t = F.embedding_bag(tokens[order], x_c, offsets,
                                        per_sample_weights=enc_weights[order], mode="sum")
         grad_b_enc = torch.zeros(width, dtype=x_c.dtype, device=x_c.device)
         grad_b_enc.index_add_(0, latents, enc_weights)
+        if dense_aux:
+            g_aux = g_aux.contiguous()
+            ga_dense = (g_aux @ W_dec[dead_idx].t()) * (aux_acts > 0)  # (n, n_dead)
+            grad_W_dec.index_add_(0, dead_idx, aux_acts.t() @ g_aux)
+            grad_W_enc_t.index_add_(0, dead_idx, ga_dense.t() @ x_c)
+            grad_b_enc.index_add_(0, dead_idx, ga_dense.sum(0))
         grad_b_dec = g_hat.sum(0) - W_enc @ grad_b_enc
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = _decode(idx, gpre, W_enc.t())
-            if has_aux:
+            if sparse_aux:
                 grad_x = grad_x + _decode(aux_idx, ga, W_enc.t())
+            if dense_aux:
+                grad_x = grad_x + ga_dense @ W_enc.t()[dead_idx]
         return (grad_x, grad_W_enc_t.t(), grad_b_enc, grad_W_dec, grad_b_dec,
                 None, None, None, None)
 
