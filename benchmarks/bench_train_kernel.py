@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 D_IN, K, BATCH = 576, 32, 4096
 WIDTHS = [int(w) for w in os.environ.get("BENCH_TRAIN_WIDTHS", "8,32").split(",")]
-STEPS = int(os.environ.get("BENCH_TRAIN_STEPS", 5))
+STEPS = int(os.environ.get("BENCH_TRAIN_STEPS", "5"))
 
 
 def _rss_mib() -> float:

@@ -17,8 +17,7 @@ import pytest
 import torch
 
 from saectl.errors import ConfigError, SaectlError
-from saectl.sae import ARCHS, SAEConfig, arch_names, load_sae, register
-from saectl.sae import kernels
+from saectl.sae import ARCHS, SAEConfig, arch_names, kernels, load_sae, register
 from saectl.sae.base import CFG_FILENAME, SAE, WEIGHTS_FILENAME
 from saectl.trainer import TrainConfig, Trainer, geometric_median
 
@@ -26,12 +25,13 @@ D_IN, N_FEAT, WIDTH = 64, 256, 512
 
 
 def build_sae_cfg(**overrides) -> SAEConfig:
-    base = dict(arch="topk", d_in=D_IN, d_sae=WIDTH, k=4)
+    base = {"arch": "topk", "d_in": D_IN, "d_sae": WIDTH, "k": 4}
     return SAEConfig(**{**base, **overrides})
 
 
 def build_train_cfg(**overrides) -> TrainConfig:
-    base = dict(total_steps=600, lr=3e-3, lr_warmup_steps=50, sparsity_warmup_steps=120)
+    base = {"total_steps": 600, "lr": 3e-3, "lr_warmup_steps": 50,
+            "sparsity_warmup_steps": 120}
     return TrainConfig(**{**base, **overrides})
 
 

@@ -4,6 +4,7 @@
     sae = ARCHS["topk"](SAEConfig(arch="topk", d_in=576, d_sae=4608, k=32))
 """
 
+from saectl.sae import batchtopk, gated, jumprelu, matryoshka, relu, topk  # noqa: F401  (registers)
 from saectl.sae.base import (
     ARCHS,
     SAE,
@@ -13,6 +14,5 @@ from saectl.sae.base import (
     load_sae,
     register,
 )
-from saectl.sae import relu, topk, batchtopk, jumprelu, gated, matryoshka  # noqa: E402,F401  (registers)
 
 __all__ = ["ARCHS", "SAE", "ForwardOutput", "SAEConfig", "arch_names", "load_sae", "register"]

@@ -24,9 +24,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -216,11 +217,14 @@ class SAE(nn.Module):
     # -- the model ----------------------------------------------------------------------
 
     def pre_acts(self, x: Tensor) -> Tensor:
-        """(x - b_dec) @ W_enc + b_enc, dense (n, d_sae)."""
-        return torch.addmm(self.b_enc, x.to(self.dtype) - self.b_dec, self.W_enc)
+        """(x - b_dec) @ W_enc + b_enc, dense (..., d_sae)."""
+        x_c = x.to(self.dtype) - self.b_dec
+        if x_c.dim() == 2:
+            return torch.addmm(self.b_enc, x_c, self.W_enc)
+        return x_c @ self.W_enc + self.b_enc
 
     def encode(self, x: Tensor) -> Tensor:
-        """Latent activations of x (n, d_in), dense (n, d_sae), as used at inference."""
+        """Latent activations of x (..., d_in), dense (..., d_sae), as used at inference."""
         raise NotImplementedError
 
     def decode(self, acts: Tensor) -> Tensor:
@@ -231,7 +235,7 @@ class SAE(nn.Module):
 
     def forward(self, x: Tensor, *, dead_mask: Tensor | None = None,
                 auxk_coefficient: float = 0.0, sparsity_scale: float = 1.0) -> ForwardOutput:
-        """Reconstruct x and compute the training losses.
+        """Reconstruct x (n, d_in) and compute the training losses.
 
         dead_mask: (d_sae,) bool, latents that have not fired for a while (AuxK targets them).
         auxk_coefficient: weight of the AuxK loss (architectures that use it).

@@ -17,6 +17,12 @@ further on CPU:
   selected activations by SDDMM, grad W_dec and grad W_enc as one sort of the selected
   (token, latent) pairs by latent and two `embedding_bag` segment sums (no (n·k, d_in)
   intermediate as index_add_ would need), grad b_dec through the encoder as W_enc @ grad b_enc.
+- AuxK (the top k_aux = d_in/2 dead latents reconstruct the residual) rides along: its pairs
+  join the same sort, or, when there are at most 2·k_aux dead latents, it runs as small dense
+  matmuls over the dead columns. Unlike sparsify (whose fused encoder drops the pre-activation
+  gradient), AuxK's gradient reaches W_enc and b_enc, as in the eager reference and SAELens.
+- W_enc is stored transposed (`SAE` docstring), so latent columns are contiguous rows for the
+  SDDMM and the gradient of W_enc is returned in the parameter's own layout, without a copy.
 
 `topk_autoencode_eager` is the reference the tests compare against (dense, plain autograd).
 `SAECTL_EAGER=1` makes the TopK SAE use it; `SAECTL_BF16_SELECT=0/1` forces the bfloat16
@@ -61,11 +67,11 @@ def _cpu_has_fast_bf16() -> bool:
 
 
 _BF16_ENV = os.environ.get("SAECTL_BF16_SELECT")
-_CPU_BF16 = _cpu_has_fast_bf16() if _BF16_ENV is None else _BF16_ENV == "1"
+_CPU_BF16 = _cpu_has_fast_bf16()
 
 
 def bf16_select(device: torch.device) -> bool:
-    """Whether candidate selection runs in bfloat16 on this device."""
+    """Whether candidate selection runs in bfloat16 on this device (chosen once at import)."""
     if _BF16_ENV is not None:
         return _BF16_ENV == "1"
     if device.type == "cuda":
@@ -84,6 +90,7 @@ def block_topk_indices(pre: Tensor, k: int, s: int = 8) -> Tensor:
     are the answer (exact up to ties). The k blocks are found the same way, recursively; only
     short rows reach `torch.topk`, whose CPU cost per entry is ~20x that of `amax`.
     """
+    pre = pre.contiguous()
     c, width = pre.shape
     if width % s or width // s < 2 * k:
         return pre.topk(k, dim=-1, sorted=False).indices

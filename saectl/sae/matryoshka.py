@@ -10,6 +10,8 @@ made once over all latents and each prefix reconstructs from its part of those a
 
 from __future__ import annotations
 
+import itertools
+
 from torch import Tensor
 
 from saectl.errors import ConfigError
@@ -32,7 +34,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         text = ",".join(map(str, p))
         if any(not isinstance(m, int) or m < 1 for m in p):
             raise ConfigError(f"matryoshka prefixes {text} must be positive integers")
-        if any(b <= a for a, b in zip(p, p[1:])):
+        if any(b <= a for a, b in itertools.pairwise(p)):
             raise ConfigError(f"matryoshka prefixes {text} must be strictly increasing; "
                               f"e.g. --matryoshka-prefixes {cfg.d_sae // 4},{cfg.d_sae}")
         if p[-1] != cfg.d_sae:
