@@ -70,10 +70,13 @@ _BF16_ENV = os.environ.get("SAECTL_BF16_SELECT")
 _CPU_BF16 = _cpu_has_fast_bf16()
 
 
-def bf16_select(device: torch.device) -> bool:
-    """Whether candidate selection runs in bfloat16 on this device (chosen once at import)."""
+def bf16_select(device: torch.device, encoder_numel: int) -> bool:
+    """Whether candidate selection runs in bfloat16: SAECTL_BF16_SELECT if set, else where the
+    device has fast bfloat16 and the encoder is large enough to gain from it."""
     if _BF16_ENV is not None:
         return _BF16_ENV == "1"
+    if encoder_numel < BF16_MIN_NUMEL:
+        return False
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and _CPU_BF16
@@ -293,8 +296,7 @@ def topk_autoencode(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_de
     the size (small encoders gain nothing from it).
     """
     if bf16 is None:
-        bf16 = (bf16_select(x.device) and x.dtype == torch.float32
-                and W_enc.numel() >= BF16_MIN_NUMEL)
+        bf16 = x.dtype == torch.float32 and bf16_select(x.device, W_enc.numel())
     return _TopKAutoencode.apply(x, W_enc, b_enc, W_dec, b_dec, k, dead_idx, k_aux, bf16)
 
 
