@@ -142,9 +142,9 @@ class ForwardOutput(NamedTuple):
     """Latent activations, (n, d_sae): dense, or a sparse COO tensor on the fast TopK path."""
     losses: dict[str, Tensor]
     """Scalar loss terms: `loss` is what training minimises, `mse` the squared error summed over
-    d_in and averaged over tokens, plus the architecture's weighted terms (`l1`, `l0`, `auxk`,
-    `aux_recon`, `mse_prefix_<m>`). `loss` is `mse` + the terms, except matryoshka's, where the
-    mean of the prefix MSEs replaces `mse`."""
+    d_in and averaged over tokens, plus the architecture's weighted terms (`l1_loss`, `l0_loss`,
+    `auxk_loss`, `aux_recon_loss`, `mse_prefix_<m>`). `loss` is `mse` + the terms, except for
+    matryoshka, where the mean of the prefix MSEs replaces `mse`."""
     l0: Tensor
     """Mean number of active latents per token (scalar, no gradient)."""
     fired: Tensor
@@ -280,7 +280,7 @@ class SAE(nn.Module):
         e_hat = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals.relu(), mode="sum")
         residual = (x - x_hat).detach()
         auxk = (e_hat - residual).pow(2).sum(-1).mean()
-        return {"auxk": coefficient * scale * auxk}
+        return {"auxk_loss": coefficient * scale * auxk}
 
     # -- scale folding ------------------------------------------------------------------
 

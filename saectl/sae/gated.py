@@ -58,6 +58,6 @@ class GatedSAE(SAE):
         via_gate = gate @ self.W_dec.detach() + self.b_dec.detach()
         aux_recon = (via_gate - x).pow(2).sum(-1).mean()
         return self._finish(x, x_hat, acts, {
-            "l1": self.cfg.l1_coefficient * sparsity_scale * l1,
-            "aux_recon": aux_recon,
+            "l1_loss": self.cfg.l1_coefficient * sparsity_scale * l1,
+            "aux_recon_loss": aux_recon,
         })

@@ -81,7 +81,7 @@ class JumpReLUSAE(SAE):
         x_hat = self.decode(acts)
         l0 = _Step.apply(pre, threshold, bandwidth).sum(-1).mean()
         return self._finish(x, x_hat, acts,
-                            {"l0": self.cfg.l0_coefficient * sparsity_scale * l0})
+                            {"l0_loss": self.cfg.l0_coefficient * sparsity_scale * l0})
 
     def saved_tensors(self) -> dict[str, Tensor]:
         tensors = super().saved_tensors()

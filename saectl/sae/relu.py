@@ -28,4 +28,4 @@ class ReLUSAE(SAE):
         x_hat = self.decode(acts)
         l1 = (acts * self.W_dec.norm(dim=1)).sum(-1).mean()
         return self._finish(x, x_hat, acts,
-                            {"l1": self.cfg.l1_coefficient * sparsity_scale * l1})
+                            {"l1_loss": self.cfg.l1_coefficient * sparsity_scale * l1})

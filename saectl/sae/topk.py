@@ -44,7 +44,7 @@ class TopKSAE(SAE):
             assert dead_idx is not None
             scale = min(dead_idx.numel() / (self.d_in // 2), 1.0)
             auxk = (aux_hat - (x - x_hat).detach()).pow(2).sum(-1).mean()
-            terms["auxk"] = auxk_coefficient * scale * auxk
+            terms["auxk_loss"] = auxk_coefficient * scale * auxk
         n, k = idx.shape
         rows = torch.arange(n, device=x.device).repeat_interleave(k)
         acts = torch.sparse_coo_tensor(torch.stack([rows, idx.reshape(-1)]), vals.reshape(-1),
