@@ -159,6 +159,8 @@ class Trainer:
         trainer = Trainer(sae_cfg, train_cfg, sample)   # sample: (n, d_in) raw activations
         for x in batches: logs = trainer.step(x)         # x: (batch, d_in) raw activations
         sae = trainer.export()                           # folded: runs on raw activations
+
+    To resume, build a Trainer the same way and `load_state_dict` a saved `state_dict()`.
     """
 
     def __init__(self, sae_cfg: SAEConfig, cfg: TrainConfig, sample: Tensor, *,
@@ -219,6 +221,8 @@ class Trainer:
             if alias is not p and p.grad is not None:
                 alias.grad = p.grad.t().contiguous()
         self.optimizer.step()
+        for p, alias in self._aliases:  # free the gradients before the next forward
+            p.grad = alias.grad = None
         if sae.unit_norm_decoder:
             normalize_rows(sae.W_dec)
         with torch.no_grad():
