@@ -19,16 +19,21 @@ from tests.test_train import synthetic
 
 SAELENS_PY = Path(os.environ.get("SAECTL_SAELENS_PYTHON", REPO / ".venv-saelens/bin/python"))
 
+ARCHS = ("topk", "relu", "jumprelu", "batchtopk", "gated", "matryoshka")
+
+# One sae_lens process loads every exported SAE (importing sae_lens takes seconds).
 LOAD = """
 import sys, numpy as np, torch
+from pathlib import Path
 from sae_lens import SAE
-sae = SAE.load_from_disk(sys.argv[1], device="cpu")
-x = torch.from_numpy(np.load(sys.argv[2]))
-with torch.no_grad():
-    acts = sae.encode(x)
-    np.save(sys.argv[3], acts.numpy())
-    np.save(sys.argv[4], sae.decode(acts).numpy())
-print(type(sae).__name__)
+x = torch.from_numpy(np.load(sys.argv[1]))
+for folder in sys.argv[2:]:
+    sae = SAE.load_from_disk(folder, device="cpu")
+    with torch.no_grad():
+        acts = sae.encode(x)
+        np.save(Path(folder) / "sl_acts.npy", acts.numpy())
+        np.save(Path(folder) / "sl_rec.npy", sae.decode(acts).numpy())
+    print(Path(folder).name, type(sae).__name__)
 """
 
 
@@ -55,7 +60,7 @@ def trained(tmp_path_factory):
     imp = cli("import", root / "x.npy", "--hook", "h", "--store", root)
     sh = cli("shuffle", imp, "--store", root)
     refs = {}
-    for arch in ("topk", "relu", "jumprelu", "batchtopk", "gated", "matryoshka"):
+    for arch in ARCHS:
         refs[arch] = cli("train", sh, "--store", root, "--arch", arch, "--k", "3", "--width", "64",
                          "--tokens", "20000", "--batch-size", "500", "--device", "cpu")
     return root, refs, x[:200]
@@ -63,26 +68,31 @@ def trained(tmp_path_factory):
 
 @pytest.mark.skipif(not SAELENS_PY.exists(),
                     reason=f"sae-lens is not installed at {SAELENS_PY} (`make test` builds it)")
-@pytest.mark.parametrize("arch", ["topk", "relu", "jumprelu", "batchtopk", "gated", "matryoshka"])
-def test_saelens_loads_and_encodes_the_same(arch, trained, tmp_path, capsys):
+def test_saelens_loads_and_encodes_the_same(trained, tmp_path, capsys):
     root, refs, x = trained
-    out = tmp_path / "sae"
-    res = run_cli(capsys, "export", refs[arch], "--format", "saelens", "--out", out,
-                  "--store", root)
-    assert res.code == 0, res.err
-    assert {p.name for p in out.iterdir()} >= {"cfg.json", "sae_weights.safetensors",
-                                                "sparsity.safetensors"}
+    folders = []
+    for arch in ARCHS:
+        out = tmp_path / arch
+        res = run_cli(capsys, "export", refs[arch], "--format", "saelens", "--out", out,
+                      "--store", root)
+        assert res.code == 0, res.err
+        assert {p.name for p in out.iterdir()} >= {"cfg.json", "sae_weights.safetensors",
+                                                    "sparsity.safetensors"}
+        folders.append(out)
     np.save(tmp_path / "x.npy", x)
-    p = subprocess.run([str(SAELENS_PY), "-c", LOAD, out, tmp_path / "x.npy", tmp_path / "a.npy",
-                        tmp_path / "r.npy"], capture_output=True, text=True, timeout=300)
+    p = subprocess.run([str(SAELENS_PY), "-c", LOAD, tmp_path / "x.npy", *folders],
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
-    ours = load_sae(out)
-    with torch.no_grad():
-        acts = ours.encode(torch.from_numpy(x))
-        rec = ours.decode(acts)
-    np.testing.assert_allclose(np.load(tmp_path / "a.npy"), acts.numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.load(tmp_path / "r.npy"), rec.numpy(), rtol=1e-5, atol=1e-5)
-    assert (acts > 0).any()
+    for out in folders:
+        ours = load_sae(out)
+        with torch.no_grad():
+            acts = ours.encode(torch.from_numpy(x))
+            rec = ours.decode(acts)
+        np.testing.assert_allclose(np.load(out / "sl_acts.npy"), acts.numpy(), rtol=1e-5,
+                                   atol=1e-5, err_msg=out.name)
+        np.testing.assert_allclose(np.load(out / "sl_rec.npy"), rec.numpy(), rtol=1e-5,
+                                   atol=1e-5, err_msg=out.name)
+        assert (acts > 0).any(), out.name
 
 
 def test_export_bad_input(trained, tmp_path, capsys):
