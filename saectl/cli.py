@@ -28,7 +28,7 @@ STAGES = [
      "Run a model over text and store activations at hook points.", ()),
     ("shuffle", shuffle.ShuffleConfig, shuffle.run,
      "Shuffle a harvest's token rows out of core and split train/eval by sequence.", ("harvest",)),
-    ("train", train.TrainStageConfig, train.run,
+    ("train", train.Config, train.run,
      "Train an SAE on a shuffle's train split and evaluate it on the eval split.", ("shuffle",)),
     ("import", import_acts.ImportConfig, import_acts.run,
      "Make a harvest-like artifact from activations in a .npy, .safetensors or Zarr file.",

@@ -1,0 +1,352 @@
+"""Training SAEs on a shuffle artifact: what the train and sweep stages share.
+
+One SAE (`saectl train`) or many (`saectl sweep`'s local executor) go through `train_points`:
+every point is an ordinary train artifact with its own address, lock, checkpoint and
+evaluation. Points that read the same data (same hook, batch size and seed) share one
+prefetching reader, so each batch is read and decoded once and handed to every SAE in turn,
+as dictionary_learning's `trainSAE` and SAELens's multi-SAE runner do. Each SAE's result is
+bit-identical to training it alone: it sees the same batches in the same order.
+
+Checkpoints go into each artifact every few minutes; a run killed and started again resumes
+each SAE from its own last checkpoint. When training ends each SAE is stored in SAELens's
+layout (input scale folded in), with its training log and evaluation figures: reconstruction
+on the eval split and, spliced into the model on held-out sequences, the CE-loss score, KL
+score and ΔLM loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import numpy as np
+
+from saectl import faults, store
+from saectl.config import address_params, opt
+from saectl.console import info, progress
+from saectl.errors import ConfigError
+
+STAGE = "train"
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class TrainStageConfig:
+    shuffle: str | None = opt(None, "The shuffle artifact to train on")
+    hook: str | None = opt(None, "Hook to train on (default: the artifact's only hook)")
+    arch: str = opt("topk", "Architecture: relu, topk, batchtopk, jumprelu, gated, matryoshka")
+    expansion: float = opt(8.0, "Width as a multiple of d_in (ignored when --width is given)")
+    width: int | None = opt(None, "Number of latents d_sae")
+    k: int = opt(32, "Active latents per token (topk, batchtopk, matryoshka)")
+    l1: float = opt(5.0, "L1 coefficient (relu, gated)")
+    l0: float = opt(1.0, "L0 coefficient (jumprelu)")
+    bandwidth: float = opt(0.1, "Rectangle-kernel bandwidth of jumprelu's threshold gradient")
+    prefixes: str | None = opt(None, "Matryoshka prefix sizes, e.g. 256,1024,4608")
+    tokens: int | None = opt(None, "Training tokens (default: one epoch of the train split)")
+    batch_size: int = opt(4096, "Tokens per step")
+    lr: float | None = opt(None, "Adam learning rate (default 2e-4/sqrt(width/16384))")
+    warmup_steps: int | None = opt(None, "LR warm-up steps (default min(1000, 5% of steps))")
+    decay_fraction: float = opt(0.2, "Final fraction of steps with linear LR decay to 0")
+    sparsity_warmup_steps: int | None = opt(None, "Sparsity-coefficient warm-up steps "
+                                                  "(default min(1000, 5% of steps))")
+    auxk: float = opt(1 / 32, "AuxK coefficient for dead latents (topk family)")
+    dead_tokens: int = opt(10_000_000, "A latent is dead after this many tokens without firing")
+    b_dec_init: str = opt("geometric_median", "geometric_median, mean or zeros")
+    seed: int = opt(0, "Seed of the initialisation and of the epoch orders")
+    lm_eval: bool = opt(True, "Splice the SAE into the model for CE-loss/KL scores "
+                              "(--no-lm-eval for imported activations)")
+    lm_eval_seqs: int = opt(16, "Held-out sequences for the downstream evaluation")
+    log_every: int = opt(25, "Steps per training-log window")
+    checkpoint_minutes: float = opt(5.0, "Minutes between checkpoints", address=False)
+    checkpoint_steps: int = opt(0, "Also checkpoint every N steps (0: off)", address=False)
+    model: str | None = opt(None, "Where to load the model for --lm-eval if it moved "
+                                  "(checked against the harvest's content hash)", address=False)
+    device: str = opt("auto", "auto, cpu, cuda, ...", address=False)
+    store: str | None = opt(None, "Artifact store (default $SAECTL_STORE or ./artifacts)",
+                            address=False)
+    no_wait: bool = opt(False, "Fail instead of waiting for another writer", address=False)
+
+    def __post_init__(self):
+        if not self.shuffle:
+            raise ConfigError("give the shuffle to train on: saectl train SHUFFLE_REF --arch topk")
+        from saectl.sae import arch_names
+
+        if self.arch not in arch_names():
+            raise ConfigError(f"unknown --arch {self.arch!r}; choose one of {', '.join(arch_names())}")
+        for name in ("batch_size", "k", "lm_eval_seqs", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.tokens is not None and self.tokens < 1:
+            raise ConfigError("--tokens must be at least 1")
+        if self.width is not None and self.width < 1:
+            raise ConfigError("--width must be at least 1")
+        if self.width is None and not self.expansion > 0:
+            raise ConfigError("--expansion must be positive")
+        self.prefix_list()
+
+    def prefix_list(self) -> tuple[int, ...]:
+        if not self.prefixes:
+            return ()
+        try:
+            return tuple(int(p) for p in str(self.prefixes).split(","))
+        except ValueError:
+            raise ConfigError(f"--prefixes {self.prefixes!r} must be comma-separated integers, "
+                              "e.g. 256,1024,4608") from None
+
+
+@dataclass
+class Point:
+    """One SAE to train: its resolved configs, its artifact, and (while training) its state."""
+
+    cfg: TrainStageConfig
+    hook: str
+    sae_cfg: object
+    train_cfg: object
+    steps: int
+    params: dict
+    art: store.Artifact
+    trainer: object = None
+    log: dict = dataclasses.field(default_factory=dict)
+    window: dict = dataclasses.field(default_factory=dict)
+    start: int = 0
+    last_save: float = 0.0
+
+
+def resolve(cfg: TrainStageConfig, manifest: dict, d_in_by_hook: dict[str, int]):
+    """(hook, SAEConfig, TrainConfig, total steps, tokens) with every default made explicit."""
+    from saectl.sae import SAEConfig
+    from saectl.trainer import TrainConfig
+
+    hooks = sorted(d_in_by_hook)
+    hook = cfg.hook or (hooks[0] if len(hooks) == 1 else None)
+    if hook is None:
+        raise ConfigError(f"the shuffle holds several hooks; choose one with --hook "
+                          f"({', '.join(hooks)})")
+    if hook not in d_in_by_hook:
+        raise ConfigError(f"the shuffle has no hook {hook!r}; it has {', '.join(hooks)}")
+    d_in = d_in_by_hook[hook]
+    width = cfg.width or int(round(cfg.expansion * d_in))
+    if cfg.arch in ("topk", "batchtopk", "matryoshka") and cfg.k >= width:
+        raise ConfigError(f"--k {cfg.k} must be smaller than the width {width}; lower --k or "
+                          "raise --expansion/--width")
+    sae_cfg = SAEConfig(arch=cfg.arch, d_in=d_in, d_sae=width, k=cfg.k, l1_coefficient=cfg.l1,
+                        l0_coefficient=cfg.l0, jumprelu_bandwidth=cfg.bandwidth,
+                        matryoshka_prefixes=cfg.prefix_list())
+    n_train = manifest["summary"]["n_train"]
+    tokens = cfg.tokens or n_train
+    steps = math.ceil(tokens / cfg.batch_size)
+    warm = min(1000, max(1, steps // 20))
+    train_cfg = TrainConfig(
+        total_steps=steps, lr=cfg.lr,
+        lr_warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None else warm,
+        lr_decay_fraction=cfg.decay_fraction,
+        sparsity_warmup_steps=(cfg.sparsity_warmup_steps if cfg.sparsity_warmup_steps is not None
+                               else warm),
+        auxk_coefficient=cfg.auxk, dead_window_tokens=cfg.dead_tokens,
+        b_dec_init=cfg.b_dec_init, seed=cfg.seed)
+    return hook, sae_cfg, train_cfg, steps, tokens
+
+
+def address_for(cfg: TrainStageConfig, sae_cfg, train_cfg, hook: str) -> dict:
+    params = address_params(cfg)
+    for name in ("shuffle", "hook", "arch", "expansion", "width", "k", "l1", "l0", "bandwidth",
+                 "prefixes", "tokens", "lr", "warmup_steps", "decay_fraction",
+                 "sparsity_warmup_steps", "auxk", "dead_tokens", "b_dec_init", "seed"):
+        params.pop(name, None)  # replaced by the resolved configs below
+    params.update(hook=hook, sae=sae_cfg.to_dict(), train=dataclasses.asdict(train_cfg))
+    return params
+
+
+def open_shuffle(root, ref: str):
+    """(shuffle artifact, its manifest, the harvest or import it was made from)."""
+    src = store.open_complete(root, ref)
+    if src.stage != "shuffle":
+        raise ConfigError(f"{src.ref} is a {src.stage} artifact; train takes a shuffle "
+                          "(saectl shuffle HARVEST_REF)")
+    manifest = src.manifest()
+    return src, manifest, store.open_complete(root, manifest["inputs"]["harvest"])
+
+
+def plan(root, src, manifest, cfg: TrainStageConfig) -> Point:
+    """The point `cfg` names on `src`: its resolved configs and its artifact (not created)."""
+    dims = {h: v["d"] for h, v in manifest["summary"]["hooks"].items()}
+    hook, sae_cfg, train_cfg, steps, _ = resolve(cfg, manifest, dims)
+    params = address_for(cfg, sae_cfg, train_cfg, hook)
+    return Point(cfg, hook, sae_cfg, train_cfg, steps, params,
+                 store.artifact_for(root, STAGE, params, {"shuffle": src}))
+
+
+def train_points(src, manifest, harvest, points: list[Point]) -> list[store.Artifact]:
+    """Train and evaluate every point that is not complete, sharing reads where they can."""
+    todo = [p for p in points if not p.art.is_complete()]
+    for p in points:
+        if p.art.is_complete():
+            info(f"train: cache hit {p.art.ref}")
+    lm = {}
+    for p in todo:  # find the model before any training, so a missing one fails fast
+        if p.cfg.lm_eval and harvest.stage == "import":
+            info("train: the activations were imported, so there is no model to splice the "
+                 "SAE into; skipping the downstream evaluation")
+        elif p.cfg.lm_eval:
+            lm[p.art.ref] = _lm_setup(p.cfg, harvest)
+    with ExitStack() as stack:
+        for p in todo:
+            stack.enter_context(store.writing(p.art, p.params, {"shuffle": src},
+                                              wait=not p.cfg.no_wait))
+        todo = [p for p in todo if not p.art.is_complete()]  # done by another while we waited
+        groups: dict[tuple, list[Point]] = {}
+        for p in todo:
+            groups.setdefault((p.hook, p.cfg.batch_size, p.cfg.seed, p.cfg.device), []).append(p)
+        for group in groups.values():
+            _train_group(src, group)
+            for p in group:
+                _finish(src, manifest, harvest, p, lm.get(p.art.ref))
+    return [p.art for p in points]
+
+
+def _device(cfg):
+    from saectl.models import resolve_device
+
+    return resolve_device(cfg.device)
+
+
+def _train_group(src, group: list[Point]) -> None:
+    """One pass over the shared batches; each point trains on the steps it needs."""
+    import torch
+
+    from saectl import arrays
+    from saectl.reader import BatchReader
+    from saectl.trainer import Trainer
+
+    first = group[0]
+    data = src.group()[f"train/{first.hook}"]
+    reader = BatchReader(data, first.cfg.batch_size, first.cfg.seed, src.ref)
+    sample = torch.from_numpy(arrays.read(data, slice(0, min(reader.n, 16384)), artifact=src.ref))
+    for p in group:
+        torch.manual_seed(p.cfg.seed)
+        p.trainer = Trainer(p.sae_cfg, p.train_cfg, sample, device=_device(p.cfg))
+        ckpt = p.art.path / CHECKPOINT
+        if ckpt.exists():
+            state = torch.load(ckpt, map_location=_device(p.cfg), weights_only=False)
+            p.trainer.load_state_dict(state["trainer"])
+            p.log, p.window, p.start = state["log"], state["window"], state["trainer"]["step"]
+            info(f"train: {p.art.ref[:18]} resuming at step {p.start:,} of {p.steps:,}")
+        p.last_save = time.monotonic()
+    del sample
+    start, stop = min(p.start for p in group), max(p.steps for p in group)
+    if stop * reader.B > reader.n:
+        info(f"train: {stop * reader.B:,} tokens over a split of {reader.n:,}: "
+             f"{stop * reader.B / reader.n:.2f} epochs")
+    desc = "train" if len(group) == 1 else f"train ({len(group)} SAEs)"
+    with progress(desc, stop, "steps", done=start) as bar:
+        for step, x in reader.iterate(start, stop):
+            for p in group:
+                if p.start <= step < p.steps:
+                    _step(p, step, x)
+            bar.advance(1)
+
+
+def _step(p: Point, step: int, x) -> None:
+    figs = p.trainer.step(x)  # a NaN loss raises here; the last checkpoint stays as it was
+    for k, v in figs.items():
+        p.window.setdefault(k, []).append(v)
+    if (step + 1) % p.cfg.log_every == 0 or step + 1 == p.steps:
+        for k, v in p.window.items():
+            p.log.setdefault(k, []).append(float(v[-1]) if k == "step" else float(np.mean(v)))
+        p.window = {}
+    due = time.monotonic() - p.last_save > p.cfg.checkpoint_minutes * 60 or (
+        p.cfg.checkpoint_steps and (step + 1) % p.cfg.checkpoint_steps == 0)
+    if due and step + 1 < p.steps:
+        _save_checkpoint(p)
+        p.last_save = time.monotonic()
+
+
+def _save_checkpoint(p: Point) -> None:
+    import torch
+
+    ckpt = p.art.path / CHECKPOINT
+    tmp = ckpt.with_name(f".{CHECKPOINT}.tmp")
+    torch.save({"trainer": p.trainer.state_dict(), "log": p.log, "window": p.window}, tmp)
+    tmp.replace(ckpt)
+    faults.point("train.checkpointed")
+
+
+def _finish(src, manifest, harvest, p: Point, lm_spec) -> None:
+    sae = p.trainer.export()
+    out = p.art.group("r+")
+    for k, v in p.log.items():
+        out.create_array(f"log/{k}", data=np.asarray(v, dtype=np.float64), overwrite=True)
+    summary = _evaluate(p.art, src, harvest, p.hook, sae, lm_spec, p.cfg)
+    summary.update(hook=p.hook, arch=p.sae_cfg.arch, d_in=p.sae_cfg.d_in, d_sae=p.sae_cfg.d_sae,
+                   k=p.sae_cfg.k, steps=p.steps, tokens=p.steps * p.cfg.batch_size,
+                   epochs=p.steps * p.cfg.batch_size / manifest["summary"]["n_train"],
+                   final_log={k: v[-1] for k, v in p.log.items()} if p.log else {})
+    store.mark_complete(p.art, summary)
+    (p.art.path / CHECKPOINT).unlink(missing_ok=True)  # the weights are saved; free the disk
+    p.trainer = None
+    figs = ", ".join(f"{k} {summary[k]:.4g}" for k in ("fvu", "l0", "dead_fraction",
+                                                        "ce_loss_score") if k in summary)
+    info(f"train: wrote {p.art.ref} ({figs})")
+
+
+def _lm_setup(cfg, harvest):
+    """The model the harvest used, found again from its origin (or --model) and checked by
+    content hash; fails before any training if it cannot be found."""
+    from saectl import models
+
+    h = harvest.manifest()
+    want = h["params"]["model"]
+    origin = h.get("origin", {}).get("model", {})
+    name = cfg.model or (origin.get("source") if origin.get("local") else origin.get("name"))
+    if not name:
+        raise ConfigError(f"{harvest.ref} does not say where its model came from; pass --model, "
+                          "or --no-lm-eval")
+    spec = models.resolve_model(name)
+    if origin.get("gguf_file") and spec.gguf_file is None and spec.local:
+        spec = models.ModelSpec(spec.name, spec.source, origin["gguf_file"], True)
+    got = models.model_identity(spec)
+    if want.get("sha256") and got.get("sha256") != want.get("sha256"):
+        raise ConfigError(f"the model at {spec.source} is not the one {harvest.ref} was "
+                          "harvested with (content differs); pass the right --model or --no-lm-eval")
+    return spec
+
+
+def _evaluate(art, src, harvest, hook, sae, lm_spec, cfg) -> dict:
+    import torch
+
+    from saectl import metrics, models
+    from saectl.reader import BatchReader
+
+    group = src.group()
+    ev = group[f"eval/{hook}"]
+    n_eval = int(ev.shape[0])
+    if n_eval == 0:
+        raise ConfigError(f"{src.ref} has no eval split; re-run shuffle with --eval-fraction > 0")
+    reader = BatchReader(ev, min(cfg.batch_size, n_eval), 0, src.ref)
+    steps = math.ceil(n_eval / reader.B)
+    batches = (x[: n_eval - s * reader.B] for s, x in reader.iterate(0, steps))
+    figures, log_density = metrics.reconstruction(sae, batches)
+    out = art.group("r+")
+    out.create_array("eval/log_density", data=log_density.astype(np.float32), overwrite=True)
+    sae_dir = store.sae_dir(art)
+    sparsity = torch.from_numpy(np.where(np.isfinite(log_density), log_density, -10.0)).float()
+    sae.save(sae_dir, sparsity=sparsity,
+             metadata={"hook_name": hook, "saectl_ref": art.ref,
+                       "model_name": harvest.manifest().get("origin", {}).get("model", {})
+                       .get("name"), "context_size": harvest.manifest()["params"]["context_size"]})
+    if lm_spec is not None:
+        device = _device(cfg)
+        model = models.load_model(lm_spec, device=device)
+        hp = models.parse_hooks(model, [hook])[0]
+        seqs = group["eval/sequences"][:][: cfg.lm_eval_seqs]
+        tokens = harvest.group()["tokens"].get_orthogonal_selection((seqs, slice(None)))
+        ids = torch.from_numpy(np.asarray(tokens)).long().to(device)
+        skip = 0 if src.manifest()["params"].get("keep_bos") else 1
+        sae_dev = sae.to(device)
+        batches = [ids[i:i + 4] for i in range(0, len(ids), 4)]
+        figures.update(metrics.downstream(
+            model, hp, lambda a: sae_dev.decode(sae_dev.encode(a.float())), batches, skip))
+    return figures
