@@ -16,7 +16,7 @@ from typer.exceptions import TyperException
 from saectl import store
 from saectl.config import stage_command
 from saectl.errors import ConfigError, SaectlError
-from stages import harvest, import_acts, shuffle, train
+from stages import harvest, import_acts, shuffle, sweep, train
 
 app = typer.Typer(name="saectl", no_args_is_help=True, add_completion=False,
                   help="Sparse autoencoders for language models: harvest → shuffle → train → "
@@ -30,13 +30,21 @@ STAGES = [
      "Shuffle a harvest's token rows out of core and split train/eval by sequence.", ("harvest",)),
     ("train", train.Config, train.run,
      "Train an SAE on a shuffle's train split and evaluate it on the eval split.", ("shuffle",)),
+    ("sweep", sweep.SweepConfig, sweep.run,
+     "Train a grid of SAEs, tabulate and plot them, and choose one by description length.",
+     ("shuffle",)),
     ("import", import_acts.ImportConfig, import_acts.run,
      "Make a harvest-like artifact from activations in a .npy, .safetensors or Zarr file.",
      ("file",)),
 ]
 
+def _ref(out) -> str | None:
+    """A stage returns its artifact (printed as its ref) or a ref string ("": print nothing)."""
+    return out.ref if isinstance(out, store.Artifact) else (out or None)
+
+
 for _name, _cls, _run, _help, _pos in STAGES:
-    stage_command(app, _cls, _name, _help, _pos)(lambda cfg, _run=_run: _run(cfg).ref)
+    stage_command(app, _cls, _name, _help, _pos)(lambda cfg, _run=_run: _ref(_run(cfg)))
 
 StoreOpt = Annotated[Optional[str], typer.Option("--store", help="Artifact store "
                                                  "(default $SAECTL_STORE or ./artifacts)")]

@@ -259,11 +259,26 @@ def writing(art: Artifact, params: dict, inputs: dict[str, Artifact] | None = No
         yield Writing(art, shard)
 
 
+def _json_safe(obj):
+    """Summary figures as JSON: non-finite numbers become null, keys strings, NumPy plain."""
+    import math
+
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:  # NumPy / torch scalars
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def mark_complete(art: Artifact, summary: dict) -> None:
     """Store the summary figures in the manifest, then write COMPLETE atomically and last."""
     group = zarr.open_group(art.path, mode="r+", zarr_format=3)
     manifest = dict(group.attrs[MANIFEST_KEY])
-    manifest["summary"] = json.loads(canonical_json(summary))
+    manifest["summary"] = json.loads(canonical_json(_json_safe(summary)))
     manifest["completed"] = _now()
     group.attrs[MANIFEST_KEY] = manifest
     faults.point("store.before_complete")
