@@ -1,0 +1,132 @@
+"""Sweep: the grid, the executors, cache and resume, the MDL choice, the report, bad input."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import numpy as np
+import pytest
+
+from saectl import store
+from tests.helpers import assert_one_line_error, run_cli, run_subprocess
+from tests.test_train import synthetic
+
+GRID = """
+arch: topk
+k: [3, 6]
+width: [48, 96]
+tokens: 40000
+batch_size: 500
+lr: 0.004
+"""
+
+
+def make_split(root, capsys):
+    x, _ = synthetic(n=12000)
+    np.save(root / "x.npy", x)
+    imp = run_cli(capsys, "import", root / "x.npy", "--hook", "h", "--store", root)
+    sh = run_cli(capsys, "shuffle", imp.out.strip(), "--store", root)
+    assert sh.code == 0, sh.err
+    return sh.out.strip()
+
+
+@pytest.fixture
+def split(tmp_path, capsys):
+    root = tmp_path / "store"
+    root.mkdir()
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(GRID)
+    return root, make_split(root, capsys), grid
+
+
+def test_local_sweep_equals_training_each_point_alone(split, tmp_path, capsys):
+    root, sh, grid = split
+    res = run_cli(capsys, "sweep", sh, "--grid", grid, "--store", root, "--tolerance", "0.6",
+                  "--device", "cpu")
+    assert res.code == 0, res.err
+    chosen = res.out.strip()
+    assert chosen.startswith("train/") and len(res.out.splitlines()) == 1
+    sweep = store.list_artifacts(root, "sweep")[0]
+    s = sweep.manifest()["summary"]
+    assert len(s["table"]) == 4 and s["chosen_ref"] == chosen
+    # The choice respects ε and is the least DL among the SAEs that meet it.
+    feasible = [r for r in s["table"] if r["quantised_fvu"] is not None
+                and r["quantised_fvu"] <= 0.6]
+    assert feasible and min(feasible, key=lambda r: r["dl"])["ref"] == chosen
+    for r in s["table"]:
+        if r["dl"] is not None:
+            assert np.isfinite(r["dl"]) and r["dl"] >= 0
+    for name in ("table.csv", "l0_fvu.png", "dl_width.png"):
+        assert (sweep.report_dir / name).stat().st_size > 0
+    rows = list(csv.DictReader(open(sweep.report_dir / "table.csv")))
+    assert {r["ref"] for r in rows} == {r["ref"] for r in s["table"]}
+    # Two points trained alone, in another store, give the same digests and weights.
+    other = tmp_path / "alone"
+    other.mkdir()
+    assert make_split(other, capsys) == sh
+    for r in s["table"][:2]:
+        alone = run_cli(capsys, "train", sh, "--store", other, "--arch", "topk", "--k", r["k"],
+                        "--width", r["width"], "--tokens", "40000", "--batch-size", "500",
+                        "--lr", "0.004", "--device", "cpu")
+        assert alone.out.strip() == r["ref"]
+        a = store.sae_dir(store.resolve(other, r["ref"])) / "sae_weights.safetensors"
+        b = store.sae_dir(store.resolve(root, r["ref"])) / "sae_weights.safetensors"
+        assert a.read_bytes() == b.read_bytes()
+    again = run_cli(capsys, "sweep", sh, "--grid", grid, "--store", root, "--tolerance", "0.6")
+    assert again.out == res.out and "cache hit" in again.err
+
+
+def test_processes_executor_gives_the_same_digests(split, capsys):
+    root, sh, grid = split
+    res = run_cli(capsys, "sweep", sh, "--grid", grid, "--store", root, "--tolerance", "0.6",
+                  "--executor", "processes", "--jobs", "2", "--device", "cpu")
+    assert res.code == 0, res.err
+    refs = {r["ref"] for r in store.list_artifacts(root, "sweep")[0].manifest()["summary"]["table"]}
+    assert refs == {a.ref for a in store.list_artifacts(root, "train")} and len(refs) == 4
+
+
+def test_killed_sweep_trains_only_the_missing_points(split):
+    root, sh, grid = split
+    args = ["sweep", sh, "--grid", grid, "--store", root, "--tolerance", "0.6", "--device", "cpu"]
+    killed = run_subprocess(*args, env={"SAECTL_FAULTS": "store.before_complete:3"})
+    assert killed.code == -9
+    done = [a for a in store.list_artifacts(root, "train") if a.is_complete()]
+    assert len(done) == 2
+    again = run_subprocess(*args)
+    assert again.code == 0, again.err
+    assert "2 already trained, 2 to train" in again.err
+    for a in done:  # the finished points were not retrained
+        assert f"cache hit {a.ref}" in again.err or a.is_complete()
+
+
+def test_tolerance_no_sae_meets(split, capsys):
+    root, sh, grid = split
+    res = run_cli(capsys, "sweep", sh, "--grid", grid, "--store", root, "--tolerance", "0.001")
+    assert_one_line_error(res, "no SAE meets tolerance 0.001", "closest")
+    assert len([a for a in store.list_artifacts(root, "train") if a.is_complete()]) == 4
+
+
+def test_bad_grids(split, tmp_path, capsys):
+    root, sh, _ = split
+    cases = [("arch: topk\nbanana: [1, 2]\n", ["banana", "valid keys", "expansion"]),
+             ("k: []\n", ["empty list"]),
+             ("arch: topk\n", ["grid is empty"]),
+             ("k: [8, 8]\n", ["same SAE"]),
+             ("k: [3\n", ["not valid YAML"]),
+             ("points: [1, 2]\n", ["list of mappings"])]
+    for text, needles in cases:
+        g = tmp_path / "bad.yaml"
+        g.write_text(text)
+        assert_one_line_error(run_cli(capsys, "sweep", sh, "--grid", g, "--store", root), *needles)
+    good = tmp_path / "good.yaml"
+    good.write_text(GRID)
+    assert_one_line_error(run_cli(capsys, "sweep", sh, "--grid", good, "--store", root,
+                                  "--executor", "cluster"), "executor")
+    env_path = os.environ["PATH"]
+    try:
+        os.environ["PATH"] = "/nonexistent"
+        res = run_cli(capsys, "sweep", sh, "--grid", good, "--store", root, "--executor", "slurm")
+    finally:
+        os.environ["PATH"] = env_path
+    assert_one_line_error(res, "sbatch")
