@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from saectl.errors import ConfigError, NotFoundError, SaectlError
+from saectl.store import atomic_write
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -343,12 +343,12 @@ class SAE(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.saved_tensors().items()}
-        _atomic_write(path / WEIGHTS_FILENAME, st_save(tensors))
+        atomic_write(path / WEIGHTS_FILENAME, st_save(tensors))
         if sparsity is not None:
-            _atomic_write(path / SPARSITY_FILENAME,
+            atomic_write(path / SPARSITY_FILENAME,
                           st_save({"sparsity": sparsity.detach().cpu().contiguous()}))
         text = json.dumps(self.cfg_json(metadata), indent=2, sort_keys=True) + "\n"
-        _atomic_write(path / CFG_FILENAME, text.encode())
+        atomic_write(path / CFG_FILENAME, text.encode())
         return path
 
     @classmethod
@@ -391,12 +391,3 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     sae = ARCHS[cfg.arch](cfg)
     sae.load_saved_tensors(load_file(str(weights_path)))
     return sae.to(device).eval()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -1,0 +1,87 @@
+"""A local sweep of 8 TopK SAEs against 8 separate `saectl train` runs, in one run (issue 4).
+
+Synthetic float16 activations at d_in 576 (SmolLM2's width) are imported and shuffled; the
+grid is TopK at 4×, 8×, 16×, 32× and k 16, 32, each on the same tokens. Both sides run the real
+commands as subprocesses on fresh stores (so neither gets a cache hit), alternating. Reported:
+the ratio of wall times (goal ≤ 0.75) and the share of the separate runs' time spent reading
+and decoding activations, which the sweep pays once instead of eight times.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import Row
+
+REPO = Path(__file__).resolve().parents[1]
+D_IN, N_ROWS = 576, int(os.environ.get("BENCH_SWEEP_ROWS", 65536))
+TOKENS, BATCH = int(os.environ.get("BENCH_SWEEP_TOKENS", 4 * 65536)), 4096
+GRID = {"expansion": [4, 8, 16, 32], "k": [16, 32]}
+
+
+def _saectl(*args, store) -> str:
+    p = subprocess.run([sys.executable, "-m", "saectl.cli", *map(str, args), "--store", str(store)],
+                       capture_output=True, text=True, cwd=REPO)
+    if p.returncode:
+        raise RuntimeError(p.stderr[-2000:])
+    return p.stdout.strip()
+
+
+def _fresh_split(npy: Path) -> tuple[Path, str]:
+    store = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
+    imp = _saectl("import", npy, "--hook", "h", "--dtype", "float16", store=store)
+    return store, _saectl("shuffle", imp, store=store)
+
+
+def run() -> list[Row]:
+    from saectl import store as st
+    from saectl.reader import BatchReader
+
+    work = Path(tempfile.mkdtemp(prefix="bench-sweep-data-"))
+    rng = np.random.default_rng(0)
+    np.save(work / "x.npy", rng.normal(size=(N_ROWS, D_IN)).astype(np.float32))
+    grid = work / "grid.yaml"
+    grid.write_text(f"arch: topk\nexpansion: {GRID['expansion']}\nk: {GRID['k']}\n"
+                    f"tokens: {TOKENS}\nbatch_size: {BATCH}\n")
+    points = [(e, k) for e in GRID["expansion"] for k in GRID["k"]]
+    times = {"sweep": [], "separate": []}
+    read_s = None
+    for rep in range(2):
+        for side in (("sweep", "separate") if rep % 2 == 0 else ("separate", "sweep")):
+            store, split = _fresh_split(work / "x.npy")
+            t0 = time.perf_counter()
+            if side == "sweep":
+                _saectl("sweep", split, "--grid", grid, "--tolerance", "0.99", "--device", "cpu",
+                        store=store)
+            else:
+                for e, k in points:
+                    _saectl("train", split, "--arch", "topk", "--expansion", e, "--k", k,
+                            "--tokens", TOKENS, "--batch-size", BATCH, "--device", "cpu",
+                            store=store)
+            times[side].append(time.perf_counter() - t0)
+            if read_s is None:  # reading and decoding one SAE's batches, alone
+                arr = st.open_complete(store, split).group()["train/h"]
+                reader = BatchReader(arr, BATCH, 0)
+                t1 = time.perf_counter()
+                for _ in reader.iterate(0, -(-TOKENS // BATCH)):
+                    pass
+                read_s = time.perf_counter() - t1
+            shutil.rmtree(store, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+    sweep, separate = min(times["sweep"]), min(times["separate"])
+    share = 8 * read_s / separate
+    return [
+        Row("local sweep of 8 TopK SAEs vs 8 train runs (wall s)", sweep, separate, "s",
+            "<= 0.75x", note=f"{TOKENS:,} tokens each, d_in {D_IN}, 4x-32x, k 16/32; the sweep "
+            "also computes 8 description lengths"),
+        Row("share of the 8 train runs spent reading+decoding activations", share, 1.0, "",
+            "", note=f"{8 * read_s:.1f}s of {separate:.1f}s; the sweep reads once: {read_s:.1f}s"),
+    ]
