@@ -1,0 +1,196 @@
+"""Executors: local processes and a real SLURM array (tests/slurm.py starts the cluster),
+following completion through the store. The tasks are cheap real commands: `saectl shuffle`
+of a 64×8 import with different seeds (about a second each)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from saectl import store
+from saectl.errors import ArtifactError, ConfigError
+from saectl.executors import (
+    SlurmOptions,
+    Task,
+    error_line,
+    follow_slurm,
+    pending,
+    queued,
+    run_processes,
+    submit_slurm,
+)
+from stages import import_acts, shuffle
+from tests.slurm import slurm_cluster  # noqa: F401  (the fixture)
+
+SEEDS = range(8)
+BAD_ERROR = "saectl: error: --eval-fraction must be in [0, 1), got 2.0"
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    """A store with one import, and the digest each shuffle seed addresses (learnt from real
+    runs, then removed, so the tests follow shuffle's addressing whatever it becomes)."""
+    root = tmp_path_factory.mktemp("executors")
+    np.save(root / "x.npy", np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32))
+    s = root / "store"
+    cfg = import_acts.ImportConfig(file=str(root / "x.npy"), hook="h", store=str(s))
+    imp = import_acts.run(cfg)
+    digests = {}
+    for seed in SEEDS:
+        art = shuffle.run(shuffle.ShuffleConfig(harvest=imp.ref, seed=seed, store=str(s)))
+        digests[seed] = art.digest
+        store.remove(art)
+    shutil.rmtree(s / store.TRASH, ignore_errors=True)
+    return s, imp.ref, digests
+
+
+class Tasks:
+    def __init__(self, template, tmp_path: Path):
+        src, self.ref, self.digests = template
+        self.store = tmp_path / "store"
+        shutil.copytree(src, self.store)
+
+    def good(self, seed: int) -> Task:
+        argv = ["shuffle", self.ref, "--seed", str(seed), "--store", str(self.store)]
+        return Task(f"s{seed}", argv, store.Artifact(self.store, "shuffle", self.digests[seed]))
+
+    def bad(self) -> Task:
+        argv = ["shuffle", self.ref, "--eval-fraction", "2", "--store", str(self.store)]
+        return Task("bad", argv, store.Artifact(self.store, "shuffle", "f" * 64))
+
+
+@pytest.fixture
+def tasks(template, tmp_path) -> Tasks:
+    return Tasks(template, tmp_path)
+
+
+def _one_error(log: str) -> str:
+    lines = [ln for ln in Path(log).read_text().splitlines() if ln.startswith("saectl: error:")]
+    assert len(lines) == 1 and "Traceback" not in Path(log).read_text(), Path(log).read_text()
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Local processes
+
+
+def test_run_processes_completes_tasks_and_a_rerun_starts_none(tasks, tmp_path):
+    todo = [tasks.good(s) for s in range(4)]
+    assert pending(todo) == todo
+    out = run_processes(todo, jobs=2, log_dir=tmp_path / "logs")
+    assert out.ok and [t.name for t in out.done] == ["s0", "s1", "s2", "s3"], out
+    for t in todo:
+        assert t.artifact.is_complete()
+        assert t.artifact.ref in (tmp_path / "logs" / f"{t.name}.log").read_text()
+    assert pending(todo) == []
+    again = run_processes(todo, jobs=2, log_dir=tmp_path / "logs2")
+    assert again.ok and len(again.done) == 4
+    assert list((tmp_path / "logs2").iterdir()) == []  # complete: no process started
+
+
+def test_run_processes_reports_a_failed_task_with_its_log(tasks, tmp_path):
+    good, bad = tasks.good(0), tasks.bad()
+    out = run_processes([good, bad], jobs=2, log_dir=tmp_path / "logs")
+    assert out.done == [good] and out.pending == []
+    [(task, log)] = out.failed
+    assert task == bad and log == str(tmp_path / "logs" / "bad.log")
+    assert _one_error(log) == BAD_ERROR == error_line(log)
+    assert pending([good, bad]) == [bad]
+
+
+def test_pending_lists_only_incomplete_tasks(tasks, tmp_path):
+    todo = [tasks.good(s) for s in range(3)]
+    assert run_processes(todo[:2], jobs=1, log_dir=tmp_path).ok
+    assert pending(todo) == [todo[2]]
+    (todo[0].artifact.path / store.COMPLETE).unlink()  # written but never marked complete
+    assert pending(todo) == [todo[0], todo[2]]
+
+
+def test_jobs_must_be_positive(tasks, tmp_path):
+    with pytest.raises(ConfigError, match="--jobs must be at least 1"):
+        run_processes([tasks.good(0)], jobs=0, log_dir=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# SLURM
+
+
+def test_sbatch_missing_is_one_line(tasks, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(ConfigError) as e:
+        submit_slurm([tasks.good(0)], SlurmOptions(), tmp_path / "work")
+    assert str(e.value) == ("sbatch not found: --executor slurm needs a SLURM client on PATH; "
+                            "use --executor processes on this machine")
+    assert not (tmp_path / "work").exists()
+
+
+def test_slurm_options_become_sbatch_lines():
+    opts = SlurmOptions(partition="gpu", time="1:00:00", gres="gpu:1", cpus_per_task=4,
+                        mem="16G", extra=("#SBATCH --account=abc", "--qos=low"))
+    assert opts.directives() == [
+        "#SBATCH --partition=gpu", "#SBATCH --time=1:00:00", "#SBATCH --gres=gpu:1",
+        "#SBATCH --cpus-per-task=4", "#SBATCH --mem=16G", "#SBATCH --account=abc",
+        "#SBATCH --qos=low"]
+    with pytest.raises(ConfigError, match="extra SLURM line"):
+        SlurmOptions(extra=("echo hi",))
+
+
+@pytest.fixture
+def slurm_env(slurm_cluster, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
+    return slurm_cluster
+
+
+def test_slurm_array_completes_through_the_store(tasks, tmp_path, slurm_env):
+    todo = [tasks.good(s) for s in range(4)]
+    work = tmp_path / "work"
+    job = submit_slurm(todo, SlurmOptions(), work)
+    assert job.isdigit()
+    entries = json.loads((work / "tasks.json").read_text())
+    assert [e["argv"] for e in entries] == [t.argv for t in todo]
+    out = follow_slurm(todo, job, work, poll=0.3, timeout=120)
+    assert out.ok and len(out.done) == 4, out
+    assert all(t.artifact.is_complete() for t in todo)
+    for i, t in enumerate(todo):
+        assert t.artifact.ref in (work / "logs" / f"{i}.log").read_text()
+    assert queued("987654") == set()  # a job the controller never knew
+
+
+def test_slurm_failed_task_is_reported_with_its_log(tasks, tmp_path, slurm_env):
+    good, bad = tasks.good(4), tasks.bad()
+    work = tmp_path / "work"
+    job = submit_slurm([good, bad], SlurmOptions(), work)
+    out = follow_slurm([good, bad], job, work, poll=0.3, timeout=120)
+    assert out.done == [good] and out.pending == []
+    [(task, log)] = out.failed
+    assert task == bad and log == str(work / "logs" / "1.log")
+    assert _one_error(log) == BAD_ERROR
+
+
+def test_slurm_cancelled_task_is_the_only_one_resubmitted(tasks, tmp_path, slurm_env):
+    todo = [tasks.good(s) for s in (5, 6, 7)]
+    work = tmp_path / "work"
+    # Held, so the cancel certainly lands before the task could run.
+    job = submit_slurm(todo, SlurmOptions(extra=("--hold",)), work)
+    assert queued(job) == {0, 1, 2}
+    with pytest.raises(ArtifactError, match=f"SLURM job {job}, submitted from .* has tasks in"):
+        submit_slurm(todo, SlurmOptions(), work)  # its tasks are about to read tasks.json
+    slurm_env.run("scancel", f"{job}_2")
+    slurm_env.run("scontrol", "release", job)
+    out = follow_slurm(todo, job, work, poll=0.3, timeout=120)
+    assert out.done == todo[:2] and out.pending == []
+    [(task, why)] = out.failed
+    assert task == todo[2] and str(work / "logs" / "2.log") in why
+    assert pending(todo) == [todo[2]]
+    # The re-run, into the same folder as a sweep does: only the cancelled task goes again.
+    rest = pending(todo)
+    job2 = submit_slurm(rest, SlurmOptions(), work)
+    assert (work / f"logs-{job}" / "0.log").exists()  # the earlier job's logs, kept aside
+    assert [e["name"] for e in json.loads((work / "tasks.json").read_text())] == ["s7"]
+    assert follow_slurm(rest, job2, work, poll=0.3, timeout=120).ok
+    assert pending(todo) == []
+    assert todo[2].artifact.ref in (work / "logs" / "0.log").read_text()
