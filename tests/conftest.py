@@ -12,6 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# The real single-node SLURM cluster fixture (`slurm_cluster`), shared by every test module.
+pytest_plugins = ["tests.slurm"]
+
 TEXTS = [
     "The cat sat on the mat and looked at the dog.",
     "Paris is the capital of France, and Berlin is the capital of Germany.",

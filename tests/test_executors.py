@@ -24,7 +24,6 @@ from saectl.executors import (
     submit_slurm,
 )
 from stages import import_acts, shuffle
-from tests.slurm import slurm_cluster  # noqa: F401  (the fixture)
 
 SEEDS = range(8)
 BAD_ERROR = "saectl: error: --eval-fraction must be in [0, 1), got 2.0"

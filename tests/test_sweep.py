@@ -130,3 +130,26 @@ def test_bad_grids(split, tmp_path, capsys):
     finally:
         os.environ["PATH"] = env_path
     assert_one_line_error(res, "sbatch")
+
+
+def test_slurm_sweep_no_wait_then_collect(split, slurm_cluster, monkeypatch, capsys, tmp_path):
+    """Through a real single-node SLURM cluster: --no-wait submits, a later run collects; the
+    digests are the ones the local executor gives."""
+    root, sh, grid = split
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
+    args = ["sweep", sh, "--grid", grid, "--store", root, "--tolerance", "0.6",
+            "--executor", "slurm", "--device", "cpu"]
+    first = run_cli(capsys, *args, "--no-wait")
+    assert first.code == 0 and first.out == "" and "submitted 4 array tasks" in first.err, first.err
+    res = run_cli(capsys, *args)
+    assert res.code == 0, res.err
+    slurm_refs = {r["ref"] for r in
+                  store.list_artifacts(root, "sweep")[0].manifest()["summary"]["table"]}
+    other = tmp_path / "local"
+    other.mkdir()
+    make_split(other, capsys)
+    local = run_cli(capsys, "sweep", sh, "--grid", grid, "--store", other, "--tolerance", "0.6",
+                    "--device", "cpu")
+    assert local.out == res.out
+    assert slurm_refs == {r["ref"] for r in
+                          store.list_artifacts(other, "sweep")[0].manifest()["summary"]["table"]}
