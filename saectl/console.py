@@ -41,8 +41,9 @@ class _Plain:
             rate = (self.done - self.start_done) / max(now - self.t0, 1e-9)
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
             pct = 100.0 * self.done / max(self.total, 1)
+            shown = f"{rate:,.0f}" if rate >= 10 else f"{rate:.2g}"
             info(f"{self.desc}: {self.done:,}/{self.total:,} {self.unit} ({pct:.0f}%), "
-                 f"{rate:,.0f} {self.unit}/s, eta {eta:,.0f}s")
+                 f"{shown} {self.unit}/s, eta {eta:,.0f}s")
 
 
 class _Bar:
