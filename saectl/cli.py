@@ -100,9 +100,9 @@ def show(ref: Annotated[str, typer.Argument(help="stage/digest, a digest prefix 
     for key in ("ref", "state", "path", "created", "saectl_version", "host", "inputs"):
         print(f"{key:<15} {manifest.get(key)}")
     print("params")
-    pprint(manifest.get("params"), expand_all=False)
-    print("summary")
-    pprint(manifest.get("summary"), expand_all=False)
+    pprint(manifest.get("params"), expand_all=False, max_length=12)
+    print("summary (long lists cut; --json has everything)")
+    pprint(manifest.get("summary"), expand_all=False, max_length=12)
 
 
 @app.command("gc")

@@ -13,7 +13,8 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-console = Console(stderr=True, highlight=False)
+# Off a terminal (a SLURM log, a pipe) rich would wrap tables at 80 columns; logs can be wide.
+console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
 PLAIN_EVERY = 10.0
 
 
