@@ -17,6 +17,7 @@ score and ΔLM loss.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from contextlib import ExitStack
@@ -314,6 +315,14 @@ def _lm_setup(cfg, harvest):
     return spec
 
 
+@functools.lru_cache(maxsize=1)
+def _load_lm(spec, device):
+    """The model for downstream evaluation, loaded once for all the points of a sweep."""
+    from saectl import models
+
+    return models.load_model(spec, device=device)
+
+
 def _evaluate(art, src, harvest, hook, sae, lm_spec, cfg) -> dict:
     import torch
 
@@ -339,7 +348,7 @@ def _evaluate(art, src, harvest, hook, sae, lm_spec, cfg) -> dict:
                        .get("name"), "context_size": harvest.manifest()["params"]["context_size"]})
     if lm_spec is not None:
         device = _device(cfg)
-        model = models.load_model(lm_spec, device=device)
+        model = _load_lm(lm_spec, device)
         hp = models.parse_hooks(model, [hook])[0]
         seqs = group["eval/sequences"][:][: cfg.lm_eval_seqs]
         tokens = harvest.group()["tokens"].get_orthogonal_selection((seqs, slice(None)))
