@@ -112,6 +112,7 @@ def atomic_write(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; reports must be readable on a shared cluster
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
