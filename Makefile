@@ -42,8 +42,23 @@ pipeline: install
 	SPLIT=$$($(BIN)/saectl shuffle $$ACTS); \
 	$(BIN)/saectl show $$SPLIT
 
-bench: install
-	$(BIN)/python benchmarks/run.py
+# The benchmarks run in an environment of their own, with the baselines they compare against
+# (SAELens, EleutherAI's sparsify), so those never enter the project's .venv. Built once.
+BENCH_VENV  := .bench-venv
+BENCH_STAMP := $(BENCH_VENV)/.saectl-bench-installed
+
+$(BENCH_STAMP): pyproject.toml
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/pip install -q "$(TORCH)"
+	$(BENCH_VENV)/bin/pip install -q -e .
+	echo "$(TORCH)" > $(BENCH_VENV)/constraints.txt
+	$(BENCH_VENV)/bin/pip install -q sae-lens eai-sparsify -c $(BENCH_VENV)/constraints.txt
+	$(BENCH_VENV)/bin/pip install -q --no-deps $(OFFLINE)
+	touch $@
+
+bench: $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python benchmarks/run.py
 
 clean:
 	rm -rf $(VENV) $(COMPAT) artifacts .pytest_cache

@@ -1,6 +1,7 @@
 """`make bench`: run every benchmark, print one table, write benchmarks/results.json.
 
-BENCH_ONLY=harvest,codecs runs a subset.
+BENCH_ONLY=harvest,codecs runs a subset. Run it in .bench-venv (`make bench` builds it): the
+train benchmark's baselines, SAELens and sparsify, are installed there and only there.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from rich.table import Table  # noqa: E402
 
 from benchmarks.common import machine  # noqa: E402
 
-SUITES = ["harvest", "codecs"]
+SUITES = ["harvest", "codecs", "train"]
 
 
 def main() -> int:
@@ -45,6 +46,9 @@ def main() -> int:
                       "" if r["ratio"] is None else f"{r['ratio']:.3f}", r["goal"],
                       {True: "yes", False: "NO", None: "-"}[r["met"]])
     Console().print(table)
+    for r in rows:  # absolute figures and skip reasons, which the table has no room for
+        if r["note"]:
+            print(f"  {r['benchmark']}: {r['note']}")
     out = {"machine": machine(), "rows": rows, "errors": errors,
            "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     path = Path(os.environ.get("BENCH_OUT", Path(__file__).with_name("results.json")))
