@@ -20,8 +20,10 @@ implementation runs its AuxK pass):
 - dense: dense encode, topk, dense decode matmul, autograd, Adam.
 
 Timing: all of them in one process, one step each in turn (the order rotating every round),
-median of BENCH_TRAIN_STEPS (default 7) steps after 2 warm-up rounds. Memory: each alone in a
-fresh subprocess; peak RSS (VmHWM) and its growth over the RSS just before the first step.
+median of BENCH_TRAIN_STEPS (default 7) steps after 2 warm-up rounds; the notes add the median
+over rounds of the per-round time ratio, in wall time and in this process's CPU time (which
+others' load disturbs less). Memory: each alone in a fresh subprocess; peak RSS (VmHWM) and
+its growth over the RSS just before the first step.
 A baseline that is not installed (the project's .venv has neither) is skipped with a note.
 
     .bench-venv/bin/python benchmarks/bench_train.py           # prints a table
@@ -230,23 +232,33 @@ def _data(n_batches: int) -> list[torch.Tensor]:
 
 def time_all(d_sae: int, names: list[str]) -> dict[str, dict[str, float]]:
     """Median tokens/s of each implementation, one step each in turn, the order rotating;
-    "paired": the median over rounds of its step time over names[0]'s in the same round."""
+    "paired": the median over rounds of its step time over names[0]'s in the same round;
+    "cpu_paired": the same with this process's CPU seconds, which others' load on a shared
+    machine disturbs less than wall time."""
     data = _data(4)
     steps = {name: MAKERS[name](d_sae, data[0]) for name in names}
     times: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     losses: dict[str, float] = {}
     for r in range(WARMUP + STEPS):
         x = data[r % len(data)]
         for name in names[r % len(names):] + names[: r % len(names)]:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             loss = steps[name](x)
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             if r >= WARMUP:
                 times[name].append(dt)
+                cpu[name].append(dc)
             losses[name] = float(loss["loss"] if isinstance(loss, dict) else loss)
+
+    def paired(a: list[float], b: list[float]) -> float:
+        return statistics.median(x / y for x, y in zip(a, b))
+
     return {name: {"tokens_per_s": BATCH / statistics.median(ts),
                    "spread": (max(ts) - min(ts)) / statistics.median(ts),
-                   "paired": statistics.median(t / s for t, s in zip(ts, times[names[0]])),
+                   "paired": paired(ts, times[names[0]]),
+                   "cpu_paired": paired(cpu[name], cpu[names[0]]),
+                   "cpu_s": statistics.median(cpu[name]),
                    "last_loss": losses[name]} for name, ts in times.items()}
 
 
@@ -297,7 +309,8 @@ def measure() -> tuple[list[dict], dict[str, str]]:
 
 def _speed(r: dict, name: str) -> str:
     m = r[name]
-    return f"{name} {m['tokens_per_s']:,.0f} tokens/s (spread {m['spread']:.0%})"
+    return (f"{name} {m['tokens_per_s']:,.0f} tokens/s (spread {m['spread']:.0%}, "
+            f"{m['cpu_s']:.2f} CPU s/step)")
 
 
 def _mem(r: dict, name: str) -> str:
@@ -322,7 +335,8 @@ def run():
                 continue
             rows.append(Row(bench, saectl["tokens_per_s"], r[name]["tokens_per_s"], "tokens/s",
                             goal, note=f"{_speed(r, 'saectl')}, {_speed(r, name)}; "
-                                       f"paired per-round ratio {r[name]['paired']:.2f}x"))
+                                       f"per-round ratio {r[name]['paired']:.2f}x wall, "
+                                       f"{r[name]['cpu_paired']:.2f}x CPU time"))
         mems = ", ".join(_mem(r, n) for n in MAKERS if n in r)
         rows.append(Row(f"topk train peak RSS growth MiB {width} vs dense",
                         saectl["growth_mib"], r["dense"]["growth_mib"], "MiB", "<= 1x",
@@ -337,7 +351,7 @@ def main() -> None:
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")
     print(f"{'width':>14} {'impl':>9} {'tokens/s':>10} {'saectl/x':>9} {'paired':>7} "
-          f"{'spread':>7} {'peak MiB':>9} {'growth MiB':>11} {'own loss':>9}")
+          f"{'cpu':>6} {'spread':>7} {'peak MiB':>9} {'growth MiB':>11} {'own loss':>9}")
     for r in results:
         width = f"{r['mult']}x ({r['d_sae']})"
         for n in MAKERS:
@@ -346,8 +360,8 @@ def main() -> None:
             m = r[n]
             ratio = r["saectl"]["tokens_per_s"] / m["tokens_per_s"]
             print(f"{width:>14} {n:>9} {m['tokens_per_s']:>10,.0f} {ratio:>8.2f}x "
-                  f"{m['paired']:>6.2f}x {m['spread']:>7.0%} {m['peak_rss_mib']:>9,.0f} "
-                  f"{m['growth_mib']:>11,.0f} {m['last_loss']:>9.4g}")
+                  f"{m['paired']:>6.2f}x {m['cpu_paired']:>5.2f}x {m['spread']:>7.0%} "
+                  f"{m['peak_rss_mib']:>9,.0f} {m['growth_mib']:>11,.0f} {m['last_loss']:>9.4g}")
 
 
 if __name__ == "__main__":
