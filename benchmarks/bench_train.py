@@ -17,13 +17,17 @@ implementation runs its AuxK pass):
 - SAELens: `TopKTrainingSAE(TopKTrainingSAEConfig(d_in, d_sae, k))` as
   `SAETrainer._train_step` drives it: `training_forward_pass(TrainStepInput(...))`, fired
   bookkeeping, backward, `clip_grad_norm_(1.0)`, `torch.optim.Adam` (lr 3e-4) step, zero_grad.
+  Dense activations, its default: `use_sparse_activations=True` fails in the backward on CPU
+  (sae-lens 6.54, torch 2.13: no `aten::view` for SparseCPU).
 - dense: dense encode, topk, dense decode matmul, autograd, Adam.
 
 Timing: all of them in one process, one step each in turn (the order rotating every round),
 median of BENCH_TRAIN_STEPS (default 7) steps after 2 warm-up rounds; the notes add the median
-over rounds of the per-round time ratio, in wall time and in this process's CPU time (which
-others' load disturbs less). Memory: each alone in a fresh subprocess; peak RSS (VmHWM) and
-its growth over the RSS just before the first step.
+over rounds of the per-round time ratio, in wall time and in this process's CPU time. Memory:
+each alone in a fresh subprocess; peak RSS (VmHWM) and its growth over the RSS just before the
+first step. BENCH_TRAIN_THREADS sets the torch threads of all of them (default: torch's, one
+per core); on a machine that others load, threads that wait on each other at every parallel
+region slow the many-kernel steps most, and one thread gives steadier figures.
 A baseline that is not installed (the project's .venv has neither) is skipped with a note.
 
     .bench-venv/bin/python benchmarks/bench_train.py           # prints a table
@@ -51,6 +55,8 @@ sys.path.insert(0, str(ROOT))
 D_IN, K, BATCH = 576, 32, 4096
 WIDTHS = [int(w) for w in os.environ.get("BENCH_TRAIN_WIDTHS", "8,32").split(",")]
 STEPS = int(os.environ.get("BENCH_TRAIN_STEPS", "7"))
+THREADS = int(os.environ.get("BENCH_TRAIN_THREADS", "0"))
+"""torch threads for every implementation; 0 keeps torch's default (one per core)."""
 WARMUP = 2
 AUXK_ALPHA = 1 / 32
 """AuxK weight given to sparsify (its default is 0, which skips the dead-mask work); saectl's."""
@@ -233,8 +239,7 @@ def _data(n_batches: int) -> list[torch.Tensor]:
 def time_all(d_sae: int, names: list[str]) -> dict[str, dict[str, float]]:
     """Median tokens/s of each implementation, one step each in turn, the order rotating;
     "paired": the median over rounds of its step time over names[0]'s in the same round;
-    "cpu_paired": the same with this process's CPU seconds, which others' load on a shared
-    machine disturbs less than wall time."""
+    "cpu_paired": the same with this process's CPU seconds."""
     data = _data(4)
     steps = {name: MAKERS[name](d_sae, data[0]) for name in names}
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -262,8 +267,14 @@ def time_all(d_sae: int, names: list[str]) -> dict[str, dict[str, float]]:
                    "last_loss": losses[name]} for name, ts in times.items()}
 
 
+def _set_threads() -> None:
+    if THREADS:
+        torch.set_num_threads(THREADS)
+
+
 def memory_one(name: str, d_sae: int) -> dict[str, float]:
     """Run in a fresh process: peak RSS of `name` training at width d_sae."""
+    _set_threads()
     data = _data(2)
     step = MAKERS[name](d_sae, data[0])
     _reset_peak_rss()
@@ -288,10 +299,12 @@ def memory(name: str, d_sae: int) -> dict[str, float]:
 def _progress(what: str) -> None:
     """To stderr, with the load average: others' work on a shared machine shows up there."""
     load = " ".join(f"{v:.1f}" for v in os.getloadavg())
-    print(f"bench train: {what} (load {load})", file=sys.stderr, flush=True)
+    print(f"bench train: {what} (load {load}, {torch.get_num_threads()} threads)",
+          file=sys.stderr, flush=True)
 
 
 def measure() -> tuple[list[dict], dict[str, str]]:
+    _set_threads()
     skipped = missing()
     names = [n for n in MAKERS if n not in skipped]
     results = []
@@ -336,7 +349,8 @@ def run():
             rows.append(Row(bench, saectl["tokens_per_s"], r[name]["tokens_per_s"], "tokens/s",
                             goal, note=f"{_speed(r, 'saectl')}, {_speed(r, name)}; "
                                        f"per-round ratio {r[name]['paired']:.2f}x wall, "
-                                       f"{r[name]['cpu_paired']:.2f}x CPU time"))
+                                       f"{r[name]['cpu_paired']:.2f}x CPU time; "
+                                       f"{torch.get_num_threads()} torch threads"))
         mems = ", ".join(_mem(r, n) for n in MAKERS if n in r)
         rows.append(Row(f"topk train peak RSS growth MiB {width} vs dense",
                         saectl["growth_mib"], r["dense"]["growth_mib"], "MiB", "<= 1x",
@@ -345,6 +359,7 @@ def run():
 
 
 def main() -> None:
+    _set_threads()
     print(f"threads={torch.get_num_threads()} d_in={D_IN} k={K} batch={BATCH} "
           f"steps={STEPS} (median after {WARMUP} warm-up rounds, alternating)")
     results, skipped = measure()
