@@ -21,6 +21,7 @@ and `decode` returns reconstructions in raw units: `x_hat_raw = x_hat_train / s`
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 from collections.abc import Callable
@@ -151,7 +152,7 @@ class ForwardOutput(NamedTuple):
     """(d_sae,) bool: which latents were active on at least one token."""
 
 
-class SAE(nn.Module):
+class SAE(nn.Module, metaclass=abc.ABCMeta):
     """Base of every architecture. Subclasses set the class attributes, define `encode` (dense
     acts, for inference) and `forward` (training losses), and register themselves.
 
@@ -223,9 +224,9 @@ class SAE(nn.Module):
             return torch.addmm(self.b_enc, x_c, self.W_enc)
         return x_c @ self.W_enc + self.b_enc
 
+    @abc.abstractmethod
     def encode(self, x: Tensor) -> Tensor:
         """Latent activations of x (..., d_in), dense (..., d_sae), as used at inference."""
-        raise NotImplementedError
 
     def decode(self, acts: Tensor) -> Tensor:
         """acts @ W_dec + b_dec; acts may be dense or sparse COO."""
@@ -233,6 +234,7 @@ class SAE(nn.Module):
             return torch.sparse.mm(acts, self.W_dec) + self.b_dec
         return acts @ self.W_dec + self.b_dec
 
+    @abc.abstractmethod
     def forward(self, x: Tensor, *, dead_mask: Tensor | None = None,
                 auxk_coefficient: float = 0.0, sparsity_scale: float = 1.0) -> ForwardOutput:
         """Reconstruct x (n, d_in) and compute the training losses.
@@ -241,7 +243,6 @@ class SAE(nn.Module):
         auxk_coefficient: weight of the AuxK loss (architectures that use it).
         sparsity_scale: multiplier in [0, 1] on the sparsity coefficient (its warm-up).
         """
-        raise NotImplementedError
 
     def _finish(self, x: Tensor, x_hat: Tensor, acts: Tensor, terms: dict[str, Tensor],
                 loss: Tensor | None = None) -> ForwardOutput:
