@@ -63,6 +63,13 @@ class BatchReader:
                  for a, b in self._segments(step)]
         return torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else parts[0])
 
+    def once(self, prefetch: int = 3):
+        """Every row exactly once, in array order (the last batch may be shorter): for
+        evaluation, where wrapping into a second epoch would count rows twice."""
+        steps = -(-self.n // self.B)
+        for s, x in self.iterate(0, steps, prefetch):
+            yield x[: self.n - s * self.B]
+
     def iterate(self, start: int, stop: int, prefetch: int = 3):
         """Yield (step, batch) for steps [start, stop), decoded ahead on a thread."""
         q: queue.Queue = queue.Queue(maxsize=prefetch)

@@ -335,9 +335,7 @@ def _evaluate(art, src, harvest, hook, sae, lm_spec, cfg) -> dict:
     if n_eval == 0:
         raise ConfigError(f"{src.ref} has no eval split; re-run shuffle with --eval-fraction > 0")
     reader = BatchReader(ev, min(cfg.batch_size, n_eval), 0, src.ref)
-    steps = math.ceil(n_eval / reader.B)
-    batches = (x[: n_eval - s * reader.B] for s, x in reader.iterate(0, steps))
-    figures, log_density = metrics.reconstruction(sae, batches)
+    figures, log_density = metrics.reconstruction(sae, reader.once())
     out = art.group("r+")
     out.create_array("eval/log_density", data=log_density.astype(np.float32), overwrite=True)
     sae_dir = store.sae_dir(art)

@@ -124,11 +124,11 @@ class Split:
         mask = sel & (pos >= self.first)
         return mask, (before * self.per_seq + pos - self.first)[mask]
 
-    def index_rows(self, want_eval: bool) -> tuple[np.ndarray, np.ndarray]:
-        """(split index, harvest row) of every row in the split, in harvest order."""
+    def rows(self, want_eval: bool) -> np.ndarray:
+        """The harvest row of every row in the split, in harvest order."""
         seqs = np.flatnonzero(self.is_eval == want_eval)
         rows = (seqs[:, None] * self.C + np.arange(self.first, self.C)[None]).reshape(-1)
-        return np.arange(len(rows)), rows.astype(np.int64)
+        return rows.astype(np.int64)
 
 
 def make_split(n_seq: int, C: int, cfg: ShuffleConfig, has_bos: bool = True) -> Split:
@@ -172,8 +172,7 @@ def run(cfg: ShuffleConfig) -> store.Artifact:
         out = art.group("r+")
         out.create_array("eval/sequences", data=np.flatnonzero(split.is_eval).astype(np.int64),
                          overwrite=True)
-        _, eval_rows = split.index_rows(want_eval=True)
-        out.create_array("rows/eval", data=eval_rows, overwrite=True)
+        out.create_array("rows/eval", data=split.rows(want_eval=True), overwrite=True)
         stats = {}
         for i, hook in enumerate(hooks):
             stats[hook] = _shuffle_hook(art, out, hin[f"acts/{hook}"], hook, split, n_train,

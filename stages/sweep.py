@@ -193,10 +193,8 @@ def _eval_batches(src, hook):
     from saectl.reader import BatchReader
 
     ev = src.group()[f"eval/{hook}"]
-    n = int(ev.shape[0])
-    reader = BatchReader(ev, min(8192, n), 0, src.ref)
-    steps = math.ceil(n / reader.B)
-    return lambda: (x[: n - s * reader.B] for s, x in reader.iterate(0, steps))
+    reader = BatchReader(ev, min(8192, int(ev.shape[0])), 0, src.ref)
+    return reader.once
 
 
 def _finish(art, src, points, values, cfg) -> None:
