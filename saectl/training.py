@@ -294,25 +294,10 @@ def _finish(src, manifest, harvest, p: Point, lm_spec) -> None:
 
 
 def _lm_setup(cfg, harvest):
-    """The model the harvest used, found again from its origin (or --model) and checked by
-    content hash; fails before any training if it cannot be found."""
-    from saectl import models
+    """The harvest's model (or --model), checked by content hash before any training."""
+    from saectl.lineage import harvest_model
 
-    h = harvest.manifest()
-    want = h["params"]["model"]
-    origin = h.get("origin", {}).get("model", {})
-    name = cfg.model or (origin.get("source") if origin.get("local") else origin.get("name"))
-    if not name:
-        raise ConfigError(f"{harvest.ref} does not say where its model came from; pass --model, "
-                          "or --no-lm-eval")
-    spec = models.resolve_model(name)
-    if origin.get("gguf_file") and spec.gguf_file is None and spec.local:
-        spec = models.ModelSpec(spec.name, spec.source, origin["gguf_file"], True)
-    got = models.model_identity(spec)
-    if want.get("sha256") and got.get("sha256") != want.get("sha256"):
-        raise ConfigError(f"the model at {spec.source} is not the one {harvest.ref} was "
-                          "harvested with (content differs); pass the right --model or --no-lm-eval")
-    return spec
+    return harvest_model(harvest, cfg.model)
 
 
 @functools.lru_cache(maxsize=1)

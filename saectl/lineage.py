@@ -1,0 +1,118 @@
+"""Where a trained SAE came from, and what it means in the model's vocabulary.
+
+`sae_lineage` walks a train artifact's inputs back to its shuffle and harvest (or import);
+`harvest_model` finds the model a harvest ran, checked by content hash; `logit_lens` reads a
+decoder direction through the model's unembedding. Interpret, steer and train's downstream
+evaluation share them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from saectl import store
+from saectl.errors import ArtifactError, ConfigError
+
+
+@dataclass(frozen=True)
+class Lineage:
+    sae: store.Artifact
+    shuffle: store.Artifact
+    harvest: store.Artifact
+    """The harvest (or import) the shuffle was made from."""
+    hook: str
+    d_in: int
+    d_sae: int
+
+    @property
+    def imported(self) -> bool:
+        return self.harvest.stage == "import"
+
+
+def sae_lineage(root: Path, ref: str) -> Lineage:
+    """The complete train artifact `ref` and the artifacts it was made from."""
+    sae = store.open_complete(root, ref)
+    if sae.stage != "train":
+        raise ConfigError(f"{sae.ref} is a {sae.stage} artifact; give a trained SAE (a train "
+                          "ref, e.g. the one `saectl sweep` prints)")
+    m = sae.manifest()
+    shuffle = store.open_complete(root, m["inputs"]["shuffle"])
+    harvest = store.open_complete(root, shuffle.manifest()["inputs"]["harvest"])
+    s = m["summary"]
+    return Lineage(sae, shuffle, harvest, s["hook"], int(s["d_in"]), int(s["d_sae"]))
+
+
+def check_activations(lin: Lineage, harvest: store.Artifact) -> None:
+    """Refuse a harvest that is not from the SAE's model and hook (or has another width)."""
+    if harvest.stage not in ("harvest", "import"):
+        raise ConfigError(f"{harvest.ref} is a {harvest.stage} artifact; give a harvest "
+                          "(or import) ref")
+    hm = harvest.manifest()
+    if harvest.stage == "harvest" and lin.harvest.stage == "harvest":
+        want = lin.harvest.manifest()["params"]["model"]
+        if hm["params"]["model"] != want:
+            raise ConfigError(f"{harvest.ref} was harvested from another model than the SAE's "
+                              f"({_model_name(hm)} vs {_model_name(lin.harvest.manifest())}); "
+                              "pass a harvest of the same model, or leave out --harvest")
+    hooks = hm["summary"].get("hooks", {})
+    if lin.hook not in hooks:
+        raise ConfigError(f"{harvest.ref} has no activations at {lin.hook} (it has "
+                          f"{', '.join(sorted(hooks)) or 'none'}); the SAE was trained on "
+                          f"{lin.hook}: harvest that hook, or leave out --harvest")
+    if int(hooks[lin.hook]["d"]) != lin.d_in:
+        raise ConfigError(f"{harvest.ref} has width {hooks[lin.hook]['d']} at {lin.hook} but the "
+                          f"SAE takes {lin.d_in}; pass a harvest of the SAE's model")
+
+
+def _model_name(manifest: dict) -> str:
+    return manifest.get("origin", {}).get("model", {}).get("name") or "unknown"
+
+
+def harvest_model(harvest: store.Artifact, model: str | None = None):
+    """The ModelSpec of the model `harvest` ran, found again from its origin (or `model`, where
+    it moved) and checked against the content hash recorded in its address."""
+    from saectl import models
+
+    if harvest.stage != "harvest":
+        raise ArtifactError(f"{harvest.ref} holds imported activations; there is no model "
+                            "behind them")
+    h = harvest.manifest()
+    want = h["params"]["model"]
+    origin = h.get("origin", {}).get("model", {})
+    name = model or (origin.get("source") if origin.get("local") else origin.get("name"))
+    if not name:
+        raise ConfigError(f"{harvest.ref} does not say where its model came from; pass --model")
+    spec = models.resolve_model(name)
+    if origin.get("gguf_file") and spec.gguf_file is None and spec.local:
+        spec = models.ModelSpec(spec.name, spec.source, origin["gguf_file"], True)
+    if want.get("sha256") and models.model_identity(spec).get("sha256") != want["sha256"]:
+        raise ConfigError(f"the model at {spec.source} is not the one {harvest.ref} was "
+                          "harvested with (its content differs); pass the right --model")
+    return spec
+
+
+def logit_lens(W_dec, model, k: int = 10):
+    """Top-`k` promoted and suppressed token ids per decoder row: W_dec (n, d) · diag(final
+    norm scale) · W_U, the direct effect of each feature on the logits (the norm's division
+    by the residual's size is the same for every token, so it does not change the ranking).
+    Returns (pos_ids, pos_vals, neg_ids, neg_vals), each (n, k)."""
+    import torch
+
+    from saectl.models import unembed
+
+    W_U, scale = unembed(model)
+    W_U = W_U.float()
+    d = W_dec.to(W_U.device, torch.float32)
+    if scale is not None:
+        d = d * scale.float()
+    k = min(k, W_U.shape[1])
+    outs = []
+    for rows in torch.split(d, 1024):  # bounds the (rows, vocab) block for 50k+ vocabularies
+        logits = rows @ W_U
+        outs.append((logits.topk(k, dim=1), (-logits).topk(k, dim=1)))
+    pos_v = torch.cat([p.values for p, _ in outs]) if outs else torch.zeros(0, k)
+    pos_i = torch.cat([p.indices for p, _ in outs]) if outs else torch.zeros(0, k, dtype=torch.long)
+    neg_v = torch.cat([-n.values for _, n in outs]) if outs else torch.zeros(0, k)
+    neg_i = torch.cat([n.indices for _, n in outs]) if outs else torch.zeros(0, k, dtype=torch.long)
+    return pos_i, pos_v, neg_i, neg_v
