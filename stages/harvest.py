@@ -24,6 +24,7 @@ from saectl.console import info, progress
 from saectl.errors import ArtifactError, ConfigError, SaectlError
 
 STAGE = "harvest"
+FIGURES = ("n_tokens", "bytes_per_value")  # summary figures `saectl run` shows
 
 
 @dataclass(frozen=True)
@@ -94,14 +95,26 @@ def resolved_params(cfg: HarvestConfig, model_spec, data_spec) -> dict:
     return params
 
 
-def run(cfg: HarvestConfig) -> store.Artifact:
+def _plan(cfg: HarvestConfig):
     from saectl import data, models
 
-    root = store.store_root(cfg.store)
     model_spec = models.resolve_model(cfg.model)
     data_spec = data.resolve_dataset(cfg.dataset, cfg.text_column, cfg.split)
     params = resolved_params(cfg, model_spec, data_spec)
-    art = store.artifact_for(root, STAGE, params)
+    art = store.artifact_for(store.store_root(cfg.store), STAGE, params)
+    return model_spec, data_spec, params, art
+
+
+def address(cfg: HarvestConfig) -> store.Artifact:
+    """The artifact `run(cfg)` makes or finds, without loading the model or writing anything
+    (`saectl run --dry-run` asks every stage this)."""
+    return _plan(cfg)[3]
+
+
+def run(cfg: HarvestConfig) -> store.Artifact:
+    from saectl import data, models
+
+    model_spec, data_spec, params, art = _plan(cfg)
     if art.is_complete():
         info(f"harvest: cache hit {art.ref}")
         return art

@@ -18,6 +18,7 @@ from saectl.errors import ConfigError, NotFoundError
 from saectl.hashing import file_sha256
 
 STAGE = "import"
+FIGURES = ("n_tokens",)  # summary figures `saectl run` shows
 SUFFIXES = (".npy", ".safetensors", ".zarr")
 
 
@@ -96,7 +97,7 @@ def _identity(path: Path) -> str:
     return h.hexdigest()
 
 
-def run(cfg: ImportConfig) -> store.Artifact:
+def _plan(cfg: ImportConfig):
     path = Path(cfg.file).expanduser().absolute()
     data = _open(path, cfg.key)
     if data.ndim != 2:
@@ -112,8 +113,17 @@ def run(cfg: ImportConfig) -> store.Artifact:
     n_seq = n // cfg.context_size
     params = address_params(cfg)
     params.update(file={"name": path.name, "sha256": _identity(path)}, n_rows=n_seq * cfg.context_size)
-    root = store.store_root(cfg.store)
-    art = store.artifact_for(root, STAGE, params)
+    art = store.artifact_for(store.store_root(cfg.store), STAGE, params)
+    return path, data, n, d, hw, n_seq, params, art
+
+
+def address(cfg: ImportConfig) -> store.Artifact:
+    """The artifact `run(cfg)` makes or finds, computed without writing anything."""
+    return _plan(cfg)[-1]
+
+
+def run(cfg: ImportConfig) -> store.Artifact:
+    path, data, n, d, hw, n_seq, params, art = _plan(cfg)
     if art.is_complete():
         info(f"import: cache hit {art.ref}")
         return art

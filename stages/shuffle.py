@@ -27,6 +27,7 @@ from saectl.console import info, progress
 from saectl.errors import ConfigError
 
 STAGE = "shuffle"
+FIGURES = ("n_train", "n_eval")  # summary figures `saectl run` shows
 SCRATCH = "scratch"
 
 
@@ -148,14 +149,23 @@ def make_split(n_seq: int, C: int, cfg: ShuffleConfig, has_bos: bool = True) -> 
 # The stage
 
 
-def run(cfg: ShuffleConfig) -> store.Artifact:
+def _plan(cfg: ShuffleConfig):
     root = store.store_root(cfg.store)
     src = store.open_complete(root, cfg.harvest)
     if src.stage not in ("harvest", "import"):
         raise ConfigError(f"{src.ref} is a {src.stage} artifact; shuffle takes a harvest or import")
     params = address_params(cfg)
     del params["harvest"]  # it is an input, addressed by its digest
-    art = store.artifact_for(root, STAGE, params, {"harvest": src})
+    return src, params, store.artifact_for(root, STAGE, params, {"harvest": src})
+
+
+def address(cfg: ShuffleConfig) -> store.Artifact:
+    """The artifact `run(cfg)` makes or finds, computed without writing anything."""
+    return _plan(cfg)[2]
+
+
+def run(cfg: ShuffleConfig) -> store.Artifact:
+    src, params, art = _plan(cfg)
     if art.is_complete():
         info(f"shuffle: cache hit {art.ref}")
         return art

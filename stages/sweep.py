@@ -36,6 +36,7 @@ EXECUTORS = ("local", "processes", "slurm")
 # Train flags a grid may not set: they are the sweep's own (input, where, how).
 NOT_GRID = ("shuffle", "store", "device", "no_wait", "model")
 SLURM_KEYS = ("partition", "time", "gres", "cpus_per_task", "mem", "extra")
+FIGURES = ("chosen", "tolerance")  # summary figures `saectl run` shows (and the chosen SAE's)
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def grid_points(path: str, base: dict) -> tuple[list[dict], dict]:
     return [{**base, **fixed, **p} for p in points], slurm
 
 
-def run(cfg: SweepConfig) -> str:
+def _plan(cfg: SweepConfig):
     root = store.store_root(cfg.store)
     src, manifest, harvest = open_shuffle(root, cfg.shuffle)
     base = {"shuffle": src.ref, "store": str(root), "device": cfg.device}
@@ -119,6 +120,21 @@ def run(cfg: SweepConfig) -> str:
         seen[p.art.digest] = i
     params = {"points": sorted(p.art.ref for p in points), "tolerance": cfg.tolerance}
     art = store.artifact_for(root, STAGE, params, {"shuffle": src})
+    return src, manifest, harvest, values, slurm_yaml, points, params, art
+
+
+def address(cfg: SweepConfig) -> store.Artifact:
+    """The sweep artifact `run(cfg)` makes or finds, computed without training or writing."""
+    return _plan(cfg)[-1]
+
+
+def output(art: store.Artifact) -> str | None:
+    """What a complete sweep prints: the chosen SAE's ref (None when no SAE met ε)."""
+    return art.manifest()["summary"].get("chosen_ref")
+
+
+def run(cfg: SweepConfig) -> str:
+    src, manifest, harvest, values, slurm_yaml, points, params, art = _plan(cfg)
     if art.is_complete():
         info(f"sweep: cache hit {art.ref}")
         return _report(art)

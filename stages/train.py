@@ -10,6 +10,14 @@ from saectl.training import TrainStageConfig, open_shuffle, plan, train_points
 
 STAGE = "train"
 Config = TrainStageConfig
+FIGURES = ("fvu", "l0", "dead_fraction", "ce_loss_score")  # summary figures `saectl run` shows
+
+
+def address(cfg: TrainStageConfig) -> store.Artifact:
+    """The artifact `run(cfg)` makes or finds, computed without writing anything."""
+    root = store.store_root(cfg.store)
+    src, manifest, _ = open_shuffle(root, cfg.shuffle)
+    return plan(root, src, manifest, cfg).art
 
 
 def run(cfg: TrainStageConfig) -> store.Artifact:
