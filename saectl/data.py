@@ -313,6 +313,11 @@ def _special_ids(tokenizer) -> tuple[int, int]:
     return (eos if bos is None else bos), (bos if eos is None else eos)
 
 
+def bos_id(tokenizer) -> int:
+    """The token `pack_tokens` puts first in every context (BOS, or EOS where there is none)."""
+    return _special_ids(tokenizer)[0]
+
+
 def _stream_chunks(tokenizer, texts: Iterable[str], sep: int) -> Iterator[np.ndarray]:
     """The EOS-joined token stream, one int32 chunk per batch of documents."""
     first = True

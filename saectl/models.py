@@ -14,7 +14,8 @@ import hashlib
 import importlib.util
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from difflib import get_close_matches
 from pathlib import Path
@@ -421,12 +422,10 @@ def run_with_hooks(model: nn.Module, hooks: list[HookPoint],
     return {h.name: captured[h.name] for h in hooks}
 
 
-def run_with_replacement(model: nn.Module, hook: HookPoint,
-                         fn: Callable[[torch.Tensor], torch.Tensor],
-                         input_ids: torch.Tensor) -> torch.Tensor:
-    """Full forward pass returning logits (batch, seq, vocab), with the activation at `hook`
-    replaced by fn(activation). Honours the caller's grad mode, so fn may hold trainable
-    parameters (steering vectors) or run an SAE under no_grad (spliced CE loss)."""
+@contextmanager
+def replacing(model: nn.Module, hook: HookPoint, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """While the block runs, every forward pass of `model` has the activation at `hook`
+    replaced by fn(activation), which must keep its shape."""
 
     def replace(act: torch.Tensor) -> torch.Tensor:
         new = fn(act)
@@ -449,9 +448,58 @@ def run_with_replacement(model: nn.Module, hook: HookPoint,
     handle = (module.register_forward_pre_hook(on_input, with_kwargs=True)
               if hook.capture == "input" else module.register_forward_hook(on_output))
     try:
-        return model(input_ids.to(_device(model)), use_cache=False).logits
+        yield
     finally:
         handle.remove()
+
+
+def run_with_replacement(model: nn.Module, hook: HookPoint,
+                         fn: Callable[[torch.Tensor], torch.Tensor],
+                         input_ids: torch.Tensor) -> torch.Tensor:
+    """Full forward pass returning logits (batch, seq, vocab), with the activation at `hook`
+    replaced by fn(activation). Honours the caller's grad mode, so fn may hold trainable
+    parameters (steering vectors) or run an SAE under no_grad (spliced CE loss)."""
+    with replacing(model, hook, fn):
+        return model(input_ids.to(_device(model)), use_cache=False).logits
+
+
+@torch.inference_mode()
+def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *,
+             hook: HookPoint | None = None,
+             edit: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+             temperature: float = 0.0, generator: torch.Generator | None = None,
+             stop_ids: Collection[int] = ()) -> torch.Tensor:
+    """Continue one sequence `input_ids` (1, P) by up to `max_new_tokens` tokens with the KV
+    cache; returns the new ids (n,), a stop id included when one ended it.
+
+    Greedy when `temperature` is 0, else sampled from softmax(logits / temperature) with
+    `generator` (a CPU generator: the same seed gives the same draws whatever the model does,
+    so two runs differ only where their distributions do). With `hook` and `edit`, the
+    activation there is edit(act, positions) in every forward pass, `positions` holding the
+    absolute positions (t,) of act's sequence dimension (the prompt first, then one new
+    token per step). Inf/NaN logits raise FloatingPointError naming the step."""
+    ids = input_ids.to(_device(model))
+    past, start, new = None, 0, []
+    context = (replacing(model, hook, lambda a: edit(a, torch.arange(start, start + a.shape[1],
+                                                                      device=a.device)))
+               if edit is not None else nullcontext())
+    with context:
+        for step in range(max_new_tokens):
+            out = model(ids, past_key_values=past, use_cache=True)
+            past, start = out.past_key_values, start + ids.shape[1]
+            logits = out.logits[0, -1].float()
+            if not torch.isfinite(logits).all():
+                raise FloatingPointError(f"the logits became inf/NaN at generation step {step}")
+            if temperature > 0:
+                probs = (logits / temperature).softmax(-1).cpu()
+                token = int(torch.multinomial(probs, 1, generator=generator))
+            else:
+                token = int(logits.argmax())
+            new.append(token)
+            if token in stop_ids:
+                break
+            ids = torch.tensor([[token]], device=ids.device)
+    return torch.tensor(new, dtype=torch.long)
 
 
 def unembed(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
