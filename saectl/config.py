@@ -130,7 +130,10 @@ def stage_command(app: typer.Typer, cls, name: str, help: str,
             if f.name in positional:
                 marker = typer.Argument(help=f.metadata.get("help", ""), show_default=False)
             else:
-                marker = typer.Option(_flag(f), help=f.metadata.get("help", ""),
+                names = [_flag(f)]
+                if default is True:  # on by default: the flag that matters is --no-NAME
+                    names = [f"{_flag(f)}/--no-{_flag(f)[2:]}"]
+                marker = typer.Option(*names, help=f.metadata.get("help", ""),
                                       show_default=shown if shown is not None else False)
             params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
                                             annotation=Annotated[tp, marker]))
