@@ -16,7 +16,8 @@ from typer.exceptions import TyperException
 from saectl import store
 from saectl.config import stage_command
 from saectl.errors import ConfigError, SaectlError
-from stages import harvest, import_acts, shuffle, sweep, train
+from stages import harvest, import_acts, interpret, shuffle, sweep, train
+from stages import steer
 
 app = typer.Typer(name="saectl", no_args_is_help=True, add_completion=False,
                   help="Sparse autoencoders for language models: harvest → shuffle → train → "
@@ -33,6 +34,12 @@ STAGES = [
     ("sweep", sweep.SweepConfig, sweep.run,
      "Train a grid of SAEs, tabulate and plot them, and choose one by description length.",
      ("shuffle",)),
+    ("interpret", interpret.InterpretConfig, interpret.run,
+     "Explain an SAE's features: statistics, examples, logit lens, explanations with "
+     "detection scores, and a dashboard (report/index.html).", ("sae",)),
+    ("steer", steer.SteerConfig, steer.run,
+     "Generate with and without SAE features pushed, side by side, with measured effect.",
+     ("sae",)),
     ("import", import_acts.ImportConfig, import_acts.run,
      "Make a harvest-like artifact from activations in a .npy, .safetensors or Zarr file.",
      ("file",)),
@@ -119,6 +126,43 @@ def gc(store_: StoreOpt = None,
         if not dry_run:
             store.remove(a)
         print(f"{'would remove' if dry_run else 'removed'} {a.ref}")
+
+
+@app.command("run")
+def run_pipeline(
+        pipeline: Annotated[Path, typer.Argument(help="A pipeline YAML file (see pipelines/)")],
+        store_: StoreOpt = None,
+        only: Annotated[Optional[list[str]], typer.Option(
+            "--only", help="Run only this step (repeatable); the steps it takes outputs from "
+                           "must have run before (their refs are used)")] = None,
+        start: Annotated[Optional[str], typer.Option("--from", help="Start at this step")] = None,
+        until: Annotated[Optional[str], typer.Option("--until", help="Stop after this step")] = None,
+        sets: Annotated[Optional[list[str]], typer.Option(
+            "--set", help="Override a param: STEP.PARAM=VALUE (repeatable)")] = None,
+        dry_run: Annotated[bool, typer.Option(
+            "--dry-run", help="Print the plan and what is cached; run nothing")] = False,
+        as_json: JsonOpt = False):
+    """Run a pipeline's steps in order, each a cache hit when nothing changed, recording a ref
+    per step (refs/<pipeline>/<step>); prints the last step's ref."""
+    from saectl import pipeline as pl
+    from saectl.console import console, info
+
+    p = pl.load(pipeline, STAGES, sets or ())
+    steps = pl.select(p, only or (), start, until)
+    root = store.store_root(store_)
+    if dry_run:
+        rows = pl.plan(p, root, steps)
+        print(json.dumps(pl.as_dicts(rows), indent=1) if as_json
+              else "\n".join(pl.plan_lines(p, rows)))
+        return
+    results = pl.execute(p, root, steps)
+    console.print(pl.summary_table(p, results))
+    for line in pl.report_lines(p, results):
+        info(line)
+    if as_json:
+        print(json.dumps(pl.as_dicts(results), indent=1))
+    elif results and results[-1].status in ("cached", "ran"):
+        print(results[-1].output)
 
 
 @app.command("export")

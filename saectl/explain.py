@@ -178,9 +178,11 @@ _PER_EXAMPLE = re.compile(r"example\s*(\d+)\s*[:=\-]\s*(1|0|yes|no|true|false)\b
 
 def _labels_or_indices(items: list[str], n: int) -> list[bool] | None:
     # n items all 0/1 are labels in order; otherwise the numbers name the activating examples
-    # (1-based, as the prompt numbers them). Anything else is not an answer we can trust.
-    if len(items) == n and all(x.lower() in _VOTE for x in items):
-        return [_VOTE[x.lower()] for x in items]
+    # (1-based, as the prompt numbers them). A longer run of 0/1 is a small model carrying
+    # the pattern on past the last example: its first n are the answers. Anything else is
+    # not an answer we can trust.
+    if len(items) >= n and all(x.lower() in _VOTE for x in items):
+        return [_VOTE[x.lower()] for x in items[:n]]
     if items and all(x.isdigit() and 1 <= int(x) <= n for x in items):
         chosen = {int(x) for x in items}
         return [i in chosen for i in range(1, n + 1)]
@@ -192,7 +194,7 @@ def _parse_detection(text: str, n: int) -> list[bool] | None:
     if per and all(1 <= int(i) <= n for i, _ in per):
         votes = {int(i): _VOTE[v.lower()] for i, v in per}
         return [votes.get(i, False) for i in range(1, n + 1)]
-    bracket = re.search(r"\[([^\[\]]*)\]", text)
+    bracket = re.search(r"\[([^\[\]]*)(\]|$)", text)  # "[1, 0, 1" cut off by max_tokens
     if bracket:
         if not bracket.group(1).strip():  # "[]": the numbers of the activating examples, none
             return [False] * n
@@ -241,7 +243,8 @@ def detection_score(client: Client, explanation: str, positives: Sequence[Exampl
     chunks = [items[i:i + per_prompt] for i in range(0, len(items), per_prompt)]
     explanations = [explanation] + ([control] if control is not None else [])
     batch = [detection_prompt(e, [ex for ex, _ in chunk]) for e in explanations for chunk in chunks]
-    answers = cached_complete(client, cache, batch, DETECTION_MAX_TOKENS)
+    # "[1, 0, ...]" is ~3 tokens an example: a longer answer is a model rambling, so cut it.
+    answers = cached_complete(client, cache, batch, min(DETECTION_MAX_TOKENS, 3 * per_prompt + 6))
     truth = [t for _, t in items]
     scores, invalid = [], 0
     for k in range(len(explanations)):

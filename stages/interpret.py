@@ -50,6 +50,8 @@ class InterpretConfig:
     quantiles: int = opt(4, "Activation quantiles that examples are drawn from")
     per_quantile: int = opt(3, "Examples shown per quantile")
     window: int = opt(32, "Tokens per context shown (the activating token ~3/4 along)")
+    prompt_window: int = opt(16, "Tokens per context in the explainer's and scorer's prompts "
+                                 "(the same cut; shorter prompts for small CPU models)")
     explain: bool = opt(True, "Explain and score features with a language model")
     explainer: str | None = opt(None, "HF model id or folder, or an OpenAI-compatible URL "
                                       "(http://host:port/v1); default: the packaged SmolLM2")
@@ -71,7 +73,8 @@ class InterpretConfig:
     def __post_init__(self):
         if not self.sae:
             raise ConfigError("give the SAE to interpret: saectl interpret TRAIN_REF")
-        for name in ("top", "quantiles", "per_quantile", "window", "detection", "dashboard_max"):
+        for name in ("top", "quantiles", "per_quantile", "window", "prompt_window", "detection",
+                     "dashboard_max"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.explain_max < 0:
@@ -449,8 +452,9 @@ class _Job:
         with progress("interpret explain", len(chosen), "features") as bar:
             for b in range(0, len(chosen), batch):
                 part = chosen[b:b + batch]
-                shown = [[ex for _, ex in self.examples(j, 0, strings)[:EXPLAINER_TOP]]
-                         + self._per_quantile(j, strings) for j in part]
+                cut = self._cut
+                shown = [[cut(ex) for _, ex in self.examples(j, 0, strings)[:EXPLAINER_TOP]]
+                         + [cut(ex) for ex in self._per_quantile(j, strings)] for j in part]
                 try:
                     texts = explain(client, shown, cache)
                     for i, (j, text) in enumerate(zip(part, texts)):
@@ -458,8 +462,8 @@ class _Job:
                         if text:
                             control = _control(texts, i) or _control(
                                 [e["explanation"] for e in self.explained.values()], -1)
-                            pos = [ex for _, ex in self.examples(j, 2, strings)]
-                            neg = [ex for _, ex in self.examples(j, 3, strings)]
+                            pos = [cut(ex) for _, ex in self.examples(j, 2, strings)]
+                            neg = [cut(ex) for _, ex in self.examples(j, 3, strings)]
                             entry.update(detection_score(client, text, pos, neg,
                                                          seed=self.cfg.seed + j,
                                                          control=control, cache=cache))
@@ -480,6 +484,18 @@ class _Job:
         return ExplainerError(f"{error}; {self.n_unexplained} of {len(chosen)} features left "
                               f"unexplained (statistics and dashboard are in {self.art.path}); "
                               "re-run the same command to retry, answers already received are kept")
+
+    def _cut(self, ex):
+        """The prompt's part of a context: `prompt_window` tokens placed as in the window,
+        the maximum ~3/4 along (a non-activating context keeps its end)."""
+        from saectl.explain import Example
+
+        n = self.cfg.prompt_window
+        if len(ex.tokens) <= n:
+            return ex
+        peak = int(np.argmax(ex.acts)) if max(ex.acts) > 0 else len(ex.tokens) - 1
+        lo = min(max(peak - (3 * n) // 4, 0), len(ex.tokens) - n)
+        return Example(ex.tokens[lo:lo + n], ex.acts[lo:lo + n])
 
     def _per_quantile(self, j: int, strings) -> list:
         seen, out = set(), []

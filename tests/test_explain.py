@@ -158,6 +158,8 @@ def test_parse_explanation_survives_chatter(answer, expected):
     ("I cannot tell.", [False] * 4),  # unreadable: all False
     ("[1, 0, 1]", [False] * 4),  # three labels for four examples: unreadable
     ("[7]", [False] * 4),  # no example 7
+    ("[1, 0, 1, 0, 1, 1, 1", [True, False, True, False]),  # carried on, cut by max_tokens
+    ("[0, 0, 1, 1, 0]", [False, False, True, True]),
 ])
 def test_parse_detection_variants(answer, expected):
     assert parse_detection(answer, 4) == expected
