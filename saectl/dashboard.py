@@ -117,9 +117,10 @@ def find_chromium() -> str | None:
 
 
 def screenshot(html: Path, png: Path, width: int = 1200, height: int = 900,
-               timeout: float = 90.0) -> Path:
+               timeout: float = 90.0, feature: int | None = None) -> Path:
     """Render the page `html` in headless Chromium and save a `width`x`height` PNG of it
-    (after the page's scripts ran: Chromium shoots once the load event has fired)."""
+    (after the page's scripts ran: Chromium shoots once the load event has fired), showing
+    `feature`'s panel if given."""
     exe = find_chromium()
     if exe is None:
         raise NotFoundError("chromium is not installed (apt-get install chromium); "
@@ -133,7 +134,8 @@ def screenshot(html: Path, png: Path, width: int = 1200, height: int = 900,
         tmp = png.with_name(f".{png.name}.tmp.png")
         tmp.unlink(missing_ok=True)
         cmd = [exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--screenshot={tmp}",
-               f"--window-size={width},{height}", html.as_uri()]
+               f"--window-size={width},{height}",
+               html.as_uri() + ("" if feature is None else f"#f={feature}")]
         try:
             proc = subprocess.run(cmd, check=False, capture_output=True, text=True,
                                   timeout=timeout, stdin=subprocess.DEVNULL)
