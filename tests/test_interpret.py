@@ -299,3 +299,36 @@ def test_bad_input(planted, tiny_model_dirs, capsys):
                           "--explainer-model")
     assert_one_line_error(run_cli(capsys, *_interpret(p, "--sample", "3", "--features", "1")),
                           "not both")
+
+
+def test_refused_endpoint_still_writes_statistics(planted, capsys):
+    res = run_cli(capsys, *_interpret(planted, "--features", "0-7", "--explainer",
+                                      "http://127.0.0.1:9/v1", "--explainer-model", "m"))
+    assert_one_line_error(res, "refused the connection", "features left unexplained")
+    ref = "interpret/" + res.err.split("interpret/")[1][:12]
+    art = store.resolve(planted["root"], ref)
+    assert not art.is_complete() and (art.path / "report" / "index.html").is_file()
+    assert art.group()["stats/fired"].shape == (8,)
+
+
+def test_imported_images(tmp_path, capsys):
+    """Imported activations have no tokens and no model: examples are row numbers, there is no
+    logit lens, and with an image shape each feature's decoder row is drawn."""
+    from tests.test_train import synthetic
+
+    x, _ = synthetic(n=3000, d=16, F=24)
+    np.save(tmp_path / "x.npy", x)
+    st = ["--store", tmp_path]
+    imp = run_cli(capsys, "import", tmp_path / "x.npy", "--hook", "px", "--image-shape", "4x4", *st)
+    sh = run_cli(capsys, "shuffle", imp.out.strip(), *st)
+    tr = run_cli(capsys, "train", sh.out.strip(), "--arch", "topk", "--k", "3", "--width", "24",
+                 "--tokens", "20000", "--batch-size", "500", "--no-lm-eval", *st)
+    res = run_cli(capsys, "interpret", tr.out.strip(), "--no-explain", "--top", "5", *st)
+    assert res.code == 0, res.err
+    art = store.open_complete(tmp_path, res.out.strip())
+    assert "lens" not in art.group() and art.manifest()["params"]["image_shape"] == [4, 4]
+    data = _embedded(art.path / "report" / "index.html")
+    live = [f for f in data["features"] if f.get("top")]
+    assert live and all(np.array(f["image"]).shape == (4, 4) for f in data["features"])
+    assert live[0]["top"][0]["tokens"][0].startswith("row ")
+    assert "logits_pos" not in live[0]
