@@ -20,7 +20,7 @@ from rich.table import Table  # noqa: E402
 
 from benchmarks.common import machine  # noqa: E402
 
-SUITES = ["harvest", "codecs", "train", "sweep"]
+SUITES = ["harvest", "codecs", "train", "sweep", "interpret"]
 
 
 def main() -> int:

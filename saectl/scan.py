@@ -26,6 +26,7 @@ import torch
 HIST_EDGES = np.round(np.arange(-6.0, 4.0 + 1e-9, 0.05), 2)
 """log10(activation) bin edges: 1e-6 to 1e4 in 200 bins; values outside go to the end bins."""
 NO_SEQ = -1
+MERGE_EVERY = 64  # sequences buffered between merges into the top lists
 
 
 @dataclass
@@ -77,6 +78,15 @@ def _merge(keep: tuple, cand: tuple, n: int, descending: bool) -> tuple:
     return tuple(t.gather(1, order) for t in both)
 
 
+def _flush(best: tuple, keyed: tuple, pending: list[tuple], top: int, pool: int):
+    """Merge the pending blocks' per-sequence maxima into the top list and the pool."""
+    if not pending:
+        return best, keyed
+    m, seqs, pos, keys = (torch.cat(t, dim=1) for t in zip(*pending))
+    return (_merge(best, (m, seqs, pos), top, descending=True),
+            _merge(keyed, (keys, m, seqs, pos), pool, descending=False))
+
+
 @torch.inference_mode()
 def scan(blocks: Iterator[tuple[int, torch.Tensor]], encode: Callable[[torch.Tensor], torch.Tensor],
          features: np.ndarray, *, top: int, pool: int, seed: int = 0, skip_first: bool = False,
@@ -97,30 +107,45 @@ def scan(blocks: Iterator[tuple[int, torch.Tensor]], encode: Callable[[torch.Ten
              torch.full((n_f, pool), NO_SEQ), torch.zeros(n_f, pool, dtype=torch.int64))
     best = neg
     n_tokens = 0
+    pending: list[tuple] = []
+    n_pending = 0
     lo_edge, width = float(HIST_EDGES[0]), float(HIST_EDGES[1] - HIST_EDGES[0])
     for seq0, x in blocks:
         S, C, d = x.shape
-        a = encode(x.reshape(S * C, d)).float().cpu().reshape(S, C, n_f)
+        a = encode(x.reshape(S * C, d)).reshape(-1)
+        # Everything below works on the nonzero entries only: an SAE's activations are sparse,
+        # and passes over the dense block cost more than the encode itself.
+        flat = torch.nonzero(a > 0).squeeze(1)
+        vals = a[flat].float().cpu()
+        flat = flat.cpu()
+        tok, f = flat // n_f, flat % n_f
+        c, s = tok % C, tok // C
         if skip_first:
-            a[:, 0] = 0
+            keep = c > 0
+            vals, f, c, s = vals[keep], f[keep], c[keep], s[keep]
         n_tokens += S * (C - skip_first)
-        on = a > 0
-        fired += on.sum((0, 1))
-        act_sum += a.sum((0, 1), dtype=torch.float64)
-        flat = torch.nonzero(on.view(-1)).squeeze(1)
-        if len(flat):
-            vals = a.view(-1)[flat]
-            bins = ((vals.log10() - lo_edge) / width).floor().long().clamp_(0, nb - 1)
-            hist += torch.bincount((flat % n_f) * nb + bins, minlength=n_f * nb)
-        m, pos = a.max(dim=1)  # (S, n_f): each sequence's maximum and where it is
+        fired += torch.bincount(f, minlength=n_f)
+        act_sum += torch.bincount(f, weights=vals.double(), minlength=n_f)
+        bins = ((vals.log10() - lo_edge) / width).floor().long().clamp_(0, nb - 1)
+        hist += torch.bincount(f * nb + bins, minlength=n_f * nb)
+        # Each sequence's maximum per feature, and its first position.
+        key = s * n_f + f
+        m = torch.zeros(S * n_f).scatter_reduce_(0, key, vals, "amax")
+        at_max = vals == m[key]
+        pos = torch.full((S * n_f,), C, dtype=torch.int64).scatter_reduce_(
+            0, key[at_max], c[at_max], "amin")
+        m, pos = m.view(S, n_f), pos.view(S, n_f).clamp_(max=C - 1)
         max_act = torch.maximum(max_act, m.max(0).values)
-        seqs = torch.arange(seq0, seq0 + S).expand(n_f, S)
-        best = _merge(best, (m.T, seqs, pos.T), top, descending=True)
         keys = torch.from_numpy(hash_keys(seed, np.arange(seq0, seq0 + S), features)).T
         keys = torch.where(m.T > 0, keys, 2.0)  # only sequences where it fires enter the pool
-        keyed = _merge(keyed, (keys, m.T, seqs, pos.T), pool, descending=False)
+        pending.append((m.T, torch.arange(seq0, seq0 + S).expand(n_f, S), pos.T, keys))
+        n_pending += S
+        if n_pending >= MERGE_EVERY:  # a sort per few blocks, not per block
+            best, keyed = _flush(best, keyed, pending, top, pool)
+            pending, n_pending = [], 0
         if on_block:
             on_block(S * C)
+    best, keyed = _flush(best, keyed, pending, top, pool)
     top_act, top_seq, top_pos = best
     invalid = top_act <= 0
     pkey, pool_act, pool_seq, pool_pos = keyed

@@ -37,8 +37,9 @@ def _sparse_acts(n_seq=37, C=9, n_f=13, seed=0) -> torch.Tensor:
     return a
 
 
-@pytest.mark.parametrize("per", [1, 4, 37])
-def test_scan_incremental_equals_full_computation(per):
+@pytest.mark.parametrize("per, merge_every", [(1, 1), (4, 5), (37, 64), (3, 64)])
+def test_scan_incremental_equals_full_computation(per, merge_every, monkeypatch):
+    monkeypatch.setattr("saectl.scan.MERGE_EVERY", merge_every)
     a = _sparse_acts()
     n_seq, C, n_f = a.shape
     feats = np.arange(100, 100 + n_f)
