@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Submit a pipeline to SLURM as a chain of jobs, each starting only if the one before it
+# succeeded (--dependency=afterok):
+#
+#   harvest (an array of $SHARDS tasks filling one artifact) → shuffle → sweep (the slurm
+#   executor: its grid points are an array of their own) → interpret (one GPU)
+#
+#   SAECTL_STORE=/shared/saectl PIPELINE=pipelines/pythia-70m.yaml pipelines/slurm/submit.sh
+#
+# Each job runs `saectl run PIPELINE --only STEP` and finds its input in the ref the job
+# before it recorded (refs/<pipeline>/<step>), so the chain passes no file names around; every
+# step is content-addressed, so submitting the chain again redoes only what did not finish.
+# Prints one line per job: "step: job id".
+#
+# Environment:
+#   SAECTL_STORE          the artifact store, on a filesystem every node shares (required)
+#   PIPELINE              the pipeline file (default: pipelines/pythia-70m.yaml)
+#   SHARDS                harvest array tasks (default 8)
+#   UNTIL                 last job to submit: harvest, shuffle, sweep or interpret (default)
+#   LOG_DIR               job logs (default ./saectl-logs)
+#   SAECTL_ACCOUNT        --account for every job, and for the sweep's array (unset: your
+#                         default account)
+#   SAECTL_CPU_PARTITION  --partition for harvest, shuffle and the sweep's driver job
+#                         (unset: the cluster's default partition)
+#   SAECTL_GPU_PARTITION  --partition for interpret and the sweep's training array, which
+#                         also asks --gres=gpu:1 (unset: the default partition; the array
+#                         then trains on CPUs)
+#   SAECTL_ARGS           more `saectl run` options for every step, e.g. "--set ..."
+#   SBATCH_ARGS           more sbatch options for every job, e.g. "--qos=long --mem=64G";
+#                         they override the #SBATCH lines of the .sbatch files
+#   HARVEST_STEP, SHUFFLE_STEP, SWEEP_STEP, SAE_STEP, INTERPRET_ARGS: see the .sbatch files
+# The .sbatch files ask for the CPUs, memory and time pythia-70m.yaml needs; SBATCH_ARGS
+# overrides them.
+# saectl must be on PATH in the jobs (activate the virtual environment before submitting:
+# sbatch passes the environment on).
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+: "${SAECTL_STORE:?set SAECTL_STORE to a folder on a filesystem every node shares}"
+export SAECTL_STORE
+PIPELINE=$(realpath "${PIPELINE:-$here/../pythia-70m.yaml}")
+export PIPELINE
+SHARDS=${SHARDS:-8}
+UNTIL=${UNTIL:-interpret}
+case "$UNTIL" in harvest|shuffle|sweep|interpret) ;;
+    *) echo "submit.sh: UNTIL=$UNTIL must be harvest, shuffle, sweep or interpret" >&2; exit 1;;
+esac
+LOG_DIR=$(realpath -m "${LOG_DIR:-saectl-logs}")
+mkdir -p "$LOG_DIR"
+# Validate the pipeline (and see the plan) before anything is queued.
+saectl run "$PIPELINE" --dry-run >&2
+
+account=${SAECTL_ACCOUNT:+--account=$SAECTL_ACCOUNT}
+cpu=${SAECTL_CPU_PARTITION:+--partition=$SAECTL_CPU_PARTITION}
+gpu=${SAECTL_GPU_PARTITION:+--partition=$SAECTL_GPU_PARTITION}
+
+submit() {  # sbatch OPTIONS... SCRIPT → the job id
+    # shellcheck disable=SC2086  # $account is one option or nothing; SBATCH_ARGS a list
+    sbatch --parsable --export=ALL $account ${SBATCH_ARGS:-} "$@" | cut -d';' -f1
+}
+
+# shellcheck disable=SC2086
+job=$(submit $cpu --array="0-$((SHARDS - 1))" --output="$LOG_DIR/harvest-%A_%a.log" \
+      "$here/harvest.sbatch")
+echo "harvest: $job"
+[ "$UNTIL" = harvest ] && exit 0
+# shellcheck disable=SC2086
+job=$(submit $cpu --dependency="afterok:$job" --output="$LOG_DIR/shuffle-%j.log" \
+      "$here/shuffle.sbatch")
+echo "shuffle: $job"
+[ "$UNTIL" = shuffle ] && exit 0
+# shellcheck disable=SC2086
+job=$(submit $cpu --dependency="afterok:$job" --output="$LOG_DIR/sweep-%j.log" \
+      "$here/sweep.sbatch")
+echo "sweep: $job"
+[ "$UNTIL" = sweep ] && exit 0
+# shellcheck disable=SC2086
+job=$(submit $gpu --dependency="afterok:$job" --output="$LOG_DIR/interpret-%j.log" \
+      "$here/interpret.sbatch")
+echo "interpret: $job"
