@@ -53,6 +53,9 @@ UNITS = ("auto", "raw", "max_act")
 DEFAULT_STRENGTH = 1.0
 LENS_K = 10
 SWEEP_PLOT = "strength_sweep.png"
+FIGURES = ("act_baseline", "act_steered", "kl", "ppl_baseline", "ppl")
+"""Headline summary figures (`saectl run`'s table): the feature activation (averaged over the
+features), KL and perplexity of the baseline and of the last steered run."""
 
 
 @dataclass(frozen=True)
@@ -327,7 +330,19 @@ def address_params(cfg: SteerConfig, p: Plan, lin, model_identity: dict) -> dict
 # Running
 
 
-def run(cfg: SteerConfig):
+@dataclass(frozen=True)
+class Resolved:
+    """What a steer request resolves to before any model is loaded."""
+
+    lin: object
+    plan: Plan
+    spec: object
+    params: dict
+    inputs: dict
+    art: store.Artifact
+
+
+def resolve(cfg: SteerConfig) -> Resolved:
     from saectl import models
     from saectl.lineage import sae_lineage
 
@@ -337,13 +352,24 @@ def run(cfg: SteerConfig):
     spec = _model_spec(lin, cfg.model)
     params = address_params(cfg, p, lin, models.model_identity(spec))
     inputs = {"sae": lin.sae, **({"interpret": p.interpret} if p.interpret else {})}
-    art = store.artifact_for(root, STAGE, params, inputs)
+    return Resolved(lin, p, spec, params, inputs, store.artifact_for(root, STAGE, params, inputs))
+
+
+def address(cfg: SteerConfig) -> store.Artifact:
+    """The artifact `run(cfg)` makes or finds, computed without writing (for `saectl run`)."""
+    return resolve(cfg).art
+
+
+def run(cfg: SteerConfig):
+    """The steer artifact (its texts and figures shown), or with --json its summary as JSON."""
+    r = resolve(cfg)
+    art = r.art
     if art.is_complete():
         info(f"steer: cache hit {art.ref}")
     else:
-        summary, tokens = _steer(cfg, p, lin, spec)
-        origin = {"model": {"name": spec.name, "source": spec.source}}
-        with store.writing(art, params, inputs, wait=not cfg.no_wait, origin=origin):
+        summary, tokens = _steer(cfg, r.plan, r.lin, r.spec)
+        origin = {"model": {"name": r.spec.name, "source": r.spec.source}}
+        with store.writing(art, r.params, r.inputs, wait=not cfg.no_wait, origin=origin):
             if not art.is_complete():  # else finished by another process while we waited
                 _write(art, summary, tokens)
         info(f"steer: wrote {art.ref}")
@@ -438,6 +464,10 @@ def _steer(cfg: SteerConfig, p: Plan, lin, spec) -> tuple[dict, dict]:
                   "mean": _mean(steered_figs[r])}
                  for r, (value, s) in enumerate(runs)],
     }
+    last = summary["runs"][-1]["mean"]  # headline figures (FIGURES) of the last run
+    summary.update(act_baseline=float(np.mean(list(summary["baseline"]["mean"]["act"].values()))),
+                   act_steered=float(np.mean(list(last["act"].values()))), kl=last["kl"],
+                   ppl_baseline=summary["baseline"]["mean"]["ppl"], ppl=last["ppl"])
     tokens = {"prompt_tokens": _pad([torch.tensor(t) for t in prompt_ids]),
               "baseline/tokens": _pad(base_new, cfg.max_new_tokens),
               "steered/tokens": np.stack([_pad(n, cfg.max_new_tokens) for n in steered_new])}

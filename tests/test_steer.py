@@ -154,26 +154,28 @@ def test_ablating_a_feature_that_never_fires_changes_nothing(tiny, capsys):
 def test_units_come_from_an_interpret_artifact_of_the_sae(tiny, capsys, tmp_path):
     root = tmp_path / "store"
     shutil.copytree(tiny.root, root)
-    sae_art = store.resolve(root, tiny.sae)
-    # An interpret artifact as the interpret stage leaves it: `features` and `stats/max_act`.
-    interp = store.artifact_for(root, "interpret", {"test": 1}, {"sae": sae_art})
-    with store.writing(interp, {"test": 1}, {"sae": sae_art}):
-        g = interp.group("r+")
-        g.create_array("features", data=np.array([3, 7, 11], dtype=np.int64))
-        g.create_array("stats/max_act", data=np.array([2.5, 4.0, 0.0], dtype=np.float32))
-        store.mark_complete(interp, {})
+    dead = int((tiny.max_act == 0).nonzero()[0])
+    res = run_cli(capsys, "interpret", tiny.sae, "--store", root, "--no-explain", "--features",
+                  f"3,7,{dead}", "--device", "cpu")
+    assert res.code == 0, res.err
+    interp = store.open_complete(root, res.out.strip())
+    g = interp.group()
+    max_act = dict(zip(g["features"][:].tolist(), g["stats/max_act"][:].tolist()))
+    assert max_act[3] > 0 and max_act[7] > 0 and max_act[dead] == 0
     out = _steer_json(capsys, tiny, "--feature", "7:2", "--feature", "3", root=root)
     assert out["units"] == "max_act" and out["units_from"] == interp.ref
-    assert out["runs"][0]["raw_strengths"] == {"7": 8.0, "3": 2.5}
+    assert out["runs"][0]["raw_strengths"] == pytest.approx({"7": 2 * max_act[7],
+                                                             "3": max_act[3]})
     assert "×max" in out["runs"][0]["label"]
+    assert store.resolve(root, out["ref"]).manifest()["inputs"]["interpret"] == interp.ref
     raw = _steer_json(capsys, tiny, "--feature", "7:2", "--feature", "3", "--units", "raw",
                       root=root)
     assert raw["units"] == "raw" and raw["runs"][0]["raw_strengths"] == {"7": 2.0, "3": 1.0}
     assert raw["ref"] != out["ref"]
-    # A feature the interpret artifact does not cover, or that never fired there: raw, said so.
+    # A feature interpret did not study, or one that never fired there: raw, and said so.
     res = run_cli(capsys, *steer_args(tiny, "--feature", "5", root=root))
     assert res.code == 0 and "raw activation units" in res.err
-    assert_one_line_error(run_cli(capsys, *steer_args(tiny, "--feature", "11", "--units",
+    assert_one_line_error(run_cli(capsys, *steer_args(tiny, "--feature", str(dead), "--units",
                                                       "max_act", root=root)),
                           "never fired", "--units raw")
 
@@ -199,6 +201,10 @@ def test_output_config_file_and_cache(tiny, capsys, tmp_path):
     assert m["params"]["features"] == [[3, 20.0], [7, 1.0]]
     assert m["params"]["positions"] == "generated" and m["params"]["prompts"] == PROMPTS
     assert m["inputs"] == {"sae": tiny.sae}
+    assert all(isinstance(m["summary"][k], float) for k in steer.FIGURES)
+    cfg_obj = steer.SteerConfig(sae=tiny.sae, feature=["3:20", "7"], prompt=PROMPTS,
+                                max_new_tokens=6, positions="generated", store=str(tiny.root))
+    assert steer.address(cfg_obj).ref == ref  # what `saectl run` computes without running
     # --prompts FILE gives the same prompts, so the same artifact.
     file = tmp_path / "prompts.txt"
     file.write_text("\n".join(PROMPTS) + "\n\n")
