@@ -16,8 +16,9 @@ A pipeline file names its steps in the order they run:
           grid: {k: [16, 32], expansion: 8}  # a mapping for a file field becomes a YAML file
           tolerance: 0.2
 
-`input: {field: step, ...}` wires several fields. Relative paths in params that exist next to
-the pipeline file are taken from there; a list for a text field is joined with commas.
+`input: {field: step, ...}` wires several fields. A relative path written with a '/' or a file
+extension (`./model`, `corpus.jsonl`) that exists next to the pipeline file is taken from
+there; a list for a text field is joined with commas.
 
 The runner is generic over the stage table (`saectl.cli.STAGES`: name, config dataclass, run,
 help, positional fields), so a new stage row works in a pipeline with no change here. A stage
@@ -59,6 +60,9 @@ STEP_KEYS = ("stage", "input", "params")
 RUNNER_FIELDS = ("store",)  # set for the whole run (--store), never per step
 _STEP_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Written like a file path: with a '/' or a file extension (`./model`, `corpus.jsonl`), so that
+# words such as `slurm` or `train` never turn into folders that happen to sit beside the file.
+_PATH_RE = re.compile(r"/|\.[A-Za-z][A-Za-z0-9]*$")
 
 
 @dataclass(frozen=True)
@@ -274,7 +278,7 @@ def _prepare(value, ftype, base: Path, files: Path, label: str):
             return int(num) if ftype is int and num.is_integer() else num
         except ValueError:
             return value
-    if isinstance(value, str) and value not in ("", ".", "..") and not Path(value).is_absolute():
+    if isinstance(value, str) and _PATH_RE.search(value) and not Path(value).is_absolute():
         candidate = base / value
         if candidate.exists():
             return str(candidate.resolve())

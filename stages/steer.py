@@ -244,8 +244,9 @@ def _model_spec(lin, model: str | None):
 
 
 def _interpret_units(root: Path, lin, features: list[int]):
-    """(typical max activation per feature, interpret artifact) from the newest complete
-    interpret artifact of this SAE that covers every feature, or (None, why not)."""
+    """(typical max activation per feature, the interpret artifact, "") from the newest
+    complete interpret artifact of this SAE that covers every feature, or (None, None, why
+    not)."""
     from saectl import arrays
 
     found = []
@@ -259,7 +260,7 @@ def _interpret_units(root: Path, lin, features: list[int]):
         if m.get("inputs", {}).get("sae") == lin.sae.ref:
             found.append((m.get("completed", ""), art.ref, art))
     if not found:
-        return None, "no interpret artifact of this SAE"
+        return None, None, "no interpret artifact of this SAE"
     for *_, art in sorted(found, key=lambda t: t[:2], reverse=True):
         g = art.group()
         if "features" not in g or "stats/max_act" not in g:
@@ -271,9 +272,10 @@ def _interpret_units(root: Path, lin, features: list[int]):
         unit = np.array([max_act[index[f]] for f in features], dtype=np.float64)
         if not (np.isfinite(unit).all() and (unit > 0).all()):
             bad = [f for f, u in zip(features, unit) if not (np.isfinite(u) and u > 0)]
-            return None, f"feature {bad[0]} never fired in {art.ref[:18]}"
-        return unit, art
-    return None, f"no interpret artifact of this SAE covers feature(s) {', '.join(map(str, features))}"
+            return None, None, f"feature {bad[0]} never fired in {art.ref[:18]}"
+        return unit, art, ""
+    return None, None, ("no interpret artifact of this SAE covers feature(s) "
+                        f"{', '.join(map(str, features))}")
 
 
 @dataclass(frozen=True)
@@ -307,9 +309,9 @@ def plan(root: Path, cfg: SteerConfig, lin) -> Plan:
     weights = [default if s is None else s for _, s in specs]
     unit, interp, units = np.ones(len(features)), None, "raw"
     if cfg.mode != "ablate" and cfg.units != "raw":
-        found, why = _interpret_units(root, lin, features)
+        found, interp, why = _interpret_units(root, lin, features)
         if found is not None:
-            unit, interp, units = found, why, "max_act"
+            unit, units = found, "max_act"
         elif cfg.units == "max_act":
             raise ConfigError(f"--units max_act: {why}; run `saectl interpret {lin.sae.ref[:18]}` "
                               "or use --units raw")
@@ -323,7 +325,7 @@ def address_params(cfg: SteerConfig, p: Plan, lin, model_identity: dict) -> dict
             "features": [[f, w] for f, w in zip(p.features, p.weights)], "strengths": p.sweep,
             "units": p.units, "positions": cfg.positions, "prompts": p.prompts,
             "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-            "seed": cfg.seed}
+            "seed": cfg.seed if cfg.temperature > 0 else None}  # greedy: no draws
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,7 +434,7 @@ def _steer(cfg: SteerConfig, p: Plan, lin, spec) -> tuple[dict, dict]:
             base_figs.append(m.baseline(ids, new))
             bar.advance(1)
             start = 1 if cfg.positions == "all" else len(ids) - 1
-            for r, (value, strengths) in enumerate(runs):
+            for r, (_, strengths) in enumerate(runs):
                 raw = torch.tensor(strengths, dtype=torch.float32, device=device) * unit
                 edit = intervention(sae, p.features, raw, cfg.mode, start)
                 try:
@@ -444,7 +446,22 @@ def _steer(cfg: SteerConfig, p: Plan, lin, spec) -> tuple[dict, dict]:
                     raise ConfigError(f"steering {what} drives the model to inf/NaN ({e}, "
                                       f"prompt {i + 1}); use a smaller strength") from None
                 bar.advance(1)
-    text = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+
+    summary = _summary(cfg, p, lin, spec, tok, lens, (base_new, base_figs),
+                       list(zip(runs, steered_new, steered_figs)))
+    tokens = {"prompt_tokens": _pad([torch.tensor(t) for t in prompt_ids]),
+              "baseline/tokens": _pad(base_new, cfg.max_new_tokens),
+              "steered/tokens": np.stack([_pad(n, cfg.max_new_tokens) for n in steered_new])}
+    return summary, tokens
+
+
+def _summary(cfg, p: Plan, lin, spec, tok, lens, baseline, runs) -> dict:
+    """Settings, texts and figures, as stored in the manifest (and printed by --json)."""
+
+    def text(ids) -> str:
+        return tok.decode(ids, skip_special_tokens=True)
+
+    base_new, base_figs = baseline
     summary = {
         "sae": lin.sae.ref, "hook": lin.hook, "model": spec.name, "mode": cfg.mode,
         "positions": cfg.positions, "units": p.units,
@@ -460,18 +477,15 @@ def _steer(cfg: SteerConfig, p: Plan, lin, spec) -> tuple[dict, dict]:
                   "strengths": {str(f): float(v) for f, v in zip(p.features, s)},
                   "raw_strengths": {str(f): float(v * u)
                                     for f, v, u in zip(p.features, s, p.unit)},
-                  "texts": [text(n) for n in steered_new[r]], "per_prompt": steered_figs[r],
-                  "mean": _mean(steered_figs[r])}
-                 for r, (value, s) in enumerate(runs)],
+                  "texts": [text(n) for n in new], "per_prompt": figs, "mean": _mean(figs)}
+                 for (value, s), new, figs in runs],
     }
-    last = summary["runs"][-1]["mean"]  # headline figures (FIGURES) of the last run
-    summary.update(act_baseline=float(np.mean(list(summary["baseline"]["mean"]["act"].values()))),
+    base, last = summary["baseline"]["mean"], summary["runs"][-1]["mean"]
+    # Headline figures (FIGURES): averaged over the features, of the last run.
+    summary.update(act_baseline=float(np.mean(list(base["act"].values()))),
                    act_steered=float(np.mean(list(last["act"].values()))), kl=last["kl"],
-                   ppl_baseline=summary["baseline"]["mean"]["ppl"], ppl=last["ppl"])
-    tokens = {"prompt_tokens": _pad([torch.tensor(t) for t in prompt_ids]),
-              "baseline/tokens": _pad(base_new, cfg.max_new_tokens),
-              "steered/tokens": np.stack([_pad(n, cfg.max_new_tokens) for n in steered_new])}
-    return summary, tokens
+                   ppl_baseline=base["ppl"], ppl=last["ppl"])
+    return summary
 
 
 def _as_list(x) -> list:
@@ -542,8 +556,9 @@ class Measure:
 def _mean(per_prompt: list[dict]) -> dict:
     out = {}
     for key, value in per_prompt[0].items():
-        if isinstance(value, dict):
-            out[key] = {f: float(np.mean([d[key][f] for d in per_prompt])) for f in value}
+        if isinstance(value, dict):  # per feature; the largest activation over all prompts
+            agg = np.max if key == "act_max" else np.mean
+            out[key] = {f: float(agg([d[key][f] for d in per_prompt])) for f in value}
         elif key == "tokens":
             out[key] = sum(d[key] for d in per_prompt)
         elif key == "ppl":  # the perplexity of all continuations together
@@ -642,7 +657,10 @@ def show(summary: dict, art: store.Artifact) -> None:
                        f"baseline activation mean {base['act'][f]:.3g}, max "
                        f"{base['act_max'][f]:.3g} (raw)"))
     runs = summary["runs"]
-    shown = lambda s: Text(s.replace("\n", "⏎"))  # noqa: E731
+
+    def shown(s: str) -> Text:
+        return Text(s.replace("\n", "⏎"))
+
     if len(runs) == 1:
         table = Table(show_lines=True)
         for col in ("prompt", "baseline", f"steered ({runs[0]['label']})"):

@@ -229,6 +229,31 @@ def test_a_killed_run_resumes_where_it_stopped(pipeline_file, done_store, tmp_pa
     assert refs(root)["shuffle"] == refs(done_store)["shuffle"]
 
 
+def test_new_stages_need_no_runner_change(pipeline_file, copy_store, capsys):
+    """interpret and steer, rows of the stage table the runner knows nothing else about, run
+    as steps on the trained SAE; the second time both are cached."""
+    path = pipeline_file.with_name("tiny-more.yaml")
+    path.write_text(pipeline_file.read_text() + """\
+  interpret:
+    input: train
+    params: {explain: false, top: 4, device: cpu}
+  steer:
+    input: train
+    params: {feature: ["0"], prompt: [The cat sat], max_new_tokens: 4, device: cpu}
+""")
+    root = copy_store
+    plan = run_json(capsys, path, "--store", root, "--from", "interpret", "--dry-run")
+    assert {r["step"] for r in plan} == {"interpret", "steer"}
+    assert all(r["status"] in ("run", "unknown") for r in plan)
+    rows = run_json(capsys, path, "--store", root, "--from", "interpret")
+    assert statuses(rows) == {"interpret": "ran", "steer": "ran"}
+    lin = store.resolve(root, refs(root)["interpret"]).manifest()["inputs"]
+    assert refs(root)["train"] in json.dumps(lin)
+    assert any(r.endswith("index.html") for r in rows[0]["reports"])
+    rows = run_json(capsys, path, "--store", root, "--from", "interpret")
+    assert statuses(rows) == {"interpret": "cached", "steer": "cached"}
+
+
 GOOD_HARVEST = "  harvest:\n    params: {hooks: resid_post.1}\n"
 BAD = [
     ("steps:\n  banana: {}\n", ["unknown stage 'banana'", "harvest, shuffle"]),
@@ -291,14 +316,17 @@ def test_values_from_the_command_line_take_their_field_types(pipeline_file, tmp_
     from saectl import pipeline as pl
     from saectl.cli import STAGES
 
+    (pipeline_file.parent / "slurm").mkdir(exist_ok=True)  # a word, not a path, all the same
     p = pl.load(pipeline_file, STAGES, ["train.lr=1e-3", "train.tokens=1e4",
-                                       "harvest.hooks=[resid_post.0, resid_post.1]"])
+                                       "harvest.hooks=[resid_post.0, resid_post.1]",
+                                       "sweep.executor=slurm"])
+    assert next(s for s in p.steps if s.name == "sweep").params["executor"] == "slurm"
     train = next(s for s in p.steps if s.name == "train")
     assert train.params["lr"] == 0.001 and train.params["tokens"] == 10000
     harvest = next(s for s in p.steps if s.name == "harvest")
     assert harvest.params["hooks"] == "resid_post.0,resid_post.1"
     assert harvest.params["dataset"] == str(pipeline_file.parent / "corpus.jsonl")
-    assert p.changed == {"train", "harvest"}
+    assert p.changed == {"train", "harvest", "sweep"}
 
 
 def shipped_pipelines() -> list[Path]:
