@@ -12,6 +12,7 @@ set of done chunks per writer (`progress/<writer>.json`); a re-run skips groups 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import threading
@@ -25,6 +26,7 @@ from saectl.errors import ArtifactError, ConfigError, SaectlError
 
 STAGE = "harvest"
 FIGURES = ("n_tokens", "bytes_per_value")  # summary figures `saectl run` shows
+AUTOCAST = (None, "bfloat16")  # --autocast choices; None: the model's own float32
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,9 @@ class HarvestConfig:
     tokens: int = opt(100_000, "Tokens to harvest (rounded up to whole contexts)")
     context_size: int = opt(128, "Tokens per context; the first is BOS")
     dtype: str = opt("float16", "Storage dtype: float16, bfloat16 or float32")
+    autocast: str | None = opt(None, "Run the forward pass under torch.autocast in this dtype: "
+                                     "bfloat16 (faster on GPUs and on CPUs with AVX-512 bf16 or "
+                                     "AMX; activations differ from float32 by ~1%)")
     batch_size: int = opt(8, "Contexts per forward pass", address=False)
     shard: str | None = opt(None, "I/N: this process fills shard I of N (e.g. a SLURM array "
                                   "task); the artifact completes when all have", address=False)
@@ -62,6 +67,9 @@ class HarvestConfig:
         if self.dtype not in arrays.STORAGE_DTYPES:
             raise ConfigError(f"--dtype {self.dtype} is not one of "
                               f"{', '.join(arrays.STORAGE_DTYPES)}")
+        if self.autocast not in AUTOCAST:
+            raise ConfigError(f"--autocast {self.autocast} is not supported; use --autocast "
+                              f"{' or '.join(a for a in AUTOCAST if a)}, or leave it out")
         self.shard_index()  # validates
 
     @property
@@ -92,6 +100,8 @@ def resolved_params(cfg: HarvestConfig, model_spec, data_spec) -> dict:
     params.update(model=models.model_identity(model_spec), dataset=data.dataset_identity(data_spec),
                   hooks=cfg.hook_list, n_seq=cfg.n_seq)
     del params["tokens"]  # n_seq × context_size is what is stored
+    if params["autocast"] is None:  # absent, so addresses made before the option stay valid
+        del params["autocast"]
     return params
 
 
@@ -222,6 +232,13 @@ def _harvest(art, group, layout: _Layout, model, hooks, tokens, device, cfg, sha
         info(f"harvest: resuming, {total - remaining:,} of {total:,} tokens already stored")
 
     writer = _Writer(art, group, cfg, writer_id, my_done)
+    dev_type = torch.device(device).type
+
+    def autocast():
+        if cfg.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(dev_type, dtype=getattr(torch, cfg.autocast))
+
     t0 = time.perf_counter()
     with progress("harvest", total, "tokens", done=total - remaining) as bar:
         try:
@@ -230,7 +247,8 @@ def _harvest(art, group, layout: _Layout, model, hooks, tokens, device, cfg, sha
                 outs: dict[str, list] = {h.name: [] for h in hooks}
                 for s, e in layout.batches_of(g):
                     ids = torch.from_numpy(tokens[s:e]).long().to(device)
-                    acts = models.run_with_hooks(model, hooks, ids)
+                    with autocast():
+                        acts = models.run_with_hooks(model, hooks, ids)
                     for h in hooks:
                         x = acts[h.name].reshape(-1, acts[h.name].shape[-1])
                         outs[h.name].append(_checked(x, h.name, cfg.dtype))

@@ -113,6 +113,27 @@ def test_cache_hit_prints_the_same_ref(tiny_model_dirs, tiny_corpus, tmp_path, c
     assert 0 < manifest["summary"]["bytes_per_value"] < 2.5
 
 
+
+def test_bf16_autocast_stays_close_to_float32(tiny_model_dirs, tiny_corpus, tmp_path, capsys):
+    """--autocast bfloat16 runs the forward under torch.autocast: a new address, activations
+    within bfloat16's rounding of the float32 ones; without it, the address has no such field."""
+    args = harvest_args(tiny_model_dirs["llama"], tiny_corpus, tmp_path, "resid_post.1,mlp_out.2",
+                        24 * C, "--dtype", "float32")
+    fp32 = run_cli(capsys, *args)
+    bf16 = run_cli(capsys, *args, "--autocast", "bfloat16")
+    assert fp32.code == bf16.code == 0, fp32.err + bf16.err
+    assert fp32.out != bf16.out
+    _, g32 = load(tmp_path, fp32.out.strip())
+    art, g16 = load(tmp_path, bf16.out.strip())
+    assert art.manifest()["params"]["autocast"] == "bfloat16"
+    assert "autocast" not in store.resolve(Path(tmp_path), fp32.out.strip()).manifest()["params"]
+    for hook in ("resid_post.1", "mlp_out.2"):
+        a, b = arrays.read(g16[f"acts/{hook}"]), arrays.read(g32[f"acts/{hook}"])
+        assert np.isfinite(a).all() and not np.array_equal(a, b), hook  # bf16 really ran
+        rel = np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)
+        assert rel.max() < 0.05, (hook, rel.max())
+    assert_one_line_error(run_cli(capsys, *args, "--autocast", "int8"), "--autocast", "bfloat16")
+
 @pytest.mark.parametrize("fault", ["harvest.group_written:3", "harvest.mid_group:4",
                                    "store.before_complete"])
 def test_resume_after_sigkill_equals_uninterrupted(fault, tiny_model_dirs, tiny_corpus, tmp_path,
