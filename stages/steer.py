@@ -177,13 +177,16 @@ def intervention(sae, features: list[int], raw, mode: str, start: int):
     the result is not finite."""
     import torch
 
+    with torch.no_grad():
+        push = raw.to(sae.dtype) @ sae.W_dec[features]  # add mode: Σ s_f·d_f
+
     def edit(act, positions):
         mask = positions >= start
         if not bool(mask.any()):
             return act
         x = act[..., mask, :]
         if mode == "add":
-            new = x + (raw.to(sae.dtype) @ sae.W_dec[features]).to(x.dtype)
+            new = x + push.to(x.dtype)
         else:
             new = clamp(sae, x, features, raw)[0]
         if not bool(torch.isfinite(new).all()):
