@@ -65,3 +65,76 @@ def alternate(fns: dict, reps: int = 3, warmup: int = 1) -> dict[str, float]:
             if r >= warmup:
                 times[name].append(dt)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages: others' work on a shared machine shows up here."""
+    return "/".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+def synthetic_import(root, n_rows: int, d: int, context_size: int = 128, dtype: str = "float16",
+                     seed: int = 0) -> str:
+    """A fresh import artifact of n_rows × d normal values under `root`: its ref. Written in
+    blocks through a memory-mapped .npy, so making it never holds the whole array."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from stages import import_acts
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    npy = root / f"x-{n_rows}x{d}.npy"
+    mm = np.lib.format.open_memmap(npy, mode="w+", dtype=np.float16, shape=(n_rows, d))
+    rng = np.random.default_rng(seed)
+    for lo in range(0, n_rows, 16384):
+        hi = min(lo + 16384, n_rows)
+        mm[lo:hi] = rng.standard_normal((hi - lo, d), dtype=np.float32)
+    mm.flush()
+    del mm
+    art = import_acts.run(import_acts.ImportConfig(file=str(npy), hook="h", dtype=dtype,
+                                                   context_size=context_size, store=str(root)))
+    npy.unlink()
+    return art.ref
+
+
+_MEASURE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from saectl.cli import main
+
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+
+before = status("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark: count only the work
+code = 0
+try:
+    main(sys.argv[2:])
+except SystemExit as e:
+    code = e.code or 0
+print(status("VmHWM") - before, code)
+"""
+
+
+def peak_growth(*args, env: dict | None = None) -> int:
+    """Peak RSS growth in bytes of a real `saectl ARGS` run in a fresh process, beyond what the
+    interpreter held once saectl's CLI was imported (VmHWM reset to VmRSS just before), as
+    tests/test_shuffle.py measures it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "-c", _MEASURE, str(repo), *map(str, args)],
+                       capture_output=True, text=True, cwd=repo,
+                       env={**os.environ, **(env or {})})
+    last = p.stdout.strip().splitlines()[-1:] or ["0 1"]
+    growth, code = last[0].split()
+    if p.returncode or code != "0":
+        raise RuntimeError(f"saectl {' '.join(map(str, args))} failed:\n{p.stderr[-2000:]}")
+    return int(growth)

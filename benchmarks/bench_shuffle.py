@@ -1,0 +1,106 @@
+"""Shuffle throughput against a sequential copy of the same store, and shuffle's peak memory
+against its --memory budget (issue 8).
+
+Data: synthetic float16 activations at d_in 576 (SmolLM2's width), BENCH_SHUFFLE_ROWS rows
+(default 262,144: 302 MB raw) in sequences of 128, imported into a fresh store with the default
+chunks (2,048 rows). Budget: BENCH_SHUFFLE_MEMORY (default 160MiB, about half the data, so the
+shuffle runs out of core: ~22 buckets).
+
+- Throughput, at the default --memory (2GiB: the data fits in two buckets) and at the tight
+  budget: `stages.shuffle.run` in this process (its artifact removed between runs) against
+  the baseline, a sequential chunk-by-chunk copy of the same array into a new Zarr array with
+  the same chunks and codecs (read, decode, encode, write: the least any rewrite of the store
+  does). Shuffle reads once, writes every row to a scratch bucket, reads the buckets back and
+  writes the output, so it does twice the copy's I/O plus the scatter; goal ≥ 0.5×.
+- Memory: the real `saectl shuffle --memory BUDGET` in a fresh process; peak RSS growth over
+  the RSS it held before the command (VmHWM, reset at start); goal ≤ the budget.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import Row, alternate, peak_growth, synthetic_import
+
+D_IN, CTX = 576, 128
+N_ROWS = int(os.environ.get("BENCH_SHUFFLE_ROWS", 262_144))
+MEMORY = os.environ.get("BENCH_SHUFFLE_MEMORY", "160MiB")
+
+
+def copy_array(src, dst_group, name: str):
+    """The baseline: the array rewritten chunk-aligned, in order, with the same chunks/codecs."""
+    from saectl import arrays
+
+    chunk = src.chunks[0]
+    step = chunk * 16
+    dst = arrays.create(dst_group, name, tuple(src.shape), tuple(src.chunks),
+                        src.attrs.get("dtype", str(src.dtype)))
+    for lo in range(0, src.shape[0], step):
+        dst[lo:lo + step] = src[lo:lo + step]
+    return dst
+
+
+def run() -> list[Row]:
+    import zarr
+
+    from saectl import store
+    from saectl.config import parse_bytes
+    from stages import shuffle
+
+    work = Path(tempfile.mkdtemp(prefix="bench-shuffle-"))
+    try:
+        ref = synthetic_import(work, N_ROWS, D_IN, CTX)
+        root = store.store_root(work)
+        src_art = store.open_complete(root, ref)
+        src = src_art.group()["acts/h"]
+        raw_bytes = N_ROWS * D_IN * 2
+        cfgs = {"default": shuffle.ShuffleConfig(harvest=ref, store=str(work)),
+                "tight": shuffle.ShuffleConfig(harvest=ref, memory=MEMORY, store=str(work))}
+        buckets = {}
+
+        def do_shuffle(which):
+            def fn():
+                art = shuffle.address(cfgs[which])
+                shutil.rmtree(art.path, ignore_errors=True)
+                shuffle.run(cfgs[which])
+                buckets[which] = art.manifest()["summary"]["hooks"]["h"]["n_buckets"]
+                shutil.rmtree(art.path, ignore_errors=True)
+            return fn
+
+        def do_copy():
+            target = work / "copy.zarr"
+            shutil.rmtree(target, ignore_errors=True)
+            copy_array(src, zarr.open_group(target, mode="w"), "h")
+
+        t = alternate({"default": do_shuffle("default"), "tight": do_shuffle("tight"),
+                       "copy": do_copy}, reps=3, warmup=1)
+        t0 = time.perf_counter()
+        shutil.copytree(src_art.path, work / "cp")
+        cp_s = time.perf_counter() - t0
+        shutil.rmtree(work / "cp")
+
+        budget = parse_bytes(MEMORY)
+        growth = peak_growth("shuffle", ref, "--store", work, "--memory", MEMORY)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    mb = raw_bytes / 1e6
+    copy_note = (f"sequential Zarr copy (decode+encode, 16 chunks a call) {t['copy']:.1f}s; "
+                 f"a plain file copy of the store took {cp_s:.1f}s")
+    return [
+        Row(f"shuffle MB/s (raw fp16), {N_ROWS:,} x {D_IN}, default --memory 2GiB",
+            mb / t["default"], mb / t["copy"], "MB/s", ">= 0.5x",
+            note=f"{mb:.0f} MB in {buckets['default']} bucket(s): shuffle {t['default']:.1f}s, "
+                 + copy_note),
+        Row(f"shuffle MB/s (raw fp16), {N_ROWS:,} x {D_IN}, --memory {MEMORY} (out of core)",
+            mb / t["tight"], mb / t["copy"], "MB/s", ">= 0.5x",
+            note=f"{mb:.0f} MB in {buckets['tight']} buckets: shuffle {t['tight']:.1f}s, "
+                 + copy_note),
+        Row(f"shuffle peak RSS growth MiB, {N_ROWS:,} x {D_IN} ({mb:.0f} MB)",
+            growth / 2**20, budget / 2**20, "MiB", "<= 1x",
+            note=f"real `saectl shuffle --memory {MEMORY}` in a fresh process; VmHWM over the "
+                 f"RSS before the command"),
+    ]
