@@ -78,13 +78,28 @@ def read(arr: zarr.Array, selection=slice(None), *, artifact: str = "", raw: boo
     try:
         data = arr[selection]
     except Exception as e:  # zarr raises ValueError/RuntimeError from codecs on a bad chunk
+        chunk = _bad_chunk(arr, selection)
         raise ArtifactError(
             f"artifact {artifact or arr.store} is damaged: array '{arr.path}' has an unreadable "
-            f"chunk ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); re-run the "
-            "command that made it after `saectl gc --all`, or delete the artifact") from None
+            f"chunk{f' {chunk}' if chunk else ''} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); re-run the command that made it after "
+            "`saectl gc --all`, or delete the artifact") from None
     if raw or arr.attrs.get("dtype") not in STORAGE_DTYPES:
         return data
     return from_storage(data, arr.attrs["dtype"])
+
+
+def _bad_chunk(arr: zarr.Array, selection) -> str:
+    """The key ('c/3/0') of the first chunk along axis 0 of `selection` that fails to decode."""
+    sel = selection if isinstance(selection, slice) else slice(None)
+    lo, hi, _ = sel.indices(arr.shape[0])
+    rows = arr.chunks[0]
+    for c in range(lo // rows, -(-hi // rows)):
+        try:
+            arr[c * rows:(c + 1) * rows]
+        except Exception:
+            return "c/" + "/".join([str(c)] + ["0"] * (arr.ndim - 1))
+    return ""
 
 
 def rows_per_chunk(row_bytes: int, multiple: int = 1) -> int:

