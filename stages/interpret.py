@@ -30,6 +30,7 @@ from saectl.console import info, progress
 from saectl.errors import ConfigError, SaectlError
 
 STAGE = "interpret"
+FIGURES = ("n_features", "dead_fraction", "n_explained", "mean_score", "mean_control_score")
 EXPLANATIONS = "explanations.json"
 RESPONSES = "responses.json"
 LENS_K = 10
@@ -130,7 +131,22 @@ def select_features(cfg: InterpretConfig, d_sae: int) -> np.ndarray:
     return np.arange(d_sae, dtype=np.int64)
 
 
-def run(cfg: InterpretConfig) -> store.Artifact:
+@dataclass
+class _Plan:
+    art: store.Artifact
+    params: dict
+    inputs: dict
+    lin: object
+    harvest: store.Artifact
+    feats: np.ndarray
+    client: object
+    n_seq: int
+    C: int
+    hw: tuple[int, int] | None
+
+
+def plan(cfg: InterpretConfig) -> _Plan:
+    """Everything `cfg` resolves to, and the artifact it names; writes nothing."""
     from saectl.lineage import check_activations, sae_lineage
 
     root = store.store_root(cfg.store)
@@ -157,16 +173,27 @@ def run(cfg: InterpretConfig) -> store.Artifact:
     del params["explainer_model"], params["tokens"]
     inputs = {"sae": lin.sae, "harvest": harvest}
     art = store.artifact_for(root, STAGE, params, inputs)
+    return _Plan(art, params, inputs, lin, harvest, feats, client, n_seq, C, hw)
+
+
+def address(cfg: InterpretConfig) -> store.Artifact:
+    """The artifact `run(cfg)` makes (for `saectl run --dry-run`)."""
+    return plan(cfg).art
+
+
+def run(cfg: InterpretConfig) -> store.Artifact:
+    p = plan(cfg)
+    art = p.art
     if art.is_complete():
         info(f"interpret: cache hit {art.ref}")
         _announce(art, cfg.open)
         return art
-    with store.writing(art, params, inputs, wait=not cfg.no_wait):
+    with store.writing(art, p.params, p.inputs, wait=not cfg.no_wait):
         if art.is_complete():
             return art
-        job = _Job(cfg, lin, harvest, feats, n_seq, C, hw, art)
+        job = _Job(cfg, p.lin, p.harvest, p.feats, p.n_seq, p.C, p.hw, art)
         job.run_phases()
-        error = job.explain_all(client) if client else None
+        error = job.explain_all(p.client) if p.client else None
         job.write_dashboard()
         if error is not None:
             raise error
