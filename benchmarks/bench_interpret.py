@@ -32,7 +32,7 @@ def run() -> list[Row]:
             for lo in range(0, N_SEQ, BLOCK):
                 yield lo, x[lo:lo + BLOCK]
 
-        def encode(v):
+        def encode(v, sae=sae):
             with torch.inference_mode():
                 return sae.encode(v)
 
@@ -40,7 +40,7 @@ def run() -> list[Row]:
             for _, b in blocks():
                 encode(b.reshape(-1, D_IN)).float().cpu()
 
-        def full_scan():
+        def full_scan(encode=encode, feats=feats):
             scan(blocks(), encode, feats, top=20, pool=64, seed=0, skip_first=True)
 
         t = alternate({"scan": full_scan, "encode": encode_only}, reps=3)

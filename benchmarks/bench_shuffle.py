@@ -27,7 +27,7 @@ from pathlib import Path
 from benchmarks.common import Row, alternate, peak_growth, synthetic_import
 
 D_IN, CTX = 576, 128
-N_ROWS = int(os.environ.get("BENCH_SHUFFLE_ROWS", 262_144))
+N_ROWS = int(os.environ.get("BENCH_SHUFFLE_ROWS", "262144"))
 MEMORY = os.environ.get("BENCH_SHUFFLE_MEMORY", "160MiB")
 
 

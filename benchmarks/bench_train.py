@@ -113,8 +113,8 @@ def make_sparsify(d_sae: int, sample: torch.Tensor):
                                device="cpu", dtype=torch.float32)
     assert sae.num_latents == d_sae
     sae.b_dec.data = sample.mean(0)  # sparsify's first-step init
-    opt = torch.optim.Adam([dict(params=sae.parameters(),
-                                 lr=2e-4 / (sae.num_latents / 2**14) ** 0.5)])
+    opt = torch.optim.Adam([{"params": sae.parameters(),
+                             "lr": 2e-4 / (sae.num_latents / 2**14) ** 0.5}])
     sched = get_linear_schedule_with_warmup(opt, 0, 10_000)  # lr_warmup_steps=0, as saectl's
     since_fired = torch.zeros(sae.num_latents, dtype=torch.long)
     did_fire = torch.zeros(sae.num_latents, dtype=torch.bool)
@@ -222,7 +222,7 @@ def missing() -> dict[str, str]:
     for name, (package, check) in PACKAGES.items():
         try:
             check()
-        except Exception as e:  # ImportError, or an incompatible version
+        except Exception as e:  # noqa: BLE001 -- ImportError, or an incompatible version
             out[name] = (f"{package} not importable here ({type(e).__name__}: {e}); "
                          f"run `make bench`, which installs it into .bench-venv")
     return out
@@ -290,7 +290,7 @@ def memory(name: str, d_sae: int) -> dict[str, float]:
             "from benchmarks import bench_train as b; "
             "print(json.dumps(b.memory_one(sys.argv[2], int(sys.argv[3]))))")
     out = subprocess.run([sys.executable, "-c", code, str(ROOT), name, str(d_sae)],
-                         capture_output=True, text=True, cwd=ROOT)
+                         check=False, capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         raise RuntimeError(f"memory run of {name} at d_sae={d_sae} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

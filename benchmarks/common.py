@@ -43,15 +43,16 @@ def machine() -> dict:
 
     cpu = platform.processor()
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu)
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "gpu": gpu, "python": platform.python_version()}
+    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    return {"cpu": cpu, "cpu_flags": flags, "cores": len(os.sched_getaffinity(0)),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "gpu": gpu,
+            "python": platform.python_version(), "load_average": load_average()}
 
 
 def alternate(fns: dict, reps: int = 3, warmup: int = 1) -> dict[str, float]:
@@ -131,10 +132,23 @@ def peak_growth(*args, env: dict | None = None) -> int:
 
     repo = Path(__file__).resolve().parents[1]
     p = subprocess.run([sys.executable, "-c", _MEASURE, str(repo), *map(str, args)],
-                       capture_output=True, text=True, cwd=repo,
+                       check=False, capture_output=True, text=True, cwd=repo,
                        env={**os.environ, **(env or {})})
     last = p.stdout.strip().splitlines()[-1:] or ["0 1"]
     growth, code = last[0].split()
     if p.returncode or code != "0":
         raise RuntimeError(f"saectl {' '.join(map(str, args))} failed:\n{p.stderr[-2000:]}")
     return int(growth)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (avx512_bf16, amx_bf16, ...) from /proc/cpuinfo; empty if unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = list(f)
+    except OSError:
+        return set()
+    for line in lines:
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
