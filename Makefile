@@ -35,14 +35,11 @@ $(COMPAT)/.installed:
 test: install $(COMPAT)/.installed
 	$(BIN)/python -m pytest -q
 
-# Until `saectl run` lands, the demo chains the stages with shell variables: harvest SmolLM2's
-# residual stream on Wikipedia summaries, shuffle, sweep a small grid, choose by MDL.
+# The offline demo (pipelines/demo.yaml): harvest SmolLM2's residual stream on Wikipedia
+# summaries, shuffle, sweep 8 SAEs and choose one by MDL, interpret it (dashboard), steer it.
+# Run again, it does no work; the summary table says where the dashboard and plots are.
 pipeline: install
-	set -e; export SAECTL_STORE=$${SAECTL_STORE:-artifacts}; \
-	ACTS=$$($(BIN)/saectl harvest --hooks resid_post.15 --tokens 65536); \
-	SPLIT=$$($(BIN)/saectl shuffle $$ACTS); \
-	SAE=$$($(BIN)/saectl sweep $$SPLIT --grid pipelines/demo-grid.yaml --tolerance 0.3); \
-	$(BIN)/saectl show $$SAE
+	$(BIN)/saectl run pipelines/demo.yaml
 
 # The benchmarks run in an environment of their own, with the baselines they compare against
 # (SAELens, EleutherAI's sparsify), so those never enter the project's .venv. Built once.
