@@ -46,6 +46,11 @@ WIDTHS = [4, 8, 16, 32, 64]
 KS = [16, 32, 64, 128]
 K, K_WIDTH = 32, 16
 STEPS, WARMUP = int(os.environ.get("BENCH_SCALING_STEPS", "5")), 2
+ROUNDS = 3  # harvest rounds over the token counts
+THREADS = int(os.environ.get("BENCH_SCALING_THREADS", "1"))
+"""torch threads while timing. One: the exponents are properties of the work, and a single
+thread's CPU time is the work done, which other jobs on a shared machine barely change (two
+threads on a loaded 2-core machine wait on each other at every parallel region)."""
 PNG = Path(__file__).with_name("scaling.png")
 DOCS_PNG = ROOT / "docs" / "scaling.png"
 
@@ -74,12 +79,12 @@ def harvest_curve() -> dict:
     hooks = models.parse_hooks(model, [HARVEST_HOOK])
     dims = {HARVEST_HOOK: models.hook_dim(model, hooks[0])}
 
-    def once(n_tokens: int) -> tuple[float, int]:
+    def once(n_tokens: int) -> tuple[float, float, int]:
         cfg = harvest.HarvestConfig(hooks=HARVEST_HOOK, tokens=n_tokens, context_size=CTX,
                                     batch_size=HARVEST_BATCH, device="cpu")
         root = tempfile.mkdtemp(prefix="bench-scaling-harvest-")
         try:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             art = store.artifact_for(store.store_root(root), "harvest", {"bench": n_tokens})
             with store.writing(art, {"bench": n_tokens}):
                 layout = harvest.make_layout(cfg, dims)
@@ -87,20 +92,25 @@ def harvest_curve() -> dict:
                 harvest._harvest(art, group, layout, model, hooks, tokens[:cfg.n_seq],
                                  torch.device("cpu"), cfg, None)
                 store.mark_complete(art, harvest._summary(art, group, cfg, dims))
-            dt = time.perf_counter() - t0
-            return dt, _dir_bytes(art.path)
+            return (time.perf_counter() - t0, time.process_time() - c0,
+                    _dir_bytes(art.path))
         finally:
             shutil.rmtree(root, ignore_errors=True)
 
     once(HARVEST_TOKENS[0])  # warm-up
-    times: dict[int, list[float]] = {n: [] for n in HARVEST_TOKENS}
+    wall: dict[int, list[float]] = {n: [] for n in HARVEST_TOKENS}
+    cpu: dict[int, list[float]] = {n: [] for n in HARVEST_TOKENS}
     disk: dict[int, int] = {}
-    for _ in range(2):  # two rounds over the sizes, so drift hits every size alike
-        for n in HARVEST_TOKENS:
-            dt, nbytes = once(n)
-            times[n].append(dt)
+    for r in range(ROUNDS):  # rounds over the sizes, the order rotating: drift hits all alike
+        sizes = HARVEST_TOKENS[r % len(HARVEST_TOKENS):] + HARVEST_TOKENS[:r % len(HARVEST_TOKENS)]
+        for n in sizes:
+            dt, dc, nbytes = once(n)
+            wall[n].append(dt)
+            cpu[n].append(dc)
             disk[n] = nbytes
-    return {"tokens": HARVEST_TOKENS, "seconds": [min(times[n]) for n in HARVEST_TOKENS],
+    return {"tokens": HARVEST_TOKENS,
+            "seconds": [statistics.median(wall[n]) for n in HARVEST_TOKENS],
+            "cpu_seconds": [statistics.median(cpu[n]) for n in HARVEST_TOKENS],
             "bytes": [disk[n] for n in HARVEST_TOKENS]}
 
 
@@ -169,36 +179,39 @@ def _train_memory(d_sae: int, k: int) -> float:
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); "
             "from benchmarks import bench_scaling as b; "
             "print(json.dumps(b.train_memory_one(int(sys.argv[2]), int(sys.argv[3]))))")
+    env = {**os.environ, "BENCH_TRAIN_THREADS": str(THREADS or torch.get_num_threads())}
     p = subprocess.run([sys.executable, "-c", code, str(ROOT), str(d_sae), str(k)],
-                       check=False, capture_output=True, text=True, cwd=ROOT)
+                       check=False, capture_output=True, text=True, cwd=ROOT, env=env)
     if p.returncode:
         raise RuntimeError(f"train memory at d_sae={d_sae}, k={k} failed:\n{p.stderr[-2000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])["growth_mib"]
 
 
-def _step_seconds(d_sae: int, k: int, data: list[torch.Tensor]) -> float:
-    trainer = _trainer(d_sae, k, data[0])
-    times = []
-    for r in range(WARMUP + STEPS):
-        t0 = time.perf_counter()
-        trainer.step(data[r % len(data)])
-        if r >= WARMUP:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def train_curves() -> dict:
-    from benchmarks.bench_train import _set_threads
-
-    _set_threads()
+    """Step times of all the trainers in one process, one step each in turn with the order
+    rotating every round (so a busy moment of the machine hits every point alike); medians
+    after WARMUP rounds, in wall and this process's CPU time. Memory: each in its own process."""
     data = _batches(4)
     points = list(dict.fromkeys([(m * D_IN, K) for m in WIDTHS] +
                                 [(K_WIDTH * D_IN, k) for k in KS]))
-    seconds = {p: _step_seconds(*p, data) for p in points}
+    trainers = {p: _trainer(*p, data[0]) for p in points}
+    wall: dict[tuple, list[float]] = {p: [] for p in points}
+    cpu: dict[tuple, list[float]] = {p: [] for p in points}
+    for r in range(WARMUP + STEPS):
+        x = data[r % len(data)]
+        for p in points[r % len(points):] + points[:r % len(points)]:
+            t0, c0 = time.perf_counter(), time.process_time()
+            trainers[p].step(x)
+            if r >= WARMUP:
+                wall[p].append(time.perf_counter() - t0)
+                cpu[p].append(time.process_time() - c0)
+    del trainers
     memory = {p: _train_memory(*p) for p in points}
 
     def series(ps):
-        return {"seconds": [seconds[p] for p in ps], "growth_mib": [memory[p] for p in ps]}
+        return {"seconds": [statistics.median(wall[p]) for p in ps],
+                "cpu_seconds": [statistics.median(cpu[p]) for p in ps],
+                "growth_mib": [memory[p] for p in ps]}
 
     return {"threads": torch.get_num_threads(),
             "width": {"mult": WIDTHS, **series([(m * D_IN, K) for m in WIDTHS])},
@@ -231,7 +244,9 @@ def draw(res: dict, fits: dict, path: Path) -> None:
         ax.yaxis.set_minor_formatter(plain)
 
     ax = axes[0, 0]
-    loglog(ax, h["tokens"], h["seconds"], "wall time, s", fits["harvest_time"], color="C0")
+    loglog(ax, h["tokens"], h["cpu_seconds"], "CPU time", fits["harvest_time"], color="C0")
+    loglog(ax, h["tokens"], h["seconds"], "wall time", fits["harvest_wall"], color="C0",
+           marker=".", ls=":")
     ax.set_xlabel("tokens harvested")
     ax.set_ylabel("seconds")
     ax.set_title("harvest: time (SmolLM2 resid_post.15)")
@@ -263,7 +278,9 @@ def draw(res: dict, fits: dict, path: Path) -> None:
 
     x = np.asarray(w["mult"])
     ax = axes[1, 0]
-    loglog(ax, x, w["seconds"], "step time, s", fits["train_time_width"], color="C3")
+    loglog(ax, x, w["cpu_seconds"], "CPU time", fits["train_time_width"], color="C3")
+    loglog(ax, x, w["seconds"], "wall time", fits["train_wall_width"], color="C3", marker=".",
+           ls=":")
     ax.set_xlabel(f"width multiple of d_in {D_IN} (k {K})")
     ax.set_ylabel("seconds per step (4096 tokens)")
     ax.set_title("train: step time against width")
@@ -279,17 +296,18 @@ def draw(res: dict, fits: dict, path: Path) -> None:
 
     ax = axes[1, 2]
     kx = np.asarray(k["k"])
-    loglog(ax, kx, np.asarray(k["seconds"]) / k["seconds"][0], "step time",
+    loglog(ax, kx, np.asarray(k["cpu_seconds"]) / k["cpu_seconds"][0], "step CPU time",
            fits["train_time_k"], color="C3")
     loglog(ax, kx, np.asarray(k["growth_mib"]) / k["growth_mib"][0], "peak RSS growth",
            fits["train_memory_k"], marker="s", color="C4", ls="--")
     ax.set_xlabel(f"k (width {K_WIDTH}x = {K_WIDTH * D_IN})")
-    ax.set_ylabel(f"relative to k {k['k'][0]} ({k['seconds'][0]:.2f} s, "
+    ax.set_ylabel(f"relative to k {k['k'][0]} ({k['cpu_seconds'][0]:.2f} CPU s, "
                   f"{k['growth_mib'][0]:.0f} MiB)")
     ax.set_title("train: step time and memory against k")
     ax.legend(loc="upper left")
 
-    fig.suptitle("saectl scaling: power-law exponent b of y = a·x^b in each legend", y=0.995)
+    fig.suptitle("saectl scaling: power-law exponent b of y = a·x^b in each legend; "
+                 f"{THREADS} torch thread(s), CPU time of the process", y=0.995)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -299,15 +317,24 @@ def draw(res: dict, fits: dict, path: Path) -> None:
 
 
 def measure() -> tuple[dict, dict]:
-    res = {"harvest": harvest_curve(), "shuffle": shuffle_curve(), "train": train_curves()}
+    threads = torch.get_num_threads()
+    if THREADS:
+        torch.set_num_threads(THREADS)
+    try:
+        res = {"harvest": harvest_curve(), "shuffle": shuffle_curve(), "train": train_curves()}
+    finally:
+        torch.set_num_threads(threads)
     h, s, w, k = res["harvest"], res["shuffle"], res["train"]["width"], res["train"]["k"]
-    fits = {"harvest_time": power_law(h["tokens"], h["seconds"]),
+    fits = {"harvest_time": power_law(h["tokens"], h["cpu_seconds"]),
+            "harvest_wall": power_law(h["tokens"], h["seconds"]),
             "harvest_disk": power_law(h["tokens"], h["bytes"]),
             "shuffle_memory": power_law(s["bytes"], s["growth"]),
             "shuffle_time": power_law(s["bytes"], s["seconds"]),
-            "train_time_width": power_law(w["mult"], w["seconds"]),
+            "train_time_width": power_law(w["mult"], w["cpu_seconds"]),
+            "train_wall_width": power_law(w["mult"], w["seconds"]),
             "train_memory_width": power_law(w["mult"], w["growth_mib"]),
-            "train_time_k": power_law(k["k"], k["seconds"]),
+            "train_time_k": power_law(k["k"], k["cpu_seconds"]),
+            "train_wall_k": power_law(k["k"], k["seconds"]),
             "train_memory_k": power_law(k["k"], k["growth_mib"])}
     draw(res, fits, PNG)
     DOCS_PNG.parent.mkdir(exist_ok=True)
@@ -325,9 +352,12 @@ def run() -> list[Row]:
     h, s, w, k = res["harvest"], res["shuffle"], res["train"]["width"], res["train"]["k"]
     budget = s["budget"] / 2**20
     threads = res["train"]["threads"]
+    f1, f3 = "{:.1f}".format, "{:.3f}".format
     return [
-        Row("scaling: harvest time vs tokens, exponent", fits["harvest_time"], 1.0, "",
-            "<= 1.1", note="tokens: s = " + _pts(h["tokens"], h["seconds"], "{:.1f}".format)),
+        Row("scaling: harvest CPU time vs tokens, exponent", fits["harvest_time"], 1.0, "",
+            "<= 1.1", note="tokens: CPU s = " + _pts(h["tokens"], h["cpu_seconds"], f1)
+                           + "; wall s = " + _pts(h["tokens"], h["seconds"], f1)
+                           + f" (exponent {fits['harvest_wall']:.2f}); {threads} torch thread(s)"),
         Row("scaling: harvest disk bytes vs tokens, exponent", fits["harvest_disk"], 1.0, "",
             "<= 1.05", note="tokens: MiB = " + _pts(h["tokens"], h["bytes"],
                                                      lambda b: f"{b / 2**20:.2f}")),
@@ -340,16 +370,19 @@ def run() -> list[Row]:
             max(s["growth"]) / 2**20, budget, "MiB", "<= 1x",
             note=f"largest data {max(s['bytes']) / 2**20:.0f} MiB, "
                  f"{max(s['bytes']) / s['budget']:.0f}x the budget"),
-        Row(f"scaling: train step time vs width {WIDTHS[0]}x-{WIDTHS[-1]}x (k {K}), exponent",
+        Row(f"scaling: train step CPU time vs width {WIDTHS[0]}x-{WIDTHS[-1]}x (k {K}), exponent",
             fits["train_time_width"], 1.0, "", "report", met=True,
-            note="width: s/step = " + _pts(w["mult"], w["seconds"], "{:.3f}".format)
-                 + f"; {threads} torch threads"),
+            note="width: CPU s/step = " + _pts(w["mult"], w["cpu_seconds"], f3)
+                 + "; wall s/step = " + _pts(w["mult"], w["seconds"], f3)
+                 + f" (exponent {fits['train_wall_width']:.2f}); {threads} torch thread(s)"),
         Row(f"scaling: train peak RSS growth vs width {WIDTHS[0]}x-{WIDTHS[-1]}x, exponent",
             fits["train_memory_width"], 1.0, "", "report", met=True,
             note="width: MiB = " + _pts(w["mult"], w["growth_mib"], "{:.0f}".format)),
-        Row(f"scaling: train step time vs k {KS[0]}-{KS[-1]} (width {K_WIDTH}x), exponent",
+        Row(f"scaling: train step CPU time vs k {KS[0]}-{KS[-1]} (width {K_WIDTH}x), exponent",
             fits["train_time_k"], 0.0, "", "report", met=True,
-            note="k: s/step = " + _pts(k["k"], k["seconds"], "{:.3f}".format)),
+            note="k: CPU s/step = " + _pts(k["k"], k["cpu_seconds"], f3)
+                 + "; wall s/step = " + _pts(k["k"], k["seconds"], f3)
+                 + f" (exponent {fits['train_wall_k']:.2f})"),
         Row(f"scaling: train peak RSS growth vs k {KS[0]}-{KS[-1]}, exponent",
             fits["train_memory_k"], 0.0, "", "report", met=True,
             note="k: MiB = " + _pts(k["k"], k["growth_mib"], "{:.0f}".format)),

@@ -59,7 +59,8 @@ def _where_time_goes(cfg, shuffle) -> str:
     cum: dict[str, float] = {}
     for (path, _, name), (_, _, _, ct, _) in pstats.Stats(prof).stats.items():
         key = {("shuffle.py", "_pass1"): "pass 1", ("shuffle.py", "flush"): "bucket writes",
-               ("array.py", "__getitem__"): "Zarr reads", ("array.py", "__setitem__"): "Zarr writes",
+               ("array.py", "__getitem__"): "Zarr reads",
+               ("array.py", "__setitem__"): "Zarr writes",
                ("arrays.py", "from_storage"): "statistics", ("einsumfunc.py", "einsum"):
                "statistics", ("~", "<built-in method numpy.fromfile>"): "bucket reads"}.get(
                    (Path(path).name, name))

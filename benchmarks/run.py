@@ -66,7 +66,7 @@ def main() -> int:
         try:
             mod = importlib.import_module(f"benchmarks.bench_{name}")
             rows.extend(r.as_dict() | {"suite": name} for r in mod.run())
-        except Exception as e:  # noqa: BLE001 -- a failing benchmark is reported, the rest still run
+        except Exception as e:  # noqa: BLE001 -- a failing benchmark is reported, the rest run
             errors[name] = f"{type(e).__name__}: {e}"
             print(f"bench: {name} failed: {errors[name]}", file=sys.stderr)
         print(f"bench: {name} took {time.perf_counter() - t0:.0f}s", file=sys.stderr)
