@@ -2,6 +2,10 @@
 become a harvest-like artifact, addressed by the file's content, so they can be shuffled and
 trained on like a harvest. There are no tokens; rows group into sequences of
 `--context-size` (1: every row its own sequence) for the train/eval split, with no BOS.
+
+Images come in the same way: an IDX file (MNIST's `train-images-idx3-ubyte`, gzipped or not)
+or `sklearn:digits` (scikit-learn's 1,797 handwritten digits, 8×8, shipped inside its wheel),
+one flattened image a row, pixels scaled to [0, 1], the image shape recorded for interpret.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ from saectl.hashing import file_sha256
 
 STAGE = "import"
 FIGURES = ("n_tokens",)  # summary figures `saectl run` shows
-SUFFIXES = (".npy", ".safetensors", ".zarr")
+SUFFIXES = (".npy", ".safetensors", ".zarr", ".idx", "-ubyte")
+BUILTIN = {"sklearn:digits"}
 
 
 @dataclass(frozen=True)
 class ImportConfig:
-    file: str | None = opt(None, "A .npy, .safetensors or Zarr array of shape (n, d)")
+    file: str | None = opt(None, "A .npy, .safetensors or Zarr array of shape (n, d), an IDX "
+                                 "image file (MNIST), or sklearn:digits")
     hook: str = opt("acts", "Name to give the activations (used as --hook later)")
     key: str | None = opt(None, "Tensor name inside a .safetensors file with several")
     context_size: int = opt(1, "Rows per sequence, for the sequence-level train/eval split")
@@ -97,14 +103,55 @@ def _identity(path: Path) -> str:
     return h.hexdigest()
 
 
-def _plan(cfg: ImportConfig):
+def _images(data: np.ndarray, scale: float) -> tuple[np.ndarray, tuple[int, int]]:
+    """(n, h, w) pixels → (n, h·w) float32 in [0, 1], and (h, w)."""
+    n, h, w = data.shape
+    return (data.reshape(n, h * w).astype(np.float32) / scale), (h, w)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file of unsigned bytes (MNIST's format: magic 0x0803, then n, h, w, big-endian)."""
+    import gzip
+
+    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    if len(raw) < 16 or raw[:3] != b"\0\0\x08" or raw[3] != 3:
+        raise ConfigError(f"{path.name} is not an IDX file of images (magic 0x00000803); give "
+                          "MNIST's train-images-idx3-ubyte or t10k-images-idx3-ubyte")
+    n, h, w = (int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(3))
+    if len(raw) != 16 + n * h * w:
+        raise ConfigError(f"{path.name} says it holds {n} images of {h}x{w} but has "
+                          f"{len(raw) - 16} bytes of pixels; the file is truncated")
+    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, h, w)
+
+
+def _source(cfg: ImportConfig):
+    """(name, identity, array-like (n, d), image shape or None) of `--file`."""
+    if cfg.file in BUILTIN:
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError:
+            raise ConfigError("sklearn:digits needs scikit-learn: pip install scikit-learn") from None
+        data, hw = _images(load_digits().images, 16.0)  # pixel values 0-16
+        import hashlib
+
+        return cfg.file, hashlib.sha256(data.tobytes()).hexdigest(), data, hw
     path = Path(cfg.file).expanduser().absolute()
-    data = _open(path, cfg.key)
+    if "idx" in path.name or path.name.endswith(("-ubyte", "-ubyte.gz")):
+        if not path.exists():
+            raise NotFoundError(f"{path} does not exist; give an IDX image file")
+        data, hw = _images(_read_idx(path), 255.0)
+        return path.name, _identity(path), data, hw
+    return path.name, _identity(path) if path.exists() else "", _open(path, cfg.key), None
+
+
+def _plan(cfg: ImportConfig):
+    name, ident, data, native_hw = _source(cfg)
+    path = Path(name)
     if data.ndim != 2:
         raise ConfigError(f"{path.name} has shape {tuple(data.shape)}; import needs (n, d) "
                           "(reshape images to one row each)")
     n, d = (int(v) for v in data.shape)
-    hw = cfg.image_hw()
+    hw = cfg.image_hw() or native_hw
     if hw and hw[0] * hw[1] != d:
         raise ConfigError(f"--image-shape {cfg.image_shape} has {hw[0] * hw[1]} pixels but rows "
                           f"have {d} values")
@@ -112,7 +159,9 @@ def _plan(cfg: ImportConfig):
         raise ConfigError(f"{path.name} has {n} rows, fewer than --context-size {cfg.context_size}")
     n_seq = n // cfg.context_size
     params = address_params(cfg)
-    params.update(file={"name": path.name, "sha256": _identity(path)}, n_rows=n_seq * cfg.context_size)
+    params.update(file={"name": name, "sha256": ident}, n_rows=n_seq * cfg.context_size)
+    if native_hw and not cfg.image_shape:
+        params["image_shape"] = f"{hw[0]}x{hw[1]}"
     art = store.artifact_for(store.store_root(cfg.store), STAGE, params)
     return path, data, n, d, hw, n_seq, params, art
 

@@ -33,6 +33,7 @@ STAGE = "interpret"
 FIGURES = ("n_features", "dead_fraction", "n_explained", "mean_score", "mean_control_score")
 EXPLANATIONS = "explanations.json"
 RESPONSES = "responses.json"
+DECODER_PNG = "decoder.png"
 LENS_K = 10
 EXPLAINER_TOP = 6  # top contexts shown to the explainer, beside one per quantile
 SCANNED, WINDOWED = 1, 2  # progress units
@@ -540,6 +541,42 @@ class _Job:
         from saectl.dashboard import write_dashboard
 
         write_dashboard(self.art.path / store.REPORT / "index.html", self.dashboard_data())
+        if self.hw:
+            self.write_decoder_images(self.art.path / store.REPORT / DECODER_PNG)
+
+    def write_decoder_images(self, path, n_max: int = 64) -> None:
+        """The decoder rows of the most often firing live features, drawn as images (blue
+        negative, red positive, each on its own symmetric scale), in a square grid."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from saectl.store import atomic_write
+
+        fired = self.stats["stats/fired"]
+        order = [j for j in np.argsort(-fired, kind="stable") if fired[j] > 0][:n_max]
+        W = self.sae.W_dec.detach().float().cpu().numpy()
+        cols = max(1, math.ceil(math.sqrt(len(order))))
+        rows = max(1, math.ceil(len(order) / cols))
+        fig, axes = plt.subplots(rows, cols, figsize=(1.2 * cols, 1.3 * rows + 0.5), squeeze=False)
+        for ax in axes.ravel():
+            ax.axis("off")
+        for ax, j in zip(axes.ravel(), order):
+            img = W[self.feats[j]].reshape(self.hw)
+            lim = float(np.abs(img).max()) or 1.0
+            ax.imshow(img, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+            ax.set_title(f"#{self.feats[j]} {fired[j] / max(self.n_tokens, 1):.1%}", fontsize=6)
+        fig.suptitle(f"{self.lin.sae.ref[:18]}: {self.sae.cfg.arch}, {self.lin.d_sae} latents"
+                     + (f", k={self.sae.cfg.k}" if self.sae.cfg.arch in ("topk", "batchtopk") else "")
+                     + f"; the {len(order)} most often firing", fontsize=8)
+        fig.tight_layout()
+        import io
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        plt.close(fig)
+        atomic_write(path, buf.getvalue())
 
     def dashboard_data(self) -> dict:
         from saectl.scan import HIST_EDGES
