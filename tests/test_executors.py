@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import tried
+
 from saectl import store
 from saectl.errors import ArtifactError, ConfigError
 from saectl.executors import (
@@ -168,7 +170,7 @@ def test_slurm_failed_task_is_reported_with_its_log(tasks, tmp_path, slurm_env):
     [(task, log)] = out.failed
     assert task == bad and log == str(work / "logs" / "1.log")
     assert _one_error(log) == BAD_ERROR
-
+    tried("sweep", "slurm fault")
 
 def test_slurm_cancelled_task_is_the_only_one_resubmitted(tasks, tmp_path, slurm_env):
     todo = [tasks.good(s) for s in (5, 6, 7)]
@@ -193,3 +195,4 @@ def test_slurm_cancelled_task_is_the_only_one_resubmitted(tasks, tmp_path, slurm
     assert follow_slurm(rest, job2, work, poll=0.3, timeout=120).ok
     assert pending(todo) == []
     assert todo[2].artifact.ref in (work / "logs" / "0.log").read_text()
+    tried("sweep", "slurm fault")

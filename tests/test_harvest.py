@@ -15,7 +15,7 @@ import torch
 
 from saectl import arrays, store
 from tests.conftest import corpus_texts, packaged_smollm2_available
-from tests.helpers import assert_one_line_error, run_cli, run_subprocess, saectl_cmd
+from tests.helpers import assert_one_line_error, run_cli, run_subprocess, saectl_cmd, tried
 
 C = 16  # context size for tiny-model tests
 
@@ -157,7 +157,7 @@ def test_resume_after_sigkill_equals_uninterrupted(fault, tiny_model_dirs, tiny_
     _, gb = load(tmp_path / "b", whole.out.strip())
     for name in ("tokens", "acts/resid_post.1", "acts/mlp_out.2"):
         assert np.array_equal(ga[name][:], gb[name][:]), name
-
+    tried("harvest", "kill")
 
 def test_shards_fill_one_artifact(tiny_model_dirs, tiny_corpus, tmp_path, small_chunks):
     base = harvest_args(tiny_model_dirs["gpt_neox"], tiny_corpus, tmp_path / "s",
@@ -178,7 +178,7 @@ def test_shards_fill_one_artifact(tiny_model_dirs, tiny_corpus, tmp_path, small_
         assert np.array_equal(gs[name][:], gw[name][:]), name
     progress = list((tmp_path / "s" / "harvest").glob("*/progress/*.json"))
     assert len(progress) == 3
-
+    tried("harvest", "twice at once")
 
 def test_incomplete_shard_leaves_artifact_incomplete(tiny_model_dirs, tiny_corpus, tmp_path,
                                                      capsys, monkeypatch):

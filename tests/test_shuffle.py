@@ -11,7 +11,7 @@ import pytest
 
 from saectl import arrays, store
 from stages.shuffle import Permutation
-from tests.helpers import REPO, assert_one_line_error, run_cli, run_subprocess
+from tests.helpers import REPO, assert_one_line_error, run_cli, run_subprocess, tried
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 17, 1000, 4097, 65536, 100_003])
@@ -109,7 +109,7 @@ def test_resume_after_sigkill_equals_uninterrupted(fault, tmp_path, capsys, monk
 MEASURE = """
 import sys
 from saectl.cli import main
-
+    tried("shuffle", "kill")
 
 def status(key):
     for line in open("/proc/self/status"):

@@ -13,7 +13,7 @@ import zarr
 
 from saectl import arrays, store
 from saectl.errors import ArtifactError, NotFoundError
-from tests.helpers import assert_one_line_error, run_cli
+from tests.helpers import assert_one_line_error, run_cli, tried
 
 
 def make(root, stage="harvest", params=None, inputs=None, complete=True, summary=None):
@@ -159,7 +159,7 @@ def test_gc_keeps_refs_inputs_and_writers(tmp_path):
     for a in remove_default:
         store.remove(a)
     assert not t.path.exists() and h.path.exists() and s.path.exists()
-
+    tried("store", "gc safety")
 
 def test_cli_ls_show_gc(tmp_path, capsys):
     a = make(tmp_path, params={"x": 1}, summary={"n_tokens": 8})

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from saectl import store
-from tests.helpers import assert_one_line_error, run_cli, run_subprocess
+from tests.helpers import assert_one_line_error, run_cli, run_subprocess, tried
 from tests.test_train import synthetic
 
 GRID = """
@@ -98,7 +98,7 @@ def test_killed_sweep_trains_only_the_missing_points(split):
     assert "2 already trained, 2 to train" in again.err
     for a in done:  # the finished points were not retrained
         assert f"cache hit {a.ref}" in again.err or a.is_complete()
-
+    tried("sweep", "kill")
 
 def test_tolerance_no_sae_meets(split, capsys):
     root, sh, grid = split

@@ -10,7 +10,7 @@ import torch
 from saectl import metrics, models, store
 from saectl.errors import ConfigError
 from saectl.sae import load_sae
-from tests.helpers import assert_one_line_error, run_cli, run_subprocess
+from tests.helpers import assert_one_line_error, run_cli, run_subprocess, tried
 
 
 def synthetic(n=20000, d=32, F=96, active=3, seed=0):
@@ -79,7 +79,7 @@ def test_resume_after_sigkill_equals_uninterrupted(split):
     assert (store.sae_dir(b) / "sae_weights.safetensors").read_bytes() == weights
     assert np.array_equal(b.group()["log/loss"][:], log)
     assert not (b.path / "checkpoint.pt").exists()
-
+    tried("train", "kill")
 
 def test_divergence_stops_with_the_step(split, capsys):
     root, ref, _ = split
