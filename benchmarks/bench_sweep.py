@@ -81,7 +81,9 @@ def run() -> list[Row]:
     return [
         Row("local sweep of 8 TopK SAEs vs 8 train runs (wall s)", sweep, separate, "s",
             "<= 0.75x", note=f"{TOKENS:,} tokens each, d_in {D_IN}, 4x-32x, k 16/32; the sweep "
-            "also computes 8 description lengths"),
+            "also computes 8 description lengths; every run (s): sweep "
+            + ", ".join(f"{v:.0f}" for v in times["sweep"]) + "; separate "
+            + ", ".join(f"{v:.0f}" for v in times["separate"])),
         Row("share of the 8 train runs spent reading+decoding activations", share, 1.0, "",
             "", note=f"{8 * read_s:.1f}s of {separate:.1f}s; the sweep reads once: {read_s:.1f}s"),
     ]
