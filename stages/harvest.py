@@ -44,7 +44,8 @@ class HarvestConfig:
     dtype: str = opt("float16", "Storage dtype: float16, bfloat16 or float32")
     autocast: str | None = opt(None, "Run the forward pass under torch.autocast in this dtype: "
                                      "bfloat16 (faster on GPUs and on CPUs with AVX-512 bf16 or "
-                                     "AMX; activations differ from float32 by ~1%)")
+                                     "AMX; activations differ from float32's by ~0.5% "
+                                     "per token, a few tokens by more)")
     batch_size: int = opt(8, "Contexts per forward pass", address=False)
     shard: str | None = opt(None, "I/N: this process fills shard I of N (e.g. a SLURM array "
                                   "task); the artifact completes when all have", address=False)
