@@ -42,6 +42,17 @@ def parse_bytes(text: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def parse_image_shape(text: str | None) -> tuple[int, int] | None:
+    """'8x8' → (8, 8); None or '' → None (`--image-shape` of import and interpret)."""
+    if not text:
+        return None
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--image-shape {text!r} must look like 8x8") from None
+    return h, w
+
+
 def fields(cls) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if not f.name.startswith("_")]
 

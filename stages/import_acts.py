@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from saectl import arrays, store
-from saectl.config import address_params, opt
+from saectl.config import address_params, opt, parse_image_shape
 from saectl.console import info
 from saectl.errors import ConfigError, NotFoundError
 from saectl.hashing import file_sha256
@@ -52,13 +52,7 @@ class ImportConfig:
         self.image_hw()
 
     def image_hw(self) -> tuple[int, int] | None:
-        if not self.image_shape:
-            return None
-        try:
-            h, w = (int(v) for v in self.image_shape.lower().split("x"))
-        except ValueError:
-            raise ConfigError(f"--image-shape {self.image_shape!r} must look like 8x8") from None
-        return h, w
+        return parse_image_shape(self.image_shape)
 
 
 def _open(path: Path, key: str | None):

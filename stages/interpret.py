@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from saectl import faults, store
-from saectl.config import address_params, opt
+from saectl.config import address_params, opt, parse_image_shape
 from saectl.console import info, progress
 from saectl.errors import ConfigError, SaectlError
 
@@ -90,13 +90,7 @@ class InterpretConfig:
         self.image_hw()
 
     def image_hw(self) -> tuple[int, int] | None:
-        if not self.image_shape:
-            return None
-        try:
-            h, w = (int(v) for v in self.image_shape.lower().split("x"))
-        except ValueError:
-            raise ConfigError(f"--image-shape {self.image_shape!r} must look like 8x8") from None
-        return h, w
+        return parse_image_shape(self.image_shape)
 
 
 def parse_features(spec: str, d_sae: int) -> np.ndarray:
