@@ -14,6 +14,7 @@ import typer
 from pathlib import Path
 from typer.exceptions import TyperException
 
+from saectl import stage as contract
 from saectl import store
 from saectl.config import stage_command
 from saectl.errors import ConfigError, SaectlError
@@ -24,35 +25,29 @@ app = typer.Typer(name="saectl", no_args_is_help=True, add_completion=False,
                   help="Sparse autoencoders for language models: harvest → shuffle → train → "
                        "sweep → interpret → steer, each a content-addressed Zarr artifact.")
 
-# The registration table: (command, config dataclass, run function, help, positional fields).
-STAGES = [
-    ("harvest", harvest.HarvestConfig, harvest.run,
-     "Run a model over text and store activations at hook points.", ()),
-    ("shuffle", shuffle.ShuffleConfig, shuffle.run,
-     "Shuffle a harvest's token rows out of core and split train/eval by sequence.", ("harvest",)),
-    ("train", train.Config, train.run,
-     "Train an SAE on a shuffle's train split and evaluate it on the eval split.", ("shuffle",)),
-    ("sweep", sweep.SweepConfig, sweep.run,
-     "Train a grid of SAEs, tabulate and plot them, and choose one by description length.",
-     ("shuffle",)),
-    ("interpret", interpret.InterpretConfig, interpret.run,
-     "Explain an SAE's features: statistics, examples, logit lens, explanations with "
-     "detection scores, and a dashboard (report/index.html).", ("sae",)),
-    ("steer", steer.SteerConfig, steer.run,
-     "Generate with and without SAE features pushed, side by side, with measured effect.",
-     ("sae",)),
-    ("import", import_acts.ImportConfig, import_acts.run,
-     "Make a harvest-like artifact from activations in a .npy, .safetensors or Zarr file.",
-     ("file",)),
-]
-
-def _ref(out) -> str | None:
-    """A stage returns its artifact (printed as its ref) or a ref string ("": print nothing)."""
-    return out.ref if isinstance(out, store.Artifact) else (out or None)
+# The registration table: one line per stage (each module's `STAGE`, saectl/stage.py).
+STAGES = (harvest.STAGE, shuffle.STAGE, train.STAGE, sweep.STAGE, interpret.STAGE, steer.STAGE,
+          import_acts.STAGE)
 
 
-for _name, _cls, _run, _help, _pos in STAGES:
-    stage_command(app, _cls, _name, _help, _pos)(lambda cfg, _run=_run: _ref(_run(cfg)))
+def invoke(st: contract.Stage, cfg) -> str | None:
+    """What `saectl STAGE` does with a config: the lifecycle, the stage's report, its ref."""
+    out = contract.run(st, cfg)
+    if st.legacy is not None:  # TRANSITIONAL (issue 14)
+        return out.ref if isinstance(out, store.Artifact) else (out or None)
+    if st.report is not None:
+        st.report(out)
+    return st.printed(out)
+
+
+def add_stage(st: contract.Stage) -> None:
+    """Register a stage as `saectl NAME` (flags from its config dataclass)."""
+    stage_command(app, st.config, st.name, st.help, st.positional)(
+        lambda cfg, st=st: invoke(st, cfg))
+
+
+for _st in STAGES:
+    add_stage(_st)
 
 StoreOpt = Annotated[Optional[str], typer.Option("--store", help="Artifact store "
                                                  "(default $SAECTL_STORE or ./artifacts)")]
@@ -148,7 +143,7 @@ def run_pipeline(
     from saectl import pipeline as pl
     from saectl.console import console, info
 
-    p = pl.load(pipeline, STAGES, sets or ())
+    p = pl.load(pipeline, {st.name: st for st in STAGES}, sets or ())
     steps = pl.select(p, only or (), start, until)
     root = store.store_root(store_)
     if dry_run:

@@ -50,10 +50,12 @@ from typing import Any, Callable
 
 import yaml
 
+from saectl import stage as contract
 from saectl import store
 from saectl.config import _base_type, build, fields
 from saectl.console import info
 from saectl.errors import ConfigError, NotFoundError, SaectlError
+from saectl.stage import Stage
 
 TOP_KEYS = ("name", "description", "steps")
 STEP_KEYS = ("stage", "input", "params")
@@ -65,26 +67,14 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _PATH_RE = re.compile(r"/|\.[A-Za-z][A-Za-z0-9]*$")
 
 
-@dataclass(frozen=True)
-class Stage:
-    """One row of the stage table, and the optional hooks of its module."""
-
-    name: str
-    cls: type
-    run: Callable
-    positional: tuple[str, ...]
-
-    def hook(self, name: str):
-        return getattr(sys.modules.get(self.run.__module__), name, None)
-
-    @property
-    def params(self) -> list[str]:
-        return [f.name for f in fields(self.cls) if f.name not in RUNNER_FIELDS]
+def stage_params(stage: Stage) -> list[str]:
+    """The fields a step may set in `params:` (all but the run-wide ones)."""
+    return [f.name for f in fields(stage.config) if f.name not in RUNNER_FIELDS]
 
 
-def stage_table(rows) -> dict[str, Stage]:
-    """cli.STAGES rows (name, config class, run, help, positional fields) → {name: Stage}."""
-    return {r[0]: Stage(r[0], r[1], r[2], tuple(r[4])) for r in rows}
+def stage_table(stages) -> dict[str, Stage]:
+    """Stage values (cli.STAGES) → {name: Stage}."""
+    return stages if isinstance(stages, dict) else {st.name: st for st in stages}
 
 
 @dataclass(frozen=True)
@@ -176,10 +166,10 @@ def _check_params(where: str, stage: Stage, params: dict) -> None:
         if k in RUNNER_FIELDS:
             raise ConfigError(f"{where}: `{k}` is set for the whole run; pass --store or set "
                               f"{store.STORE_ENV} instead")
-    bad = sorted(str(k) for k in params if k not in stage.params)
+    bad = sorted(str(k) for k in params if k not in stage_params(stage))
     if bad:
         raise ConfigError(f"{where}: {stage.name} has no param(s) {', '.join(bad)}; valid params "
-                          f"are {', '.join(stage.params)}")
+                          f"are {', '.join(stage_params(stage))}")
 
 
 def _scalar(text: str):
@@ -289,7 +279,7 @@ def load(path: str | Path, stage_rows, sets=()) -> Pipeline:
     """Read and validate a pipeline file, with `--set` overrides applied: every step's config is
     built (with its inputs standing in as named refs), so bad params fail before anything runs."""
     path = Path(path)
-    stages = stage_rows if isinstance(stage_rows, dict) else stage_table(stage_rows)
+    stages = stage_table(stage_rows)
     doc = _read(path)
     _one_of(doc, TOP_KEYS, str(path))
     name = doc.get("name", path.stem)
@@ -339,7 +329,7 @@ def load(path: str | Path, stage_rows, sets=()) -> Pipeline:
     files = tempfile.TemporaryDirectory(prefix="saectl-run-")
     steps = []
     for sname, (stage, inputs, params) in wired.items():
-        hints = typing.get_type_hints(stage.cls)
+        hints = typing.get_type_hints(stage.config)
         ready = {k: _prepare(v, _base_type(hints[k]), path.parent.absolute(), Path(files.name),
                              f"{sname}.{k}") for k, v in params.items()}
         steps.append(Step(sname, stage, inputs, ready))
@@ -357,9 +347,9 @@ def load(path: str | Path, stage_rows, sets=()) -> Pipeline:
 def config(p: Pipeline, step: Step, refs: dict[str, str], root: Path | None = None):
     """The stage's config for `step`, its input fields filled with `refs`."""
     values = {**step.params, **refs}
-    if root is not None and "store" in {f.name for f in fields(step.stage.cls)}:
+    if root is not None and "store" in {f.name for f in fields(step.stage.config)}:
         values["store"] = str(root)
-    return build(step.stage.cls, values, f"{p.path} step {step.name}")
+    return build(step.stage.config, values, f"{p.path} step {step.name}")
 
 
 def select(p: Pipeline, only=(), start: str | None = None, until: str | None = None) -> list[Step]:
@@ -417,8 +407,8 @@ class Planned:
 
 
 def _output(stages: dict[str, Stage], art: store.Artifact) -> str | None:
-    hook = stages[art.stage].hook("output") if art.stage in stages else None
-    return hook(art) if hook else art.ref
+    st = stages.get(art.stage)
+    return st.printed(art) if st else art.ref
 
 
 def plan(p: Pipeline, root: Path, chosen: list[Step]) -> list[Planned]:
@@ -441,12 +431,11 @@ def plan(p: Pipeline, root: Path, chosen: list[Step]) -> list[Planned]:
             rows.append(Planned(step.name, step.stage.name, f"after {waiting}", None, None))
             continue
         cfg = config(p, step, refs, root)
-        address = step.stage.hook("address")
-        if address is None:
+        if step.stage.plan is None:
             rows.append(Planned(step.name, step.stage.name, "unknown", None, None))
             continue
         try:
-            art = address(cfg)
+            art = step.stage.address(cfg)
         except SaectlError as e:
             raise _step_error(step, e) from e
         if art.is_complete():
@@ -497,8 +486,8 @@ def _complete(root: Path, stage: str) -> set[str]:
 
 def _figures(stages: dict[str, Stage], art: store.Artifact) -> dict:
     summary = art.manifest().get("summary", {})
-    keys = stages[art.stage].hook("FIGURES") if art.stage in stages else None
-    if keys is None:
+    keys = stages[art.stage].figures if art.stage in stages else None
+    if not keys:
         keys = [k for k in sorted(summary) if isinstance(summary[k], (int, float))
                 and not isinstance(summary[k], bool)][:4]
     return {k: summary[k] for k in keys if isinstance(summary.get(k), (int, float, str))}
@@ -514,13 +503,18 @@ def _reports(art: store.Artifact) -> list[str]:
 
 def _run_step(p: Pipeline, step: Step, cfg, root: Path) -> Ran:
     stage = step.stage
-    address = stage.hook("address")
-    own = address(cfg) if address else None
+    own = stage.address(cfg) if stage.plan else None
     before = own.is_complete() if own else _complete(root, stage.name)
     t0 = time.perf_counter()
-    out = stage.run(cfg)
+    out = contract.run(stage, cfg)
     seconds = time.perf_counter() - t0
-    ref = out.ref if isinstance(out, store.Artifact) else (out or None)
+    if stage.legacy is not None:  # TRANSITIONAL (issue 14)
+        ref = out.ref if isinstance(out, store.Artifact) else (out or None)
+    else:
+        if stage.report is not None:
+            stage.report(out)
+        ref = stage.printed(out) if out.is_complete() or getattr(cfg, "shard", None) is None \
+            else out.ref
     if ref is None:
         return Ran(step.name, stage.name, "submitted", None, own.ref if own else None, seconds)
     out_art = store.resolve(root, ref)

@@ -24,7 +24,7 @@ from saectl.config import address_params, opt
 from saectl.console import info, progress
 from saectl.errors import ArtifactError, ConfigError, SaectlError
 
-STAGE = "harvest"
+NAME = "harvest"
 FIGURES = ("n_tokens", "bytes_per_value")  # summary figures `saectl run` shows
 AUTOCAST = (None, "bfloat16")  # --autocast choices; None: the model's own float32
 
@@ -112,7 +112,7 @@ def _plan(cfg: HarvestConfig):
     model_spec = models.resolve_model(cfg.model)
     data_spec = data.resolve_dataset(cfg.dataset, cfg.text_column, cfg.split)
     params = resolved_params(cfg, model_spec, data_spec)
-    art = store.artifact_for(store.store_root(cfg.store), STAGE, params)
+    art = store.artifact_for(store.store_root(cfg.store), NAME, params)
     return model_spec, data_spec, params, art
 
 
@@ -341,3 +341,11 @@ def _summary(art, group, cfg: HarvestConfig, dims: dict[str, int]) -> dict:
         total_bytes += nbytes
     return {"n_seq": cfg.n_seq, "context_size": cfg.context_size, "n_tokens": n_tokens, "bos": True,
             "dtype": cfg.dtype, "hooks": hooks, "bytes_per_value": total_bytes / total_values}
+
+
+# TRANSITIONAL (issue 14): the old run wrapped until this module defines plan and build.
+from saectl import stage as _contract  # noqa: E402
+
+STAGE = _contract.legacy('harvest', HarvestConfig, run, 'Run a model over text and store activations at hook points.',
+                         (), address=address, output=None,
+                         figures=FIGURES)

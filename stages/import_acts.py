@@ -21,7 +21,7 @@ from saectl.console import info
 from saectl.errors import ConfigError, NotFoundError
 from saectl.hashing import file_sha256
 
-STAGE = "import"
+NAME = "import"
 FIGURES = ("n_tokens",)  # summary figures `saectl run` shows
 SUFFIXES = (".npy", ".safetensors", ".zarr", ".idx", "-ubyte")
 BUILTIN = {"sklearn:digits"}
@@ -156,7 +156,7 @@ def _plan(cfg: ImportConfig):
     params.update(file={"name": name, "sha256": ident}, n_rows=n_seq * cfg.context_size)
     if native_hw and not cfg.image_shape:
         params["image_shape"] = f"{hw[0]}x{hw[1]}"
-    art = store.artifact_for(store.store_root(cfg.store), STAGE, params)
+    art = store.artifact_for(store.store_root(cfg.store), NAME, params)
     return path, data, n, d, hw, n_seq, params, art
 
 
@@ -202,3 +202,11 @@ def run(cfg: ImportConfig) -> store.Artifact:
          (f", dropped {n - n_rows} rows that fill no sequence" if n > n_rows else ""))
     return art
 
+
+
+# TRANSITIONAL (issue 14): the old run wrapped until this module defines plan and build.
+from saectl import stage as _contract  # noqa: E402
+
+STAGE = _contract.legacy('import', ImportConfig, run, 'Make a harvest-like artifact from activations in a .npy, .safetensors or Zarr file.',
+                         ('file',), address=address, output=None,
+                         figures=FIGURES)

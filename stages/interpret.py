@@ -29,7 +29,7 @@ from saectl.config import address_params, opt, parse_image_shape
 from saectl.console import info, progress
 from saectl.errors import ConfigError, SaectlError
 
-STAGE = "interpret"
+NAME = "interpret"
 FIGURES = ("n_features", "dead_fraction", "n_explained", "mean_score", "mean_control_score")
 EXPLANATIONS = "explanations.json"
 RESPONSES = "responses.json"
@@ -167,7 +167,7 @@ def plan(cfg: InterpretConfig) -> _Plan:
                   explainer=client.identity if client else None)
     del params["explainer_model"], params["tokens"]
     inputs = {"sae": lin.sae, "harvest": harvest}
-    art = store.artifact_for(root, STAGE, params, inputs)
+    art = store.artifact_for(root, NAME, params, inputs)
     return _Plan(art, params, inputs, lin, harvest, feats, client, n_seq, C, hw)
 
 
@@ -652,3 +652,11 @@ def _control(texts: list[str], i: int) -> str | None:
 def _client_name(client) -> str:
     ident = client.identity
     return ident.get("endpoint", "") + (" " if "endpoint" in ident else "") + str(ident.get("model"))
+
+
+# TRANSITIONAL (issue 14): the old run wrapped until this module defines plan and build.
+from saectl import stage as _contract  # noqa: E402
+
+STAGE = _contract.legacy('interpret', InterpretConfig, run, "Explain an SAE's features: statistics, examples, logit lens, explanations with detection scores, and a dashboard (report/index.html).",
+                         ('sae',), address=address, output=None,
+                         figures=FIGURES)

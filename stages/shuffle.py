@@ -26,7 +26,7 @@ from saectl.config import address_params, opt, parse_bytes
 from saectl.console import info, progress
 from saectl.errors import ConfigError
 
-STAGE = "shuffle"
+NAME = "shuffle"
 FIGURES = ("n_train", "n_eval")  # summary figures `saectl run` shows
 SCRATCH = "scratch"
 
@@ -156,7 +156,7 @@ def _plan(cfg: ShuffleConfig):
         raise ConfigError(f"{src.ref} is a {src.stage} artifact; shuffle takes a harvest or import")
     params = address_params(cfg)
     del params["harvest"]  # it is an input, addressed by its digest
-    return src, params, store.artifact_for(root, STAGE, params, {"harvest": src})
+    return src, params, store.artifact_for(root, NAME, params, {"harvest": src})
 
 
 def address(cfg: ShuffleConfig) -> store.Artifact:
@@ -350,3 +350,11 @@ def _pass1(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, sc
     state["pass1_done"] = True
     _save_state(art, hook, state)
     return state
+
+
+# TRANSITIONAL (issue 14): the old run wrapped until this module defines plan and build.
+from saectl import stage as _contract  # noqa: E402
+
+STAGE = _contract.legacy('shuffle', ShuffleConfig, run, "Shuffle a harvest's token rows out of core and split train/eval by sequence.",
+                         ('harvest',), address=address, output=None,
+                         figures=FIGURES)

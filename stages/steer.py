@@ -46,7 +46,7 @@ from saectl.config import opt
 from saectl.console import console, info, progress
 from saectl.errors import ArtifactError, ConfigError, NotFoundError
 
-STAGE = "steer"
+NAME = "steer"
 MODES = ("add", "clamp", "ablate")
 POSITIONS = ("all", "generated")
 UNITS = ("auto", "raw", "max_act")
@@ -357,7 +357,7 @@ def resolve(cfg: SteerConfig) -> Resolved:
     spec = _model_spec(lin, cfg.model)
     params = address_params(cfg, p, lin, models.model_identity(spec))
     inputs = {"sae": lin.sae, **({"interpret": p.interpret} if p.interpret else {})}
-    return Resolved(lin, p, spec, params, inputs, store.artifact_for(root, STAGE, params, inputs))
+    return Resolved(lin, p, spec, params, inputs, store.artifact_for(root, NAME, params, inputs))
 
 
 def address(cfg: SteerConfig) -> store.Artifact:
@@ -706,3 +706,11 @@ def show(summary: dict, art: store.Artifact) -> None:
                    "perplexity of the text under the unsteered model"))
     if summary["runs"][0]["sweep"] is not None and len(runs) > 1:
         out.print(Text(f"plot: {art.report_dir / SWEEP_PLOT}"))
+
+
+# TRANSITIONAL (issue 14): the old run wrapped until this module defines plan and build.
+from saectl import stage as _contract  # noqa: E402
+
+STAGE = _contract.legacy('steer', SteerConfig, run, 'Generate with and without SAE features pushed, side by side, with measured effect.',
+                         ('sae',), address=address, output=None,
+                         figures=FIGURES)

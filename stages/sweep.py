@@ -31,7 +31,7 @@ from saectl.console import console, info
 from saectl.errors import ConfigError, SaectlError
 from saectl.training import TrainStageConfig, open_shuffle, plan, train_points
 
-STAGE = "sweep"
+NAME = "sweep"
 EXECUTORS = ("local", "processes", "slurm")
 # Train flags a grid may not set: they are the sweep's own (input, where, how).
 NOT_GRID = ("shuffle", "store", "device", "no_wait", "model")
@@ -119,7 +119,7 @@ def _plan(cfg: SweepConfig):
                               "remove the duplicate")
         seen[p.art.digest] = i
     params = {"points": sorted(p.art.ref for p in points), "tolerance": cfg.tolerance}
-    art = store.artifact_for(root, STAGE, params, {"shuffle": src})
+    art = store.artifact_for(root, NAME, params, {"shuffle": src})
     return src, manifest, harvest, values, slurm_yaml, points, params, art
 
 
@@ -339,3 +339,11 @@ def _plots(report: Path, rows, dls, tolerance, chosen) -> None:
         ax.set(xscale="log", xlabel="L0", ylabel="CE-loss score", title="Downstream fidelity")
         ax.legend()
         save(fig, "ce_l0.png")
+
+
+# TRANSITIONAL (issue 14): the old run wrapped until this module defines plan and build.
+from saectl import stage as _contract  # noqa: E402
+
+STAGE = _contract.legacy('sweep', SweepConfig, run, 'Train a grid of SAEs, tabulate and plot them, and choose one by description length.',
+                         ('shuffle',), address=address, output=output,
+                         figures=FIGURES)

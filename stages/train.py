@@ -8,7 +8,7 @@ from __future__ import annotations
 from saectl import store
 from saectl.training import TrainStageConfig, open_shuffle, plan, train_points
 
-STAGE = "train"
+NAME = "train"
 Config = TrainStageConfig
 FIGURES = ("fvu", "l0", "dead_fraction", "ce_loss_score")  # summary figures `saectl run` shows
 
@@ -25,3 +25,11 @@ def run(cfg: TrainStageConfig) -> store.Artifact:
     src, manifest, harvest = open_shuffle(root, cfg.shuffle)
     point = plan(root, src, manifest, cfg)
     return train_points(src, manifest, harvest, [point])[0]
+
+
+# TRANSITIONAL (issue 14): the old run wrapped until this module defines plan and build.
+from saectl import stage as _contract  # noqa: E402
+
+STAGE = _contract.legacy('train', TrainStageConfig, run, "Train an SAE on a shuffle's train split and evaluate it on the eval split.",
+                         ('shuffle',), address=address, output=None,
+                         figures=FIGURES)

@@ -1,0 +1,113 @@
+"""Where everything lives inside an artifact: the one owner of those paths
+(docs/architecture.md, "Artifact layouts"). Stages ask here; none joins a path inside an
+artifact by hand. Each stage's layout, in the artifact's Zarr group:
+
+    harvest, import   acts/<hook>            [tokens, d] activations, in token order
+                      tokens                 [n_seq, context] token ids (harvest only)
+    shuffle           train/<hook>           [n_train, d] shuffled rows of the train split
+                      eval/<hook>            [n_eval, d] eval split, in sequence order
+                      eval/sequences         which sequences are in the eval split
+                      rows/train, rows/eval  source row of each shuffled row
+                      stats/<hook>/...       normalisation statistics
+    train             sae/                   the SAE in SAELens's layout (cfg.json, weights)
+                      eval/<hook>, eval/log_density, train.checkpointed, checkpoint.pt
+    sweep             report/table.csv, report/*.png, work/ (executor files)
+    interpret         stats/...              per-feature statistics; report/index.html
+    steer             report/...             generations and the strength-sweep plot
+
+Files outside Zarr: `progress/<writer>.json` (resume), `scratch/` (shuffle's buckets),
+`work/` (executors), `report/` (what a person opens), `sae/` (what other tools load).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from saectl.errors import ConfigError
+
+# Zarr arrays and groups (keys inside the artifact's group).
+ACTS = "acts"
+TOKENS = "tokens"
+TRAIN = "train"
+EVAL = "eval"
+EVAL_SEQUENCES = "eval/sequences"
+ROWS_TRAIN = "rows/train"
+ROWS_EVAL = "rows/eval"
+STATS = "stats"
+LOG_DENSITY = "eval/log_density"
+
+# Plain files and folders.
+PROGRESS = "progress"
+REPORT = "report"
+SAE_DIR = "sae"
+SCRATCH = "scratch"
+WORK = "work"
+CHECKPOINT = "checkpoint.pt"
+DASHBOARD = "index.html"
+
+
+def acts(hook: str) -> str:
+    return f"{ACTS}/{hook}"
+
+
+def train_rows(hook: str) -> str:
+    return f"{TRAIN}/{hook}"
+
+
+def eval_rows(hook: str) -> str:
+    return f"{EVAL}/{hook}"
+
+
+def stat(name: str, hook: str | None = None) -> str:
+    """`stats/<name>` (interpret's per-feature arrays) or `stats/<hook>/<name>` (shuffle's)."""
+    return f"{STATS}/{hook}/{name}" if hook else f"{STATS}/{name}"
+
+
+def report(art_path: Path, name: str = "") -> Path:
+    return art_path / REPORT / name if name else art_path / REPORT
+
+
+def sae_dir(art_path: Path) -> Path:
+    return art_path / SAE_DIR
+
+
+def work(art_path: Path, *parts: str) -> Path:
+    return art_path.joinpath(WORK, *parts)
+
+
+def scratch(art_path: Path, *parts: str) -> Path:
+    return art_path.joinpath(SCRATCH, *parts)
+
+
+def checkpoint(art_path: Path) -> Path:
+    return art_path / CHECKPOINT
+
+
+def progress_file(art_path: Path, writer: str) -> Path:
+    return art_path / PROGRESS / f"{writer}.json"
+
+
+# Hook names: `site.L` for the named sites, or a raw module path. One spelling per hook, so
+# `resid_post.03` and `resid_post.3` give the same address for the same arrays.
+_SITE_RE = re.compile(r"^([a-z_]+)\.0*([0-9]+)$")
+
+
+def normalize_hook(name: str) -> str:
+    """`resid_post.03` → `resid_post.3`; whitespace trimmed; module paths unchanged."""
+    name = name.strip()
+    if not name:
+        raise ConfigError("an empty hook name; write e.g. resid_post.3")
+    m = _SITE_RE.match(name)
+    return f"{m.group(1)}.{int(m.group(2))}" if m else name
+
+
+def normalize_hooks(names: str | list[str]) -> list[str]:
+    """A comma-separated string or a list → normalised names, order kept, duplicates dropped."""
+    if isinstance(names, str):
+        names = names.split(",")
+    out: list[str] = []
+    for n in names:
+        if n.strip() and normalize_hook(n) not in out:
+            out.append(normalize_hook(n))
+    return out

@@ -1,0 +1,126 @@
+"""The stage contract (docs/architecture.md, "The stage contract").
+
+A stage is one `Stage` value: its name, its config dataclass (which is also its CLI flags, its
+YAML fields and, through `opt(address=...)`, its address), how it *plans* (which artifact a
+config makes, computed without writing anything) and how it *builds* that artifact. Everything
+around the build, the same for every stage, lives in `run` below, once:
+
+    plan → cache hit? → take the write lock (or fail at once with --no-wait)
+         → re-check: did another process finish it while we waited? → build → (COMPLETE)
+
+Resume is the build's own job (it reads what an earlier, killed run left: progress files,
+checkpoints) and completion too (`store.mark_complete`, written last). A build may return
+without completing: a sweep submitted to SLURM with --no-wait, a harvest shard whose siblings
+are still running. The CLI (`saectl STAGE`), `saectl run` and the executors (which run
+`saectl STAGE` in subprocesses) all go through `run`.
+
+Adding a stage is one module under `stages/` that ends with `STAGE = Stage(...)`, and one line
+in `saectl/cli.py`'s `STAGES` tuple.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from saectl import store
+from saectl.config import opt
+from saectl.console import info
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    """Flags every stage takes; how it runs, never what it makes (so never in the address).
+    Stage configs subclass this (or `DeviceOptions`)."""
+
+    store: str | None = opt(None, "Artifact store (default $SAECTL_STORE or ./artifacts)",
+                            address=False)
+    no_wait: bool = opt(False, "If another process is writing this artifact, exit at once "
+                               "instead of waiting for it", address=False)
+
+
+@dataclass(frozen=True)
+class DeviceOptions(RunnerOptions):
+    """`RunnerOptions` plus the torch device, for stages that run a model or an SAE."""
+
+    device: str = opt("auto", "Torch device: auto, cpu, cuda, cuda:1, mps", address=False)
+
+
+RUNNER_FIELDS = tuple(f for f in DeviceOptions.__dataclass_fields__)
+"""Fields that say how a stage runs; set once for a whole `saectl run` (never per step)."""
+
+
+@dataclass
+class Plan:
+    """What a config makes, known before anything is written: the artifact, the params and
+    inputs of its address, and what the stage opened to find them (so `build` need not open it
+    again)."""
+
+    art: store.Artifact
+    params: dict
+    inputs: dict[str, store.Artifact] = field(default_factory=dict)
+    shard: str | None = None
+    """A harvest shard ("0-of-4"): it holds its own lock and writes its own part."""
+    origin: dict | None = None
+    """Recorded in the manifest, outside the address (where a model came from)."""
+    context: Any = None
+    """The stage's own: opened sources, resolved specs, grid points."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    config: type
+    """A frozen dataclass subclassing `RunnerOptions`: the flags, YAML fields and address."""
+    help: str
+    plan: Callable[[Any], Plan]
+    """cfg → Plan, writing nothing (so `saectl run --dry-run` can tell what is cached)."""
+    build: Callable[[Any, Plan, store.Writing], None]
+    """(cfg, plan, writer) → None; runs under the write lock and calls `store.mark_complete`
+    when the artifact is whole. `writer.exclusive()` takes the main lock for a shard."""
+    positional: tuple[str, ...] = ()
+    """Config fields given as arguments rather than flags (the input ref)."""
+    figures: tuple[str, ...] = ()
+    """The summary keys `saectl run`'s table shows (default: the first numbers it finds)."""
+    output: Callable[[store.Artifact], str | None] | None = None
+    """The ref a complete artifact hands to the next step and prints on stdout (default: its
+    own ref). A sweep's is the SAE it chose."""
+    report: Callable[[store.Artifact], None] | None = None
+    """Shown (on stderr) after a run or a cache hit, e.g. the sweep's table; may raise the
+    one-line error that makes the exit status 1 (no SAE met the tolerance)."""
+    legacy: Callable | None = None
+    """TRANSITIONAL (issue 14, removed when every stage is converted): the old `run(cfg)`."""
+
+    def address(self, cfg) -> store.Artifact:
+        return self.plan(cfg).art
+
+    def printed(self, art: store.Artifact) -> str | None:
+        """The one line of stdout for `art`: nothing while it is incomplete."""
+        if not art.is_complete():
+            return None
+        return self.output(art) if self.output else art.ref
+
+
+def run(stage: Stage, cfg) -> store.Artifact:
+    """The lifecycle, the same for every stage: cache hit, lock, re-check, build."""
+    if stage.legacy is not None:
+        return stage.legacy(cfg)
+    plan = stage.plan(cfg)
+    art = plan.art
+    if art.is_complete():
+        info(f"{stage.name}: cache hit {art.ref}")
+        return art
+    with store.writing(art, plan.params, plan.inputs, shard=plan.shard,
+                       wait=not cfg.no_wait, origin=plan.origin) as writer:
+        if art.is_complete():  # another process finished it while we waited for the lock
+            info(f"{stage.name}: cache hit {art.ref} (written by another process)")
+            return art
+        stage.build(cfg, plan, writer)
+    return art
+
+
+def legacy(name, config, run_fn, help, positional=(), address=None, output=None, figures=()):
+    """TRANSITIONAL (issue 14): an unconverted stage module's old run(cfg) as a Stage."""
+    plan = (lambda cfg: Plan(address(cfg), {})) if address else None
+    return Stage(name, config, help, plan, None, tuple(positional), tuple(figures), output,
+                 legacy=run_fn)
