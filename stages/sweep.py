@@ -29,7 +29,7 @@ from saectl import store
 from saectl.config import build, load_yaml, opt
 from saectl.console import console, info
 from saectl.errors import ConfigError, SaectlError
-from saectl.training import TrainStageConfig, open_shuffle, plan, train_points
+from saectl.fitting import TrainStageConfig, open_shuffle, plan, train_points
 
 NAME = "sweep"
 EXECUTORS = ("local", "processes", "slurm")

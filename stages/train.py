@@ -1,12 +1,12 @@
 """Train: one SAE on a shuffle artifact's train split, evaluated on its eval split.
 
-The work is `saectl.training` (shared with the sweep stage); this module is the command.
+The work is `saectl.fitting` (shared with the sweep stage); this module is the command.
 """
 
 from __future__ import annotations
 
 from saectl import store
-from saectl.training import TrainStageConfig, open_shuffle, plan, train_points
+from saectl.fitting import TrainStageConfig, open_shuffle, plan, train_points
 
 NAME = "train"
 Config = TrainStageConfig

@@ -1,4 +1,4 @@
-"""Training SAEs on a shuffle artifact: what the train and sweep stages share.
+"""Fitting SAEs on a shuffle artifact: the core the train and sweep stages share.
 
 One SAE (`saectl train`) or many (`saectl sweep`'s local executor) go through `train_points`:
 every point is an ordinary train artifact with its own address, lock, checkpoint and
