@@ -34,13 +34,14 @@ def _candidates(itemsize: int):
 
 def run() -> list[Row]:
     from saectl import data, models
+    from saectl.hooks import parse_hooks, run_with_hooks
 
     spec = models.resolve_model(None)
     tok = models.load_tokenizer(spec)
     model = models.load_model(spec)
     tokens = data.pack_tokens(tok, data.iter_texts(data.resolve_dataset(None)), CTX, N_SEQ)
-    hooks = models.parse_hooks(model, ["resid_post.15", "mlp_out.3"])
-    acts = models.run_with_hooks(model, hooks, torch.from_numpy(tokens).long())
+    hooks = parse_hooks(model, ["resid_post.15", "mlp_out.3"])
+    acts = run_with_hooks(model, hooks, torch.from_numpy(tokens).long())
     rows = []
     for hook, x in acts.items():
         x = x.reshape(-1, x.shape[-1])

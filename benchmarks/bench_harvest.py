@@ -24,6 +24,7 @@ BATCH, CTX, N_SEQ = 8, 128, int(os.environ.get("BENCH_HARVEST_SEQS", "48"))
 
 def run() -> list[Row]:
     from saectl import arrays, data, models, store
+    from saectl.hooks import hook_dim, parse_hooks
     from stages import harvest
 
     spec = models.resolve_model(None)
@@ -45,8 +46,8 @@ def run() -> list[Row]:
         finally:
             model.model.layers = layers
 
-    hooks = models.parse_hooks(model, [HOOK])
-    dims = {HOOK: models.hook_dim(model, hooks[0])}
+    hooks = parse_hooks(model, [HOOK])
+    dims = {HOOK: hook_dim(model, hooks[0])}
     last: dict[str, dict] = {}
     acts: dict[str, np.ndarray] = {}
 

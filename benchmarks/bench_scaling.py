@@ -69,6 +69,7 @@ def _dir_bytes(path: Path) -> int:
 
 def harvest_curve() -> dict:
     from saectl import data, models, store
+    from saectl.hooks import hook_dim, parse_hooks
     from stages import harvest
 
     spec = models.resolve_model(None)
@@ -76,8 +77,8 @@ def harvest_curve() -> dict:
     model = models.load_model(spec, device="cpu")
     n_max = max(HARVEST_TOKENS) // CTX
     tokens = data.pack_tokens(tok, data.iter_texts(data.resolve_dataset(None)), CTX, n_max)
-    hooks = models.parse_hooks(model, [HARVEST_HOOK])
-    dims = {HARVEST_HOOK: models.hook_dim(model, hooks[0])}
+    hooks = parse_hooks(model, [HARVEST_HOOK])
+    dims = {HARVEST_HOOK: hook_dim(model, hooks[0])}
 
     def once(n_tokens: int) -> tuple[float, float, int]:
         cfg = harvest.HarvestConfig(hooks=HARVEST_HOOK, tokens=n_tokens, context_size=CTX,

@@ -25,38 +25,58 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from saectl import faults, store
-from saectl.config import address_params, opt
+from saectl import checkpoints, faults, layout, store
+from saectl.config import address_params, fields, opt
 from saectl.console import info, progress
 from saectl.errors import ConfigError
+from saectl.stage import DeviceOptions
 
-STAGE = "train"
-CHECKPOINT = "checkpoint.pt"
+NAME = "train"  # the stage whose artifacts these are (stages/train.py)
+
+
+def into(target: str, default, help: str):
+    """A train flag whose value, once resolved, lives at `target`: `sae.<SAEConfig field>`,
+    `train.<TrainConfig field>`, `hook`, or `input` (the shuffle, addressed by its digest).
+    The address holds those resolved values, so the flag itself stays out of it: two spellings
+    of one SAE (`--width 256`, or `--expansion 8` on d_in 32) are one artifact."""
+    field = opt(default, help)
+    return dataclasses.field(default=default, metadata={**field.metadata, "into": target})
 
 
 @dataclass(frozen=True)
-class TrainStageConfig:
-    shuffle: str | None = opt(None, "The shuffle artifact to train on")
-    hook: str | None = opt(None, "Hook to train on (default: the artifact's only hook)")
-    arch: str = opt("topk", "Architecture: relu, topk, batchtopk, jumprelu, gated, matryoshka")
-    expansion: float = opt(8.0, "Width as a multiple of d_in (ignored when --width is given)")
-    width: int | None = opt(None, "Number of latents d_sae")
-    k: int = opt(32, "Active latents per token (topk, batchtopk, matryoshka)")
-    l1: float = opt(5.0, "L1 coefficient (relu, gated)")
-    l0: float = opt(1.0, "L0 coefficient (jumprelu)")
-    bandwidth: float = opt(0.1, "Rectangle-kernel bandwidth of jumprelu's threshold gradient")
-    prefixes: str | None = opt(None, "Matryoshka prefix sizes, e.g. 256,1024,4608")
-    tokens: int | None = opt(None, "Training tokens (default: one epoch of the train split)")
+class TrainStageConfig(DeviceOptions):
+    shuffle: str | None = into("input", None, "The shuffle artifact to train on")
+    hook: str | None = into("hook", None, "Hook to train on (default: the artifact's only hook)")
+    arch: str = into("sae.arch", "topk", "SAE architecture, by its registered name (e.g. topk, "
+                                         "relu, jumprelu; saectl/sae/ holds them all)")
+    expansion: float = into("sae.d_sae", 8.0,
+                            "Width as a multiple of d_in (ignored when --width is given)")
+    width: int | None = into("sae.d_sae", None, "Number of latents d_sae")
+    k: int = into("sae.k", 32, "Active latents per token (architectures that take k, e.g. topk)")
+    l1: float = into("sae.l1_coefficient", 5.0, "L1 coefficient (relu, gated)")
+    l0: float = into("sae.l0_coefficient", 1.0, "L0 coefficient (jumprelu)")
+    bandwidth: float = into("sae.jumprelu_bandwidth", 0.1,
+                            "Rectangle-kernel bandwidth of jumprelu's threshold gradient")
+    prefixes: str | None = into("sae.matryoshka_prefixes", None,
+                                "Matryoshka prefix sizes, e.g. 256,1024,4608")
+    tokens: int | None = into("train.total_steps", None,
+                              "Training tokens (default: one epoch of the train split)")
     batch_size: int = opt(4096, "Tokens per step")
-    lr: float | None = opt(None, "Adam learning rate (default 2e-4/sqrt(width/16384))")
-    warmup_steps: int | None = opt(None, "LR warm-up steps (default min(1000, 5% of steps))")
-    decay_fraction: float = opt(0.2, "Final fraction of steps with linear LR decay to 0")
-    sparsity_warmup_steps: int | None = opt(None, "Sparsity-coefficient warm-up steps "
-                                                  "(default min(1000, 5% of steps))")
-    auxk: float = opt(1 / 32, "AuxK coefficient for dead latents (topk family)")
-    dead_tokens: int = opt(10_000_000, "A latent is dead after this many tokens without firing")
-    b_dec_init: str = opt("geometric_median", "geometric_median, mean or zeros")
-    seed: int = opt(0, "Seed of the initialisation and of the epoch orders")
+    lr: float | None = into("train.lr", None, "Adam learning rate (default 2e-4/sqrt(width/16384))")
+    warmup_steps: int | None = into("train.lr_warmup_steps", None,
+                                    "LR warm-up steps (default min(1000, 5% of steps))")
+    decay_fraction: float = into("train.lr_decay_fraction", 0.2,
+                                 "Final fraction of steps with linear LR decay to 0")
+    sparsity_warmup_steps: int | None = into("train.sparsity_warmup_steps", None,
+                                             "Sparsity-coefficient warm-up steps "
+                                             "(default min(1000, 5% of steps))")
+    auxk: float = into("train.auxk_coefficient", 1 / 32,
+                       "AuxK coefficient for dead latents (architectures with AuxK, e.g. topk)")
+    dead_tokens: int = into("train.dead_window_tokens", 10_000_000,
+                            "A latent is dead after this many tokens without firing")
+    b_dec_init: str = into("train.b_dec_init", "geometric_median",
+                           "geometric_median, mean or zeros")
+    seed: int = into("train.seed", 0, "Seed of the initialisation and of the epoch orders")
     lm_eval: bool = opt(True, "Splice the SAE into the model for CE-loss/KL scores "
                               "(--no-lm-eval for imported activations)")
     lm_eval_seqs: int = opt(16, "Held-out sequences for the downstream evaluation")
@@ -65,15 +85,11 @@ class TrainStageConfig:
     checkpoint_steps: int = opt(0, "Also checkpoint every N steps (0: off)", address=False)
     model: str | None = opt(None, "Where to load the model for --lm-eval if it moved "
                                   "(checked against the harvest's content hash)", address=False)
-    device: str = opt("auto", "auto, cpu, cuda, ...", address=False)
-    store: str | None = opt(None, "Artifact store (default $SAECTL_STORE or ./artifacts)",
-                            address=False)
-    no_wait: bool = opt(False, "Fail instead of waiting for another writer", address=False)
 
     def __post_init__(self):
         if not self.shuffle:
             raise ConfigError("give the shuffle to train on: saectl train SHUFFLE_REF --arch topk")
-        from saectl.sae import arch_names
+        from saectl.sae import arch_names  # deferred: imports torch
 
         if self.arch not in arch_names():
             raise ConfigError(f"unknown --arch {self.arch!r}; choose one of {', '.join(arch_names())}")
@@ -98,6 +114,16 @@ class TrainStageConfig:
                               "e.g. 256,1024,4608") from None
 
 
+FLAGS_INTO = {f.name: f.metadata["into"] for f in fields(TrainStageConfig) if "into" in f.metadata}
+"""The one table from train flags to the resolved configs (see `into`)."""
+
+
+def _flags_into(cfg: TrainStageConfig, config: str) -> dict:
+    """{field of `config` ("sae" or "train"): flag value} for every flag the table sends there."""
+    return {target.partition(".")[2]: getattr(cfg, flag) for flag, target in FLAGS_INTO.items()
+            if target.partition(".")[0] == config}
+
+
 @dataclass
 class Point:
     """One SAE to train: its resolved configs, its artifact, and (while training) its state."""
@@ -118,7 +144,7 @@ class Point:
 
 def resolve(cfg: TrainStageConfig, manifest: dict, d_in_by_hook: dict[str, int]):
     """(hook, SAEConfig, TrainConfig, total steps, tokens) with every default made explicit."""
-    from saectl.sae import SAEConfig
+    from saectl.sae import ARCHS, SAEConfig  # deferred: imports torch
     from saectl.trainer import TrainConfig
 
     hooks = sorted(d_in_by_hook)
@@ -130,33 +156,28 @@ def resolve(cfg: TrainStageConfig, manifest: dict, d_in_by_hook: dict[str, int])
         raise ConfigError(f"the shuffle has no hook {hook!r}; it has {', '.join(hooks)}")
     d_in = d_in_by_hook[hook]
     width = cfg.width or int(round(cfg.expansion * d_in))
-    if cfg.arch in ("topk", "batchtopk", "matryoshka") and cfg.k >= width:
+    if ARCHS[cfg.arch].takes_k and cfg.k >= width:
         raise ConfigError(f"--k {cfg.k} must be smaller than the width {width}; lower --k or "
                           "raise --expansion/--width")
-    sae_cfg = SAEConfig(arch=cfg.arch, d_in=d_in, d_sae=width, k=cfg.k, l1_coefficient=cfg.l1,
-                        l0_coefficient=cfg.l0, jumprelu_bandwidth=cfg.bandwidth,
-                        matryoshka_prefixes=cfg.prefix_list())
+    # Every flag goes where the table sends it; those that need resolving are then replaced.
+    sae_cfg = SAEConfig(**{**_flags_into(cfg, "sae"), "d_in": d_in, "d_sae": width,
+                           "matryoshka_prefixes": cfg.prefix_list()})
     n_train = manifest["summary"]["n_train"]
     tokens = cfg.tokens or n_train
     steps = math.ceil(tokens / cfg.batch_size)
     warm = min(1000, max(1, steps // 20))
-    train_cfg = TrainConfig(
-        total_steps=steps, lr=cfg.lr,
-        lr_warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None else warm,
-        lr_decay_fraction=cfg.decay_fraction,
-        sparsity_warmup_steps=(cfg.sparsity_warmup_steps if cfg.sparsity_warmup_steps is not None
-                               else warm),
-        auxk_coefficient=cfg.auxk, dead_window_tokens=cfg.dead_tokens,
-        b_dec_init=cfg.b_dec_init, seed=cfg.seed)
+    train_cfg = TrainConfig(**{
+        **_flags_into(cfg, "train"), "total_steps": steps,
+        "lr_warmup_steps": cfg.warmup_steps if cfg.warmup_steps is not None else warm,
+        "sparsity_warmup_steps": (cfg.sparsity_warmup_steps
+                                  if cfg.sparsity_warmup_steps is not None else warm)})
     return hook, sae_cfg, train_cfg, steps, tokens
 
 
 def address_for(cfg: TrainStageConfig, sae_cfg, train_cfg, hook: str) -> dict:
-    params = address_params(cfg)
-    for name in ("shuffle", "hook", "arch", "expansion", "width", "k", "l1", "l0", "bandwidth",
-                 "prefixes", "tokens", "lr", "warmup_steps", "decay_fraction",
-                 "sparsity_warmup_steps", "auxk", "dead_tokens", "b_dec_init", "seed"):
-        params.pop(name, None)  # replaced by the resolved configs below
+    """The train address's params: the flags the table does not resolve, and the resolved
+    hook, SAE config and training config in place of the flags it does."""
+    params = {k: v for k, v in address_params(cfg).items() if k not in FLAGS_INTO}
     params.update(hook=hook, sae=sae_cfg.to_dict(), train=dataclasses.asdict(train_cfg))
     return params
 
@@ -177,35 +198,49 @@ def plan(root, src, manifest, cfg: TrainStageConfig) -> Point:
     hook, sae_cfg, train_cfg, steps, _ = resolve(cfg, manifest, dims)
     params = address_for(cfg, sae_cfg, train_cfg, hook)
     return Point(cfg, hook, sae_cfg, train_cfg, steps, params,
-                 store.artifact_for(root, STAGE, params, {"shuffle": src}))
+                 store.artifact_for(root, NAME, params, {"shuffle": src}))
 
 
 def train_points(src, manifest, harvest, points: list[Point]) -> list[store.Artifact]:
-    """Train and evaluate every point that is not complete, sharing reads where they can."""
+    """Train and evaluate every point that is not complete, sharing reads where they can: the
+    sweep's lifecycle, one write lock per point (`saectl train` has `saectl.stage.run`'s)."""
     todo = [p for p in points if not p.art.is_complete()]
     for p in points:
         if p.art.is_complete():
             info(f"train: cache hit {p.art.ref}")
-    lm = {}
-    for p in todo:  # find the model before any training, so a missing one fails fast
-        if p.cfg.lm_eval and harvest.stage == "import":
-            info("train: the activations were imported, so there is no model to splice the "
-                 "SAE into; skipping the downstream evaluation")
-        elif p.cfg.lm_eval:
-            lm[p.art.ref] = _lm_setup(p.cfg, harvest)
+    lm = find_models(harvest, todo)
     with ExitStack() as stack:
         for p in todo:
             stack.enter_context(store.writing(p.art, p.params, {"shuffle": src},
                                               wait=not p.cfg.no_wait))
         todo = [p for p in todo if not p.art.is_complete()]  # done by another while we waited
-        groups: dict[tuple, list[Point]] = {}
-        for p in todo:
-            groups.setdefault((p.hook, p.cfg.batch_size, p.cfg.seed, p.cfg.device), []).append(p)
-        for group in groups.values():
-            _train_group(src, group)
-            for p in group:
-                _finish(src, manifest, harvest, p, lm.get(p.art.ref))
+        fit(src, manifest, harvest, todo, lm)
     return [p.art for p in points]
+
+
+def find_models(harvest, points: list[Point]) -> dict:
+    """{ref: model spec} for the points whose --lm-eval splices into a model, found (and
+    checked by content hash) before any training, so a missing model fails fast."""
+    lm = {}
+    for p in points:
+        if p.cfg.lm_eval and harvest.stage == "import":
+            info("train: the activations were imported, so there is no model to splice the "
+                 "SAE into; skipping the downstream evaluation")
+        elif p.cfg.lm_eval:
+            lm[p.art.ref] = _lm_setup(p.cfg, harvest)
+    return lm
+
+
+def fit(src, manifest, harvest, points: list[Point], lm: dict) -> None:
+    """Train, evaluate and complete `points`, whose write locks the caller holds; points that
+    read the same batches share one reader."""
+    groups: dict[tuple, list[Point]] = {}
+    for p in points:
+        groups.setdefault((p.hook, p.cfg.batch_size, p.cfg.seed, p.cfg.device), []).append(p)
+    for group in groups.values():
+        _train_group(src, group)
+        for p in group:
+            _finish(src, manifest, harvest, p, lm.get(p.art.ref))
 
 
 def _device(cfg):
@@ -223,15 +258,15 @@ def _train_group(src, group: list[Point]) -> None:
     from saectl.trainer import Trainer
 
     first = group[0]
-    data = src.group()[f"train/{first.hook}"]
+    data = src.group()[layout.train_rows(first.hook)]
     reader = BatchReader(data, first.cfg.batch_size, first.cfg.seed, src.ref)
     sample = torch.from_numpy(arrays.read(data, slice(0, min(reader.n, 16384)), artifact=src.ref))
     for p in group:
         torch.manual_seed(p.cfg.seed)
         p.trainer = Trainer(p.sae_cfg, p.train_cfg, sample, device=_device(p.cfg))
-        ckpt = p.art.path / CHECKPOINT
+        ckpt = layout.checkpoint(p.art.path)
         if ckpt.exists():
-            state = torch.load(ckpt, map_location=_device(p.cfg), weights_only=False)
+            state = checkpoints.load(ckpt, _device(p.cfg), ("trainer", "log", "window"))
             p.trainer.load_state_dict(state["trainer"])
             p.log, p.window, p.start = state["log"], state["window"], state["trainer"]["step"]
             info(f"train: {p.art.ref[:18]} resuming at step {p.start:,} of {p.steps:,}")
@@ -266,12 +301,8 @@ def _step(p: Point, step: int, x) -> None:
 
 
 def _save_checkpoint(p: Point) -> None:
-    import torch
-
-    ckpt = p.art.path / CHECKPOINT
-    tmp = ckpt.with_name(f".{CHECKPOINT}.tmp")
-    torch.save({"trainer": p.trainer.state_dict(), "log": p.log, "window": p.window}, tmp)
-    tmp.replace(ckpt)
+    state = {"trainer": p.trainer.state_dict(), "log": p.log, "window": p.window}
+    checkpoints.save(layout.checkpoint(p.art.path), state)
     faults.point("train.checkpointed")
 
 
@@ -279,14 +310,14 @@ def _finish(src, manifest, harvest, p: Point, lm_spec) -> None:
     sae = p.trainer.export()
     out = p.art.group("r+")
     for k, v in p.log.items():
-        out.create_array(f"log/{k}", data=np.asarray(v, dtype=np.float64), overwrite=True)
+        out.create_array(layout.train_log(k), data=np.asarray(v, dtype=np.float64), overwrite=True)
     summary = _evaluate(p.art, src, harvest, p.hook, sae, lm_spec, p.cfg)
     summary.update(hook=p.hook, arch=p.sae_cfg.arch, d_in=p.sae_cfg.d_in, d_sae=p.sae_cfg.d_sae,
                    k=p.sae_cfg.k, steps=p.steps, tokens=p.steps * p.cfg.batch_size,
                    epochs=p.steps * p.cfg.batch_size / manifest["summary"]["n_train"],
                    final_log={k: v[-1] for k, v in p.log.items()} if p.log else {})
     store.mark_complete(p.art, summary)
-    (p.art.path / CHECKPOINT).unlink(missing_ok=True)  # the weights are saved; free the disk
+    checkpoints.remove(layout.checkpoint(p.art.path))  # the weights are saved; free the disk
     p.trainer = None
     figs = ", ".join(f"{k} {summary[k]:.4g}" for k in ("fvu", "l0", "dead_fraction",
                                                         "ce_loss_score") if k in summary)
@@ -311,19 +342,19 @@ def _load_lm(spec, device):
 def _evaluate(art, src, harvest, hook, sae, lm_spec, cfg) -> dict:
     import torch
 
-    from saectl import metrics, models
+    from saectl import hooks, metrics, models
     from saectl.reader import BatchReader
 
     group = src.group()
-    ev = group[f"eval/{hook}"]
+    ev = group[layout.eval_rows(hook)]
     n_eval = int(ev.shape[0])
     if n_eval == 0:
         raise ConfigError(f"{src.ref} has no eval split; re-run shuffle with --eval-fraction > 0")
     reader = BatchReader(ev, min(cfg.batch_size, n_eval), 0, src.ref)
     figures, log_density = metrics.reconstruction(sae, reader.once())
     out = art.group("r+")
-    out.create_array("eval/log_density", data=log_density.astype(np.float32), overwrite=True)
-    sae_dir = store.sae_dir(art)
+    out.create_array(layout.LOG_DENSITY, data=log_density.astype(np.float32), overwrite=True)
+    sae_dir = layout.sae_dir(art.path)
     sparsity = torch.from_numpy(np.where(np.isfinite(log_density), log_density, -10.0)).float()
     sae.save(sae_dir, sparsity=sparsity,
              metadata={"hook_name": hook, "saectl_ref": art.ref,
@@ -332,9 +363,9 @@ def _evaluate(art, src, harvest, hook, sae, lm_spec, cfg) -> dict:
     if lm_spec is not None:
         device = _device(cfg)
         model = _load_lm(lm_spec, device)
-        hp = models.parse_hooks(model, [hook])[0]
-        seqs = group["eval/sequences"][:][: cfg.lm_eval_seqs]
-        tokens = harvest.group()["tokens"].get_orthogonal_selection((seqs, slice(None)))
+        hp = hooks.parse_hooks(model, [hook])[0]
+        seqs = group[layout.EVAL_SEQUENCES][:][: cfg.lm_eval_seqs]
+        tokens = harvest.group()[layout.TOKENS].get_orthogonal_selection((seqs, slice(None)))
         ids = torch.from_numpy(np.asarray(tokens)).long().to(device)
         skip = 0 if src.manifest()["params"].get("keep_bos") else 1
         sae_dev = sae.to(device)

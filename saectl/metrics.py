@@ -78,7 +78,7 @@ def downstream(model, hook, reconstruct: Callable[[torch.Tensor], torch.Tensor],
 
     Positions before `skip_first` (the BOS, which training leaves out) keep their clean
     activation in both the SAE and the zero-ablation runs, as SAEBench does for special tokens."""
-    from saectl.models import run_with_replacement
+    from saectl.hooks import run_with_replacement
 
     def splice(fn):
         def replace(act):

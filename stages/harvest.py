@@ -123,7 +123,7 @@ def address(cfg: HarvestConfig) -> store.Artifact:
 
 
 def run(cfg: HarvestConfig) -> store.Artifact:
-    from saectl import data, models
+    from saectl import data, hooks as hookpoints, models
 
     model_spec, data_spec, params, art = _plan(cfg)
     if art.is_complete():
@@ -134,8 +134,8 @@ def run(cfg: HarvestConfig) -> store.Artifact:
     info(f"harvest: loading {model_spec.name} on {device}")
     tokenizer = models.load_tokenizer(model_spec)
     model = models.load_model(model_spec, device=device)
-    hooks = models.parse_hooks(model, cfg.hook_list)
-    dims = {h.name: models.hook_dim(model, h) for h in hooks}
+    hooks = hookpoints.parse_hooks(model, cfg.hook_list)
+    dims = {h.name: hookpoints.hook_dim(model, h) for h in hooks}
 
     info(f"harvest: tokenizing {data_spec.name} into {cfg.n_seq:,} contexts of {cfg.context_size}")
     tokens = data.pack_tokens(tokenizer, data.iter_texts(data_spec), cfg.context_size, cfg.n_seq)
@@ -218,7 +218,7 @@ def _create_arrays(art, layout: _Layout, dims: dict[str, int], cfg: HarvestConfi
 def _harvest(art, group, layout: _Layout, model, hooks, tokens, device, cfg, shard) -> None:
     import torch
 
-    from saectl import models
+    from saectl.hooks import run_with_hooks
 
     i, n = shard or (0, 1)
     mine = range(i * layout.n_groups // n, (i + 1) * layout.n_groups // n)
@@ -249,7 +249,7 @@ def _harvest(art, group, layout: _Layout, model, hooks, tokens, device, cfg, sha
                 for s, e in layout.batches_of(g):
                     ids = torch.from_numpy(tokens[s:e]).long().to(device)
                     with autocast():
-                        acts = models.run_with_hooks(model, hooks, ids)
+                        acts = run_with_hooks(model, hooks, ids)
                     for h in hooks:
                         x = acts[h.name].reshape(-1, acts[h.name].shape[-1])
                         outs[h.name].append(_checked(x, h.name, cfg.dtype))

@@ -172,7 +172,7 @@ def clamp(sae, x, features: list[int], targets):
 
 
 def intervention(sae, features: list[int], raw, mode: str, start: int):
-    """edit(act, positions) for models.generate and teacher-forced passes: steers the positions
+    """edit(act, positions) for hooks.generate and teacher-forced passes: steers the positions
     >= `start` by `raw` (n_f,) strengths in activation units. Raises FloatingPointError when
     the result is not finite."""
     import torch
@@ -390,7 +390,7 @@ def _steer(cfg: SteerConfig, p: Plan, lin, spec) -> tuple[dict, dict]:
     a failure (inf/NaN, a bad model) leaves the store as it was."""
     import torch
 
-    from saectl import models
+    from saectl import hooks, models
     from saectl.data import bos_id
     from saectl.lineage import logit_lens
     from saectl.sae import load_sae
@@ -399,8 +399,8 @@ def _steer(cfg: SteerConfig, p: Plan, lin, spec) -> tuple[dict, dict]:
     info(f"steer: loading {spec.name} on {device}")
     tok = models.load_tokenizer(spec)
     model = models.load_model(spec, device=device)
-    hook = models.parse_hooks(model, [lin.hook])[0]
-    width = models.hook_dim(model, hook)
+    hook = hooks.parse_hooks(model, [lin.hook])[0]
+    width = hooks.hook_dim(model, hook)
     if width != lin.d_in:
         raise ConfigError(f"{spec.name} has width {width} at {lin.hook} but the SAE takes "
                           f"{lin.d_in}; pass the model the SAE was trained on")
@@ -423,7 +423,7 @@ def _steer(cfg: SteerConfig, p: Plan, lin, spec) -> tuple[dict, dict]:
 
     def generate(i, ids, edit=None):
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
-        return models.generate(model, torch.tensor([ids]), cfg.max_new_tokens, hook=hook,
+        return hooks.generate(model, torch.tensor([ids]), cfg.max_new_tokens, hook=hook,
                                edit=edit, temperature=cfg.temperature, generator=g,
                                stop_ids=stop)
 
@@ -507,7 +507,7 @@ class Measure:
     def _pass(self, seq, edit=None):
         import torch
 
-        from saectl.models import run_with_replacement
+        from saectl.hooks import run_with_replacement
 
         seen = []
 

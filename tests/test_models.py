@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from saectl.errors import ConfigError, NotFoundError
+from saectl.hooks import HookPoint, hook_dim, parse_hooks, run_with_hooks, run_with_replacement
 from saectl.models import (
-    ALIASES, DEFAULT_MODEL, HookPoint, ModelSpec, hook_dim, load_model, load_tokenizer,
-    model_identity, parse_hooks, resolve_device, resolve_model, run_with_hooks,
-    run_with_replacement, unembed,
+    ALIASES, DEFAULT_MODEL, ModelSpec, load_model, load_tokenizer, model_identity,
+    resolve_device, resolve_model, unembed,
 )
 
 FAMILIES = ("gpt_neox", "llama", "gpt2")

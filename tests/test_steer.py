@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from saectl import arrays, models, store
+from saectl import arrays, hooks, models, store
 from saectl.sae import load_sae
 from stages import steer
 from tests.conftest import corpus_texts, packaged_smollm2_available
@@ -104,14 +104,14 @@ def test_strength_zero_reproduces_the_baseline_token_for_token(tiny, capsys):
 
 def test_add_changes_the_hook_output_by_exactly_s_d_and_nothing_else(tiny):
     model, sae = tiny.model, tiny.sae_obj
-    hook, after = models.parse_hooks(model, [HOOK, "resid_pre.2"])  # after: what block 2 reads
+    hook, after = hooks.parse_hooks(model, [HOOK, "resid_pre.2"])  # after: what block 2 reads
     ids = _ids(tiny.model_dir)
-    clean = models.run_with_hooks(model, [after], ids)[after.name]
+    clean = hooks.run_with_hooks(model, [after], ids)[after.name]
     W = sae.W_dec.detach()
     for feats, s, start in (([3], [2.5], 1), ([3, 7], [2.0, -1.5], 4)):
         edit = steer.intervention(sae, feats, torch.tensor(s), "add", start)
-        with models.replacing(model, hook, lambda a: edit(a, torch.arange(a.shape[1]))):
-            steered = models.run_with_hooks(model, [after], ids)[after.name]
+        with hooks.replacing(model, hook, lambda a: edit(a, torch.arange(a.shape[1]))):
+            steered = hooks.run_with_hooks(model, [after], ids)[after.name]
         expect = sum(si * W[f] for si, f in zip(s, feats))
         diff = steered - clean
         assert torch.equal(steered[:, :start], clean[:, :start])  # BOS / earlier untouched
@@ -121,8 +121,8 @@ def test_add_changes_the_hook_output_by_exactly_s_d_and_nothing_else(tiny):
 
 def test_clamp_sets_the_activation_and_keeps_the_error_term(tiny):
     model, sae = tiny.model, tiny.sae_obj
-    hook = models.parse_hooks(model, [HOOK])[0]
-    x = models.run_with_hooks(model, [hook], _ids(tiny.model_dir))[hook.name][0].clone()
+    hook = hooks.parse_hooks(model, [HOOK])[0]
+    x = hooks.run_with_hooks(model, [hook], _ids(tiny.model_dir))[hook.name][0].clone()
     with torch.no_grad():
         acts = sae.encode(x)
         fired = int(acts.sum(0).argmax())

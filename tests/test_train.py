@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from saectl import metrics, models, store
+from saectl import hooks, metrics, models, store
 from saectl.errors import ConfigError
 from saectl.sae import load_sae
 from tests.helpers import assert_one_line_error, run_cli, run_subprocess, tried
@@ -119,7 +119,7 @@ def test_bad_input(split, capsys, tmp_path):
 def test_downstream_scores_bracket_identity_and_zero(tiny_model_dirs, tiny_corpus, tmp_path):
     spec = models.resolve_model(str(tiny_model_dirs["llama"]))
     model = models.load_model(spec)
-    hook = models.parse_hooks(model, ["resid_post.1"])[0]
+    hook = hooks.parse_hooks(model, ["resid_post.1"])[0]
     ids = [torch.randint(2, 300, (2, 16)) for _ in range(2)]
     ident = metrics.downstream(model, hook, lambda a: a, ids)
     assert ident["ce_loss_score"] == pytest.approx(1.0, abs=1e-6)
