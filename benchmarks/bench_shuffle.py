@@ -7,7 +7,7 @@ chunks (2,048 rows). Budget: BENCH_SHUFFLE_MEMORY (default 160MiB, about half th
 shuffle runs out of core: ~22 buckets).
 
 - Throughput, at the default --memory (2GiB: the data fits in two buckets) and at the tight
-  budget: `stages.shuffle.run` in this process (its artifact removed between runs) against
+  budget: `saectl.stage.run(shuffle.STAGE, cfg)` in this process (its artifact removed between runs) against
   the baseline, a sequential chunk-by-chunk copy of the same array into a new Zarr array with
   the same chunks and codecs (read, decode, encode, write: the least any rewrite of the store
   does). Shuffle reads once, writes every row to a scratch bucket, reads the buckets back and
@@ -49,11 +49,13 @@ def _where_time_goes(cfg, shuffle) -> str:
     import cProfile
     import pstats
 
-    art = shuffle.address(cfg)
+    from saectl.stage import run as run_stage
+
+    art = shuffle.STAGE.address(cfg)
     shutil.rmtree(art.path, ignore_errors=True)
     prof = cProfile.Profile()
     t0 = time.perf_counter()
-    prof.runcall(shuffle.run, cfg)
+    prof.runcall(run_stage, shuffle.STAGE, cfg)
     total = time.perf_counter() - t0
     shutil.rmtree(art.path, ignore_errors=True)
     cum: dict[str, float] = {}
@@ -75,6 +77,7 @@ def run() -> list[Row]:
 
     from saectl import store
     from saectl.config import parse_bytes
+    from saectl.stage import run as run_stage
     from stages import shuffle
 
     work = Path(tempfile.mkdtemp(prefix="bench-shuffle-"))
@@ -90,9 +93,9 @@ def run() -> list[Row]:
 
         def do_shuffle(which):
             def fn():
-                art = shuffle.address(cfgs[which])
+                art = shuffle.STAGE.address(cfgs[which])
                 shutil.rmtree(art.path, ignore_errors=True)
-                shuffle.run(cfgs[which])
+                run_stage(shuffle.STAGE, cfgs[which])
                 buckets[which] = art.manifest()["summary"]["hooks"]["h"]["n_buckets"]
                 shutil.rmtree(art.path, ignore_errors=True)
             return fn

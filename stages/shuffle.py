@@ -21,26 +21,22 @@ from pathlib import Path
 
 import numpy as np
 
-from saectl import arrays, faults, store
+from saectl import arrays, faults, layout, store
 from saectl.config import address_params, opt, parse_bytes
 from saectl.console import info, progress
 from saectl.errors import ConfigError
+from saectl.stage import Plan, RunnerOptions, Stage
 
 NAME = "shuffle"
-FIGURES = ("n_train", "n_eval")  # summary figures `saectl run` shows
-SCRATCH = "scratch"
 
 
 @dataclass(frozen=True)
-class ShuffleConfig:
+class ShuffleConfig(RunnerOptions):
     harvest: str | None = opt(None, "The harvest (or import) artifact to shuffle")
     eval_fraction: float = opt(0.05, "Fraction of sequences held out for evaluation")
     seed: int = opt(0, "Seed of the split and the permutation")
     keep_bos: bool = opt(False, "Keep BOS positions (their activations are outliers)")
     memory: str = opt("2GiB", "Memory budget for buffers, e.g. 512MiB, 2GiB", address=False)
-    store: str | None = opt(None, "Artifact store (default $SAECTL_STORE or ./artifacts)",
-                            address=False)
-    no_wait: bool = opt(False, "Fail instead of waiting for another writer", address=False)
 
     def __post_init__(self):
         if not self.harvest:
@@ -149,51 +145,40 @@ def make_split(n_seq: int, C: int, cfg: ShuffleConfig, has_bos: bool = True) -> 
 # The stage
 
 
-def _plan(cfg: ShuffleConfig):
+def plan(cfg: ShuffleConfig) -> Plan:
     root = store.store_root(cfg.store)
     src = store.open_complete(root, cfg.harvest)
     if src.stage not in ("harvest", "import"):
         raise ConfigError(f"{src.ref} is a {src.stage} artifact; shuffle takes a harvest or import")
     params = address_params(cfg)
     del params["harvest"]  # it is an input, addressed by its digest
-    return src, params, store.artifact_for(root, NAME, params, {"harvest": src})
+    return Plan(store.artifact_for(root, NAME, params, {"harvest": src}), params,
+                {"harvest": src})
 
 
-def address(cfg: ShuffleConfig) -> store.Artifact:
-    """The artifact `run(cfg)` makes or finds, computed without writing anything."""
-    return _plan(cfg)[2]
-
-
-def run(cfg: ShuffleConfig) -> store.Artifact:
-    src, params, art = _plan(cfg)
-    if art.is_complete():
-        info(f"shuffle: cache hit {art.ref}")
-        return art
+def build(cfg: ShuffleConfig, plan: Plan, writer) -> None:
+    art, src = plan.art, plan.inputs["harvest"]
     hin = src.group()
-    hooks = sorted(hin["acts"].array_keys())
-    _check_budget(cfg, [hin[f"acts/{h}"] for h in hooks])
+    hooks = sorted(hin[layout.ACTS].array_keys())
+    _check_budget(cfg, [hin[layout.acts(h)] for h in hooks])
     made = src.manifest()["summary"]
     n_seq, C = made["n_seq"], made["context_size"]
     split = make_split(n_seq, C, cfg, has_bos=made.get("bos", True))
     n_train, n_eval = split.counts()
-    with store.writing(art, params, {"harvest": src}, wait=not cfg.no_wait):
-        if art.is_complete():
-            return art
-        out = art.group("r+")
-        out.create_array("eval/sequences", data=np.flatnonzero(split.is_eval).astype(np.int64),
-                         overwrite=True)
-        out.create_array("rows/eval", data=split.rows(want_eval=True), overwrite=True)
-        stats = {}
-        for i, hook in enumerate(hooks):
-            stats[hook] = _shuffle_hook(art, out, hin[f"acts/{hook}"], hook, split, n_train,
-                                        n_eval, cfg, src.ref, write_rows=i == 0)
-        shutil.rmtree(art.path / SCRATCH, ignore_errors=True)
-        summary = {"n_train": n_train, "n_eval": n_eval,
-                   "n_eval_sequences": int(split.is_eval.sum()), "context_size": C,
-                   "keep_bos": cfg.keep_bos, "hooks": stats}
-        store.mark_complete(art, summary)
+    out = art.group("r+")
+    out.create_array(layout.EVAL_SEQUENCES, data=np.flatnonzero(split.is_eval).astype(np.int64),
+                     overwrite=True)
+    out.create_array(layout.ROWS_EVAL, data=split.rows(want_eval=True), overwrite=True)
+    stats = {}
+    for i, hook in enumerate(hooks):
+        stats[hook] = _shuffle_hook(art, out, hin[layout.acts(hook)], hook, split, n_train,
+                                    n_eval, cfg, src.ref, write_rows=i == 0)
+    shutil.rmtree(layout.scratch(art.path), ignore_errors=True)
+    summary = {"n_train": n_train, "n_eval": n_eval,
+               "n_eval_sequences": int(split.is_eval.sum()), "context_size": C,
+               "keep_bos": cfg.keep_bos, "hooks": stats}
+    store.mark_complete(art, summary)
     info(f"shuffle: wrote {art.ref} ({n_train:,} train rows, {n_eval:,} eval rows)")
-    return art
 
 
 def _check_budget(cfg: ShuffleConfig, srcs) -> None:
@@ -205,7 +190,7 @@ def _check_budget(cfg: ShuffleConfig, srcs) -> None:
 
 
 def _state_path(art, hook: str) -> Path:
-    return art.path / store.PROGRESS / f"shuffle-{hook}.json"
+    return layout.progress_file(art.path, f"shuffle-{hook}")
 
 
 def _load_state(art, hook: str) -> dict:
@@ -236,10 +221,12 @@ def _shuffle_hook(art, out, src_arr, hook, split: Split, n_train: int, n_eval: i
     n_buckets = max(1, math.ceil(n_train / bucket_rows))
     perm = Permutation(n_train, cfg.seed)
     attrs = {"hook": hook, "d": d}
-    dst = arrays.create(out, f"train/{hook}", (n_train, d), (chunk_rows, d), storage, attrs)
-    dst_eval = arrays.create(out, f"eval/{hook}", (n_eval, d), (chunk_rows, d), storage, attrs)
-    rows_arr = arrays.create(out, "rows/train", (n_train,), (1 << 16,), "int64")
-    scratch = art.path / SCRATCH / hook
+    dst = arrays.create(out, layout.train_rows(hook), (n_train, d), (chunk_rows, d), storage,
+                        attrs)
+    dst_eval = arrays.create(out, layout.eval_rows(hook), (n_eval, d), (chunk_rows, d), storage,
+                             attrs)
+    rows_arr = arrays.create(out, layout.ROWS_TRAIN, (n_train,), (1 << 16,), "int64")
+    scratch = layout.scratch(art.path, hook)
     scratch.mkdir(parents=True, exist_ok=True)
     state = _load_state(art, hook)
 
@@ -274,7 +261,7 @@ def _shuffle_hook(art, out, src_arr, hook, split: Split, n_train: int, n_eval: i
             bar.advance(1)
     n = max(n_train, 1)
     mean = np.asarray(state["sum"]) / n
-    out.create_array(f"stats/{hook}/mean", data=mean.astype(np.float32), overwrite=True)
+    out.create_array(layout.stat("mean", hook), data=mean.astype(np.float32), overwrite=True)
     return {"d": d, "mean_norm": state["norm_sum"] / n, "mean_sq_norm": state["sq_sum"] / n,
             "n_buckets": n_buckets}
 
@@ -352,9 +339,6 @@ def _pass1(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, sc
     return state
 
 
-# TRANSITIONAL (issue 14): the old run wrapped until this module defines plan and build.
-from saectl import stage as _contract  # noqa: E402
-
-STAGE = _contract.legacy('shuffle', ShuffleConfig, run, "Shuffle a harvest's token rows out of core and split train/eval by sequence.",
-                         ('harvest',), address=address, output=None,
-                         figures=FIGURES)
+STAGE = Stage(NAME, ShuffleConfig, "Shuffle a harvest's token rows out of core and split "
+              "train/eval by sequence.", plan, build, positional=("harvest",),
+              figures=("n_train", "n_eval"))

@@ -25,6 +25,8 @@ from saectl.executors import (
     run_processes,
     submit_slurm,
 )
+from saectl.stage import run as run_stage
+from saectl.stage import run as run_stage
 from stages import import_acts, shuffle
 
 SEEDS = range(8)
@@ -42,7 +44,8 @@ def template(tmp_path_factory):
     imp = import_acts.run(cfg)
     digests = {}
     for seed in SEEDS:
-        art = shuffle.run(shuffle.ShuffleConfig(harvest=imp.ref, seed=seed, store=str(s)))
+        art = run_stage(shuffle.STAGE,
+                        shuffle.ShuffleConfig(harvest=imp.ref, seed=seed, store=str(s)))
         digests[seed] = art.digest
         store.remove(art)
     shutil.rmtree(s / store.TRASH, ignore_errors=True)
