@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -29,10 +28,12 @@ from pathlib import Path
 from saectl import store
 from saectl.console import info
 from saectl.errors import ArtifactError, ConfigError
+from saectl.sbatch import SlurmOptions, job_script
 
 TASKS_FILE = "tasks.json"
 SCRIPT_FILE = "submit.sbatch"
-JOB_FILE = "job_id"
+JOB_FILE = "slurm.json"
+"""The live submission's record, {"job": ID}: the one place a re-run learns which job to follow."""
 LOG_DIR = "logs"
 # What squeue says of a job id the controller no longer knows (finished and purged, or never was).
 _UNKNOWN_JOB = "invalid job id"
@@ -50,44 +51,6 @@ class Task:
     """saectl's arguments, e.g. ["train", "shuffle/ab12...", "--k", "8", "--store", STORE]."""
     artifact: store.Artifact
     """The artifact the command makes; the task is done when it is complete."""
-
-
-@dataclass(frozen=True)
-class SlurmOptions:
-    """How the array is submitted; each field is also a sweep flag and YAML key."""
-
-    partition: str | None = None
-    """`--partition`; None: the cluster's default partition."""
-    time: str | None = None
-    """`--time` per array task, in SLURM's format (e.g. "2:00:00")."""
-    gres: str | None = None
-    """`--gres`, e.g. "gpu:1" for one GPU per task."""
-    cpus_per_task: int | None = None
-    """`--cpus-per-task`."""
-    mem: str | None = None
-    """`--mem` per task, e.g. "16G"."""
-    extra: tuple[str, ...] = ()
-    """Free-form lines for site rules ("#SBATCH --account=abc" or just "--account=abc")."""
-    python: str = sys.executable
-    """The interpreter the tasks run saectl with; it must see the same saectl on the nodes."""
-
-    def __post_init__(self):
-        if self.cpus_per_task is not None and self.cpus_per_task < 1:
-            raise ConfigError(f"--cpus-per-task must be at least 1, got {self.cpus_per_task}")
-        for line in self.extra:
-            if "\n" in line or not line.strip().startswith(("#SBATCH", "-")):
-                raise ConfigError(f"extra SLURM line {line!r} must be one '#SBATCH --option' "
-                                  "line (or '--option')")
-
-    def directives(self) -> list[str]:
-        """The `#SBATCH` lines these options stand for."""
-        flags = {"partition": self.partition, "time": self.time, "gres": self.gres,
-                 "cpus-per-task": self.cpus_per_task, "mem": self.mem}
-        lines = [f"#SBATCH --{k}={v}" for k, v in flags.items() if v is not None]
-        for line in self.extra:
-            line = line.strip()
-            lines.append(line if line.startswith("#SBATCH") else f"#SBATCH {line}")
-        return lines
 
 
 @dataclass
@@ -215,30 +178,13 @@ def _slurm(cmd: list[str]) -> subprocess.CompletedProcess:
                           "is the SLURM controller up (try `sinfo`)?") from None
 
 
-def _script(n: int, opts: SlurmOptions, work_dir: Path, tasks_json: Path) -> str:
-    # One python process reads its argv from tasks.json by index: arguments never pass through
-    # the shell, so any value (spaces, quotes, $) arrives as written.
-    pick = ("import json, os, sys; from saectl.cli import main; "
-            "main(json.load(open(sys.argv[1]))[int(os.environ['SLURM_ARRAY_TASK_ID'])]['argv'])")
-    return "\n".join([
-        "#!/bin/bash",
-        "#SBATCH --job-name=saectl",
-        f"#SBATCH --array=0-{n - 1}",
-        f"#SBATCH --output={work_dir / LOG_DIR}/%a.log",
-        *opts.directives(),
-        "# Written by saectl: array task I runs `python -m saectl.cli ARGV` with the argv of",
-        f"# entry I of {TASKS_FILE}; completion is read from the artifact store, not from SLURM.",
-        f"exec {shlex.quote(opts.python)} -c {shlex.quote(pick)} {shlex.quote(str(tasks_json))}",
-        "",
-    ])
-
 
 def submit_slurm(tasks: list[Task], opts: SlurmOptions, work_dir: Path) -> str:
     """Submit the tasks as one SLURM array (task I = tasks[I]) and return the job id.
 
     Writes `work_dir/tasks.json` (name, argv and artifact per index), `work_dir/submit.sbatch`
     and the logs folder `work_dir/logs/` (task I logs to `logs/I.log`), runs
-    `sbatch --parsable`, and records the id in `work_dir/job_id`.
+    `sbatch --parsable`, and records the id in `work_dir/slurm.json` (`recorded_job`).
 
     A work_dir holds one live submission: queued tasks read tasks.json when they start, so it
     must not change under them. Submitting again into the same folder (a re-run resubmitting
@@ -259,14 +205,14 @@ def submit_slurm(tasks: list[Task], opts: SlurmOptions, work_dir: Path) -> str:
                for t in tasks]
     store.atomic_write(tasks_json, (json.dumps(entries, indent=1) + "\n").encode())
     script = work_dir / SCRIPT_FILE
-    store.atomic_write(script, _script(len(tasks), opts, work_dir, tasks_json).encode())
+    store.atomic_write(script, job_script(len(tasks), opts, work_dir / LOG_DIR, tasks_json).encode())
     res = _slurm(["sbatch", "--parsable", str(script)])
     if res.returncode != 0:
         why = (res.stderr.strip().splitlines() or [f"exit status {res.returncode}"])[-1]
         raise ConfigError(f"sbatch refused the job ({why}); check the SLURM options "
                           f"(script: {script})")
     job_id = res.stdout.strip().split(";")[0]  # "JOBID" or "JOBID;CLUSTER"
-    store.atomic_write(work_dir / JOB_FILE, f"{job_id}\n".encode())
+    store.atomic_write(work_dir / JOB_FILE, (json.dumps({"job": job_id}) + "\n").encode())
     info(f"submitted {len(tasks)} tasks as SLURM array job {job_id}; logs in "
          f"{work_dir / LOG_DIR}")
     return job_id
@@ -275,10 +221,9 @@ def submit_slurm(tasks: list[Task], opts: SlurmOptions, work_dir: Path) -> str:
 def _retire(work_dir: Path) -> None:
     """Make room for a new submission in `work_dir`: refuse while the previous job still has
     tasks queued (they will read tasks.json), else keep its logs as `logs-<job>/`."""
-    job_file = work_dir / JOB_FILE
-    if not job_file.exists():
+    old = recorded_job(work_dir)
+    if old is None:
         return
-    old = job_file.read_text().strip()
     left = queued(old)
     if left is None or left:
         state = "has tasks in the queue" if left else "may still be queued (squeue did not answer)"
@@ -289,7 +234,7 @@ def _retire(work_dir: Path) -> None:
         dest, n = work_dir / f"{LOG_DIR}-{old}.{n}", n + 1
     if logs.is_dir():
         logs.rename(dest)
-    job_file.unlink()
+    (work_dir / JOB_FILE).unlink()
 
 
 def _indices(spec: str) -> set[int]:
@@ -300,6 +245,40 @@ def _indices(spec: str) -> set[int]:
         lo, _, hi = part.partition("-")
         out.update(range(int(lo), int(hi or lo) + 1))
     return out
+
+
+def _read_record(path: Path, kind: type):
+    """A JSON record this module wrote, or None if there is none. A damaged one (cut short by a
+    full disk, edited by hand) is one line saying what to do, not a traceback."""
+    try:
+        value = json.loads(path.read_text())
+        why = None if isinstance(value, kind) else f"not a JSON {kind.__name__}"
+    except FileNotFoundError:
+        return None
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        why = str(e)
+    if why is None and kind is dict and not isinstance(value.get("job"), str):
+        why = "no job id"
+    if why is not None:
+        raise ArtifactError(f"{path} is damaged ({why}); once no saectl job of yours is left "
+                            "in the queue (squeue --me), delete it and run again")
+    return value
+
+
+def recorded_job(work_dir: Path) -> str | None:
+    """The SLURM job last submitted from `work_dir` (its `slurm.json`), None if none was."""
+    record = _read_record(Path(work_dir) / JOB_FILE, dict)
+    return None if record is None else record["job"]
+
+
+def submit_or_follow(tasks: list[Task], opts: SlurmOptions, work_dir: Path) -> tuple[str, bool]:
+    """(job id, whether it was submitted now): the job recorded in `work_dir` while it still
+    has tasks in the queue (a re-run follows it, as after `--no-wait`), else a new array of
+    `tasks` (a re-run after failures resubmits only what it is given)."""
+    job = recorded_job(work_dir)
+    if job is not None and queued(job):
+        return job, False
+    return submit_slurm(tasks, opts, work_dir), True
 
 
 def queued(job_id: str) -> set[int] | None:
@@ -343,11 +322,9 @@ def follow_slurm(tasks: list[Task], job_id: str, work_dir: Path, poll: float = 2
     snapshot wrote its COMPLETE (if it succeeded) before it exited, so none is misreported.
     """
     work_dir = Path(work_dir).absolute()
-    try:
-        index = {e["name"]: i for i, e in
-                 enumerate(json.loads((work_dir / TASKS_FILE).read_text()))}
-    except FileNotFoundError:
-        index = {t.name: i for i, t in enumerate(tasks)}
+    entries = _read_record(work_dir / TASKS_FILE, list)
+    index = ({e["name"]: i for i, e in enumerate(entries)} if entries is not None
+             else {t.name: i for i, t in enumerate(tasks)})
     missing = [t.name for t in tasks if t.name not in index]
     if missing:
         raise ValueError(f"tasks {missing} are not part of the submission in {work_dir}")

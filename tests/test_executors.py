@@ -16,16 +16,19 @@ from tests.helpers import tried
 from saectl import store
 from saectl.errors import ArtifactError, ConfigError
 from saectl.executors import (
+    JOB_FILE,
     SlurmOptions,
     Task,
     error_line,
     follow_slurm,
     pending,
     queued,
+    recorded_job,
     run_processes,
+    submit_or_follow,
     submit_slurm,
 )
-from saectl.stage import run as run_stage
+from saectl.sbatch import job_script
 from saectl.stage import run as run_stage
 from stages import import_acts, shuffle
 
@@ -41,7 +44,7 @@ def template(tmp_path_factory):
     np.save(root / "x.npy", np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32))
     s = root / "store"
     cfg = import_acts.ImportConfig(file=str(root / "x.npy"), hook="h", store=str(s))
-    imp = import_acts.run(cfg)
+    imp = run_stage(import_acts.STAGE, cfg)
     digests = {}
     for seed in SEEDS:
         art = run_stage(shuffle.STAGE,
@@ -53,9 +56,9 @@ def template(tmp_path_factory):
 
 
 class Tasks:
-    def __init__(self, template, tmp_path: Path):
+    def __init__(self, template, tmp_path: Path, store_name: str = "store"):
         src, self.ref, self.digests = template
-        self.store = tmp_path / "store"
+        self.store = tmp_path / store_name
         shutil.copytree(src, self.store)
 
     def good(self, seed: int) -> Task:
@@ -143,6 +146,54 @@ def test_slurm_options_become_sbatch_lines():
         SlurmOptions(extra=("echo hi",))
 
 
+def test_slurm_options_cannot_inject_a_line_into_the_job_script(tmp_path):
+    """Issue 15.7: a value with a line break ended its `#SBATCH` line and put a shell command
+    into the job script; whitespace split it. Every option is one word, or a one-line error
+    naming it."""
+    examples = {"partition": "gpu", "time": "1:00:00", "gres": "gpu:1", "mem": "16G"}
+    for name in examples:
+        for bad in ("gpu\necho pwned", "a b", "x\r", "\t", "", "16G\x00"):
+            with pytest.raises(ConfigError) as e:
+                SlurmOptions(**{name: bad})
+            msg = str(e.value)
+            assert f"--{name}" in msg and "whitespace" in msg and "\n" not in msg, msg
+    with pytest.raises(ConfigError, match="--cpus-per-task"):
+        SlurmOptions(cpus_per_task="4\necho pwned")
+    with pytest.raises(ConfigError, match="extra SLURM line"):
+        SlurmOptions(extra=("--account=abc\necho pwned",))
+    script = job_script(1, SlurmOptions(**examples), tmp_path / "logs", tmp_path / "tasks.json")
+    assert [ln for ln in script.splitlines() if "pwned" in ln] == []
+    tried("sweep", "injection")
+
+
+def test_job_script_quotes_the_log_path():
+    """Issue 15.7: `--output=/my store/...` was cut at the space by sbatch, so the logs went
+    to `/my`; `%` in a folder name was taken for a file-name pattern."""
+    script = job_script(2, SlurmOptions(), Path('/my store/50%/a"b/logs'), Path("/t.json"))
+    [line] = [ln for ln in script.splitlines() if ln.startswith("#SBATCH --output")]
+    assert line == '#SBATCH --output="/my store/50%%/a\\"b/logs/%a.log"'
+    tried("sweep", "injection")
+
+
+def test_a_damaged_job_record_is_one_line(tasks, tmp_path):
+    """Issue 15.4: slurm.json cut short (a full disk, a kill mid-write before it was written
+    atomically) gave a JSONDecodeError traceback; now one line naming the file and the fix."""
+    work = tmp_path / "work"
+    work.mkdir()
+    assert recorded_job(work) is None
+    for damaged in ('{"job": "12', "", '["12"]', '{"job": 12}', b"\xff\xfe"):
+        f = work / JOB_FILE
+        (f.write_bytes if isinstance(damaged, bytes) else f.write_text)(damaged)
+        for call in (lambda: recorded_job(work),
+                     lambda: submit_or_follow([tasks.good(0)], SlurmOptions(), work)):
+            with pytest.raises(ArtifactError) as e:
+                call()
+            msg = str(e.value)
+            assert str(f) in msg and "damaged" in msg and "delete it" in msg, msg
+            assert "\n" not in msg
+    tried("sweep", "corruption")
+
+
 @pytest.fixture
 def slurm_env(slurm_cluster, monkeypatch):  # noqa: F811
     monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
@@ -162,6 +213,23 @@ def test_slurm_array_completes_through_the_store(tasks, tmp_path, slurm_env):
     for i, t in enumerate(todo):
         assert t.artifact.ref in (work / "logs" / f"{i}.log").read_text()
     assert queued("987654") == set()  # a job the controller never knew
+
+
+def test_slurm_array_in_a_store_path_with_a_space(template, tmp_path, slurm_env):
+    """Issue 15.7, on the real cluster: a store and work folder whose paths hold a space and a
+    `%` (unquoted, sbatch wrote the logs to the path cut at the space); the record it leaves is
+    JSON that a re-run reads back."""
+    tasks = Tasks(template, tmp_path, "my store")
+    todo = [tasks.good(s) for s in range(2)]
+    work = tmp_path / "my store" / "work 100%"
+    job, submitted = submit_or_follow(todo, SlurmOptions(), work)
+    assert submitted and recorded_job(work) == job
+    out = follow_slurm(todo, job, work, poll=0.3, timeout=120)
+    assert out.ok and len(out.done) == 2, out
+    for i, t in enumerate(todo):
+        assert t.artifact.ref in (work / "logs" / f"{i}.log").read_text()
+    assert not (tmp_path / "my").exists()
+    tried("sweep", "injection")
 
 
 def test_slurm_failed_task_is_reported_with_its_log(tasks, tmp_path, slurm_env):

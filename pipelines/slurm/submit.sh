@@ -49,31 +49,30 @@ mkdir -p "$LOG_DIR"
 # Validate the pipeline (and see the plan) before anything is queued.
 saectl run "$PIPELINE" --dry-run >&2
 
-account=${SAECTL_ACCOUNT:+--account=$SAECTL_ACCOUNT}
-cpu=${SAECTL_CPU_PARTITION:+--partition=$SAECTL_CPU_PARTITION}
-gpu=${SAECTL_GPU_PARTITION:+--partition=$SAECTL_GPU_PARTITION}
+# SBATCH_ARGS is a list of options: split at whitespace into an array, never globbed (a `*`
+# stays a `*`); the account and partitions stay one word each whatever they hold.
+read -r -a common <<< "--parsable --export=ALL ${SBATCH_ARGS:-}"
+if [ -n "${SAECTL_ACCOUNT:-}" ]; then common=(--account="$SAECTL_ACCOUNT" "${common[@]}"); fi
 
-submit() {  # sbatch OPTIONS... SCRIPT → the job id
-    # shellcheck disable=SC2086  # $account is one option or nothing; SBATCH_ARGS a list
-    sbatch --parsable --export=ALL $account ${SBATCH_ARGS:-} "$@" | cut -d';' -f1
+submit() {  # PARTITION SBATCH-OPTIONS... SCRIPT → the job id (PARTITION "": the default)
+    local partition=()
+    if [ -n "$1" ]; then partition=(--partition="$1"); fi
+    shift
+    sbatch "${common[@]}" ${partition[@]+"${partition[@]}"} "$@" | cut -d';' -f1
 }
 
-# shellcheck disable=SC2086
-job=$(submit $cpu --array="0-$((SHARDS - 1))" --output="$LOG_DIR/harvest-%A_%a.log" \
-      "$here/harvest.sbatch")
+job=$(submit "${SAECTL_CPU_PARTITION:-}" --array="0-$((SHARDS - 1))" \
+      --output="$LOG_DIR/harvest-%A_%a.log" "$here/harvest.sbatch")
 echo "harvest: $job"
 [ "$UNTIL" = harvest ] && exit 0
-# shellcheck disable=SC2086
-job=$(submit $cpu --dependency="afterok:$job" --output="$LOG_DIR/shuffle-%j.log" \
-      "$here/shuffle.sbatch")
+job=$(submit "${SAECTL_CPU_PARTITION:-}" --dependency="afterok:$job" \
+      --output="$LOG_DIR/shuffle-%j.log" "$here/shuffle.sbatch")
 echo "shuffle: $job"
 [ "$UNTIL" = shuffle ] && exit 0
-# shellcheck disable=SC2086
-job=$(submit $cpu --dependency="afterok:$job" --output="$LOG_DIR/sweep-%j.log" \
-      "$here/sweep.sbatch")
+job=$(submit "${SAECTL_CPU_PARTITION:-}" --dependency="afterok:$job" \
+      --output="$LOG_DIR/sweep-%j.log" "$here/sweep.sbatch")
 echo "sweep: $job"
 [ "$UNTIL" = sweep ] && exit 0
-# shellcheck disable=SC2086
-job=$(submit $gpu --dependency="afterok:$job" --output="$LOG_DIR/interpret-%j.log" \
-      "$here/interpret.sbatch")
+job=$(submit "${SAECTL_GPU_PARTITION:-}" --dependency="afterok:$job" \
+      --output="$LOG_DIR/interpret-%j.log" "$here/interpret.sbatch")
 echo "interpret: $job"

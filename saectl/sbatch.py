@@ -1,0 +1,104 @@
+"""The job script of a SLURM array (docs/architecture.md): its `#SBATCH` options, checked, and
+its text. Nothing a user gives reaches the script unchecked: an option value is one word (a
+newline in `--partition` would otherwise end the `#SBATCH` line and put a shell command in the
+job), the log path is quoted for sbatch's own parser, and the tasks' arguments never pass
+through a shell at all (they are read from a JSON file by index)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from saectl.errors import ConfigError
+
+_EXAMPLES = {"partition": "gpu", "time": "2:00:00", "gres": "gpu:1", "mem": "16G"}
+
+
+def _one_word(value: str) -> bool:
+    return bool(value) and all(c.isprintable() and not c.isspace() for c in value)
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """How the array is submitted; each field is also a sweep flag and YAML key."""
+
+    partition: str | None = None
+    """`--partition`; None: the cluster's default partition."""
+    time: str | None = None
+    """`--time` per array task, in SLURM's format (e.g. "2:00:00")."""
+    gres: str | None = None
+    """`--gres`, e.g. "gpu:1" for one GPU per task."""
+    cpus_per_task: int | None = None
+    """`--cpus-per-task`."""
+    mem: str | None = None
+    """`--mem` per task, e.g. "16G"."""
+    extra: tuple[str, ...] = ()
+    """Free-form lines for site rules ("#SBATCH --account=abc" or just "--account=abc")."""
+    python: str = sys.executable
+    """The interpreter the tasks run saectl with; it must see the same saectl on the nodes."""
+
+    def __post_init__(self):
+        # Each value becomes an `#SBATCH --k=v` line: whitespace would split it and a newline
+        # would start a line of its own, which the job's shell runs as a command.
+        for flag, value in self._values().items():
+            if flag == "cpus-per-task":
+                if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                          or value < 1):
+                    raise ConfigError(f"--cpus-per-task must be a whole number of at least 1, "
+                                      f"got {value!r}")
+            elif value is not None and not _one_word(str(value)):
+                raise ConfigError(f"SLURM option --{flag} {str(value)!r} must be one word, "
+                                  f"without whitespace or control characters (e.g. "
+                                  f"--{flag} {_EXAMPLES[flag]})")
+        for line in self.extra:
+            if not line.isprintable() or not line.strip().startswith(("#SBATCH", "-")):
+                raise ConfigError(f"extra SLURM line {line!r} must be one '#SBATCH --option' "
+                                  "line (or '--option'), without control characters")
+
+    def _values(self) -> dict:
+        return {"partition": self.partition, "time": self.time, "gres": self.gres,
+                "cpus-per-task": self.cpus_per_task, "mem": self.mem}
+
+    def directives(self) -> list[str]:
+        """The `#SBATCH` lines these options stand for."""
+        lines = [f"#SBATCH --{k}={v}" for k, v in self._values().items() if v is not None]
+        for line in self.extra:
+            line = line.strip()
+            lines.append(line if line.startswith("#SBATCH") else f"#SBATCH {line}")
+        return lines
+
+
+def _quoted(folder: Path, pattern: str) -> str:
+    """`folder/pattern` as one argument of an `#SBATCH` line: sbatch splits those lines at
+    whitespace unless double-quoted (a backslash escapes `"` and itself there) and expands `%`
+    in file names (`%%` is a literal %), so only `pattern`'s own `%a` is a pattern."""
+    path = str(folder)
+    if not path.isprintable():
+        raise ConfigError(f"the store path {path!r} holds a control character; SLURM cannot "
+                          "write logs there: use a store path without one")
+    escaped = path.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    return f'"{escaped}/{pattern}"'
+
+
+def job_script(n: int, opts: SlurmOptions, log_dir: Path, tasks_json: Path) -> str:
+    """The array job: task I runs saectl with the argv of entry I of `tasks_json`, logging to
+    `log_dir/I.log`."""
+    # One python process reads its argv from tasks.json by index: arguments never pass through
+    # the shell, so any value (spaces, quotes, $) arrives as written.
+    pick = ("import json, os, sys; from saectl.cli import main; "
+            "main(json.load(open(sys.argv[1]))[int(os.environ['SLURM_ARRAY_TASK_ID'])]['argv'])")
+    return "\n".join([
+        "#!/bin/bash",
+        "#SBATCH --job-name=saectl",
+        f"#SBATCH --array=0-{n - 1}",
+        f"#SBATCH --output={_quoted(log_dir, '%a.log')}",
+        *opts.directives(),
+        "# Written by saectl: array task I runs `python -m saectl.cli ARGV` with the argv of",
+        f"# entry I of {tasks_json.name}; completion is read from the artifact store, not "
+        "from SLURM.",
+        f"exec {shlex.quote(opts.python)} -c {shlex.quote(pick)} {shlex.quote(str(tasks_json))}",
+        "",
+    ])
+
