@@ -116,12 +116,15 @@ def gc(store_: StoreOpt = None,
     """Remove artifacts no named ref keeps (never one being written)."""
     root = store.store_root(store_)
     remove, busy = store.gc_plan(root, everything)
+    if not dry_run:
+        store.sweep_leftovers(root)  # what an interrupted gc left half-deleted
+    for a in remove:
+        if dry_run or store.remove(a):
+            print(f"{'would remove' if dry_run else 'removed'} {a.ref}")
+        else:  # a writer (a harvest shard) started after the plan: its lock is checked again
+            busy.append(a)
     for a in busy:
         print(f"keep {a.ref} (being written)", file=sys.stderr)
-    for a in remove:
-        if not dry_run:
-            store.remove(a)
-        print(f"{'would remove' if dry_run else 'removed'} {a.ref}")
 
 
 @app.command("run")

@@ -14,130 +14,35 @@ Every path is built here (style.md item 8); stages never join store paths themse
 
 from __future__ import annotations
 
-import errno
-import fcntl
+import itertools
 import json
+import math
 import os
-import re
-import shutil
 import socket
 import tempfile
-import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import zarr
 
-from saectl import __version__, faults
+from saectl import __version__, faults, layout, locks
 from saectl.errors import ArtifactError, NotFoundError
-from saectl.hashing import SCHEMA_VERSION, canonical_json, digest
+from saectl.hashing import SCHEMA_VERSION, canonical_json
+from saectl.layout import PROGRESS, REPORT, SAE_DIR  # noqa: F401 (store.REPORT: older callers)
+
+# The store's shape, one artifact, and gc live beside this module; their names are re-exported
+# so callers keep writing `store.Artifact`, `store.atomic_write`, `store.remove`.
+from saectl.artifact import (  # noqa: F401
+    COMPLETE, DEFAULT_STORE, HEX_RE, LOCK, MANIFEST_KEY, REFS, STAGE_RE, STORE_ENV, TRASH,
+    Artifact, address, artifact_for, atomic_write, check_ref_shape, folders, is_locked,
+    list_artifacts, list_refs, read_manifest, saectl_manifest, store_root, write_ref)
+from saectl.gc import gc_plan, remove, sweep_leftovers  # noqa: F401
+from saectl.locks import flock  # noqa: F401 (store.flock: the lock writers and tests take)
 
 # Every chunk is written, even one that is all fill value, so a chunk file that is missing
 # from a complete artifact means damage, not zeros (`verify` counts them).
 zarr.config.set({"array.write_empty_chunks": True})
-
-STORE_ENV = "SAECTL_STORE"
-DEFAULT_STORE = "artifacts"
-MANIFEST_KEY = "saectl"
-COMPLETE = "COMPLETE"
-LOCK = ".lock"
-PROGRESS = "progress"
-REPORT = "report"
-SAE_DIR = "sae"  # a trained SAE in SAELens's layout: cfg.json, sae_weights.safetensors, ...
-REFS = "refs"
-TRASH = ".trash"
-_STAGE_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
-_HEX_RE = re.compile(r"^[0-9a-f]{4,64}$")
-
-
-def store_root(store: str | os.PathLike | None = None) -> Path:
-    """`--store`, else `$SAECTL_STORE`, else `./artifacts`."""
-    return Path(store or os.environ.get(STORE_ENV) or DEFAULT_STORE).expanduser().absolute()
-
-
-@dataclass(frozen=True)
-class Artifact:
-    store: Path
-    stage: str
-    digest: str
-
-    @property
-    def path(self) -> Path:
-        return self.store / self.stage / self.digest
-
-    @property
-    def ref(self) -> str:
-        return f"{self.stage}/{self.digest}"
-
-    @property
-    def report_dir(self) -> Path:
-        return self.path / REPORT
-
-    def exists(self) -> bool:
-        return (self.path / "zarr.json").is_file()
-
-    def is_complete(self) -> bool:
-        return (self.path / COMPLETE).is_file()
-
-    def manifest(self) -> dict:
-        return read_manifest(self.path)
-
-    def group(self, mode: str = "r") -> zarr.Group:
-        return zarr.open_group(self.path, mode=mode, zarr_format=3)
-
-    def __str__(self) -> str:
-        return self.ref
-
-
-def address(stage: str, params: dict, inputs: dict[str, Artifact] | None = None) -> str:
-    return digest(stage, params, {k: v.ref for k, v in (inputs or {}).items()})
-
-
-def artifact_for(store: Path, stage: str, params: dict,
-                 inputs: dict[str, Artifact] | None = None) -> Artifact:
-    if not _STAGE_RE.match(stage):
-        raise ValueError(f"bad stage name {stage!r}")
-    return Artifact(store, stage, address(stage, params, inputs))
-
-
-# ---------------------------------------------------------------------------------------------
-# Small file primitives
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename into place (zarr's
-    `_atomic_write`): a reader sees the old content or the new, never half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; reports must be readable on a shared cluster
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_manifest(path: Path) -> dict:
-    try:
-        meta = json.loads((path / "zarr.json").read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{path} is not a saectl artifact (no zarr.json); "
-                            "name one that `saectl ls` lists") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"artifact {path} is damaged: zarr.json does not parse ({e}); "
-                            "remove it with `saectl gc --all` or delete the folder, "
-                            "then re-run the command that made it") from None
-    manifest = meta.get("attributes", {}).get(MANIFEST_KEY)
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{path} is a Zarr store but not a saectl artifact (no '{MANIFEST_KEY}' "
-                            "manifest); use `saectl import` to bring in arrays made elsewhere")
-    return manifest
 
 
 def _host() -> str:
@@ -146,48 +51,6 @@ def _host() -> str:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-# ---------------------------------------------------------------------------------------------
-# Locks
-
-
-@contextmanager
-def flock(path: Path, wait: bool = True, what: str = ""):
-    """An exclusive lock on `path` for as long as the block runs. The kernel releases it when
-    the process dies, so SIGKILL never leaves a stale lock. With wait=False a held lock is an
-    ArtifactError naming its holder."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = Path(path).read_text(errors="replace").strip() or "another process"
-            if not wait:
-                raise ArtifactError(f"{what or path} is being written by {holder}; wait for it "
-                                    "or run again without --no-wait") from None
-            from saectl.console import info
-
-            info(f"waiting for {holder}, which is writing {what or path}")
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {_host()}".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # closing drops the lock
-
-
-def is_locked(art: Artifact) -> bool:
-    """True if some process holds any of the artifact's locks right now."""
-    for lock in art.path.glob(f"{LOCK}*"):
-        fd = os.open(lock, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,32 +106,59 @@ def writing(art: Artifact, params: dict, inputs: dict[str, Artifact] | None = No
     `origin` is recorded in the manifest but not addressed: where things came from (a model's
     folder or hub id), which later stages need to find them again.
 
-    Without `shard` the block holds the artifact's one lock. Shards of one harvest create the
-    artifact under that lock, then each holds only its own (`.lock.<shard>`), so they write
-    their disjoint regions side by side, taking the main lock only inside `exclusive()`.
+    Without `shard` the block holds the artifact's one lock. Shards of one harvest each hold
+    their own (`.lock.<shard>`), so they write their disjoint regions side by side, taking the
+    main lock only to create the artifact and inside `exclusive()`. A shard takes its own lock
+    *before* the main one (the order `exclusive()` uses too), so from the moment the artifact
+    is checked it is never without a held lock that `saectl gc` sees (`remove`).
     """
     _check_writable(art.store)
+    while True:  # again only when gc moved the folder away while we waited for a lock
+        try:
+            art.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ArtifactError(f"cannot create {art.path} ({e.strerror or e}); check the "
+                                "store's permissions and free space") from None
+        shard_fd = None
+        if shard is not None:
+            shard_fd = _take(art.path / f"{LOCK}.{shard}", wait, f"{art.ref} shard {shard}")
+            if shard_fd is None:
+                continue
+        main_fd = _take(art.path / LOCK, wait, art.ref)
+        if main_fd is not None and (shard_fd is None or
+                                    locks.same_file(shard_fd, art.path / f"{LOCK}.{shard}")):
+            break
+        for fd in (main_fd, shard_fd):
+            if fd is not None:
+                os.close(fd)
     try:
-        art.path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ArtifactError(f"cannot create {art.path} ({e.strerror or e}); check the store's "
-                            "permissions and free space") from None
-    with flock(art.path / LOCK, wait, art.ref):
         if not art.exists():
             _create(art, params, inputs, origin)
         else:
             read_manifest(art.path)  # refuse a foreign or broken store before writing into it
-        if shard is None:
-            yield Writing(art, None)
-            return
-    with flock(art.path / f"{LOCK}.{shard}", wait, f"{art.ref} shard {shard}"):
+        if shard is not None:
+            os.close(main_fd)  # the shard's own lock is held on
+            main_fd = None
         yield Writing(art, shard)
+    finally:
+        for fd in (main_fd, shard_fd):
+            if fd is not None:
+                os.close(fd)
+
+
+def _take(path: Path, wait: bool, what: str) -> int | None:
+    """`locks.acquire` as `writing` needs it: None means start again (the folder moved)."""
+    try:
+        return locks.acquire(path, wait, what)
+    except BlockingIOError:
+        raise ArtifactError(f"{what} is being written by {locks.holder(path)}; wait for it "
+                            "or run again without --no-wait") from None
+    except FileNotFoundError:
+        return None
 
 
 def _json_safe(obj):
     """Summary figures as JSON: non-finite numbers become null, keys strings, NumPy plain."""
-    import math
-
     if isinstance(obj, dict):
         return {str(k): _json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -303,7 +193,7 @@ def read_progress(art: Artifact) -> set[int]:
 
 
 def record_progress(art: Artifact, writer: str, done: set[int]) -> None:
-    atomic_write(art.path / PROGRESS / f"{writer}.json", json.dumps({"done": sorted(done)}).encode())
+    atomic_write(layout.progress_file(art.path, writer), json.dumps({"done": sorted(done)}).encode())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,8 +219,6 @@ def verify(art: Artifact) -> None:
     would otherwise read as zeros). Costs one directory walk; chunk *contents* are checked by
     their crc32c when read (`arrays.read`). Artifacts from before every chunk was written
     (no `all_chunks` in the manifest) are only checked for metadata."""
-    import math
-
     count = bool(read_manifest(art.path).get("all_chunks"))
     for meta in art.path.rglob("zarr.json"):
         name = str(meta.parent.relative_to(art.path)) or "."
@@ -357,65 +245,23 @@ def verify(art: Artifact) -> None:
 
 
 def _chunk_indices(grid: list[int]):
-    import itertools
-
     return itertools.product(*(range(n) for n in grid))
-
-
-def _all_artifacts(store: Path, stage: str | None = None) -> list[Artifact]:
-    if not store.is_dir():
-        return []
-    out = []
-    for sdir in sorted(store.iterdir()):
-        if not sdir.is_dir() or sdir.name in (REFS, TRASH) or not _STAGE_RE.match(sdir.name):
-            continue
-        if stage and sdir.name != stage:
-            continue
-        for adir in sorted(sdir.iterdir()):
-            if adir.is_dir() and _HEX_RE.match(adir.name):
-                out.append(Artifact(store, sdir.name, adir.name))
-    return out
-
-
-def list_artifacts(store: Path, stage: str | None = None) -> list[Artifact]:
-    return _all_artifacts(store, stage)
-
-
-def list_refs(store: Path) -> dict[str, str]:
-    """{name: 'stage/digest'} for every named ref under `<store>/refs/`."""
-    base = store / REFS
-    if not base.is_dir():
-        return {}
-    return {str(p.relative_to(base)): p.read_text().strip()
-            for p in sorted(base.rglob("*")) if p.is_file() and not p.name.startswith(".")}
-
-
-def write_ref(store: Path, name: str, art: Artifact) -> None:
-    _check_ref_shape(name)
-    atomic_write(store / REFS / name, (art.ref + "\n").encode())
-
-
-def _check_ref_shape(ref: str) -> None:
-    parts = Path(ref).parts
-    if not ref or os.path.isabs(ref) or ".." in parts or ref.startswith("~"):
-        raise ArtifactError(f"ref '{ref}' points outside the store; name an artifact as "
-                            "STAGE/DIGEST, a digest prefix, or a pipeline ref (see `saectl ls`)")
 
 
 def resolve(store: Path, ref: str, stage: str | None = None) -> Artifact:
     """`stage/digest`, `stage/prefix`, a bare digest prefix, or a named ref (`refs/NAME` or
     `NAME`). Refuses refs that leave the store and ambiguous prefixes."""
     ref = ref.strip().rstrip("/")
-    _check_ref_shape(ref)
+    check_ref_shape(ref)
     named = ref.removeprefix(f"{REFS}/")
     refs = list_refs(store)
     if named in refs:
         return resolve(store, refs[named], stage)
     parts = ref.split("/")
-    if len(parts) == 2 and _HEX_RE.match(parts[1]):
-        candidates = [a for a in _all_artifacts(store, parts[0]) if a.digest.startswith(parts[1])]
-    elif len(parts) == 1 and _HEX_RE.match(parts[0]):
-        candidates = [a for a in _all_artifacts(store) if a.digest.startswith(parts[0])]
+    if len(parts) == 2 and HEX_RE.match(parts[1]):
+        candidates = [a for a in folders(store, parts[0]) if a.digest.startswith(parts[1])]
+    elif len(parts) == 1 and HEX_RE.match(parts[0]):
+        candidates = [a for a in folders(store) if a.digest.startswith(parts[0])]
     else:
         candidates = []
     if stage:
@@ -440,60 +286,12 @@ def open_complete(store: Path, ref: str, stage: str | None = None) -> Artifact:
 
 def sae_dir(art: Artifact) -> Path:
     """Where a train artifact keeps its SAE (load it with `saectl.sae.load_sae`)."""
-    return art.path / SAE_DIR
+    return layout.sae_dir(art.path)
 
 
 def size_bytes(art: Artifact) -> int:
-    return sum(p.stat().st_size for p in art.path.rglob("*") if p.is_file())
+    """Bytes of the files inside the artifact (links are not followed, nor counted)."""
+    return sum(os.lstat(os.path.join(d, f)).st_size
+               for d, _, files in os.walk(art.path) for f in files)
 
 
-# ---------------------------------------------------------------------------------------------
-# Garbage collection
-
-
-def gc_plan(store: Path, everything: bool = False) -> tuple[list[Artifact], list[Artifact]]:
-    """(to_remove, kept_because_locked). Kept: what a ref names and, transitively, its inputs;
-    unless `everything`, also the inputs of every complete artifact; and anything being written."""
-    arts = _all_artifacts(store)
-    by_ref = {a.ref: a for a in arts}
-    keep: set[str] = set()
-    todo = []
-    for target in list_refs(store).values():
-        todo.append(target)
-    if not everything:
-        for a in arts:
-            if a.is_complete():
-                try:
-                    todo.extend(a.manifest().get("inputs", {}).values())
-                except ArtifactError:
-                    pass
-    while todo:
-        ref = todo.pop()
-        if ref in keep or ref not in by_ref:
-            continue
-        keep.add(ref)
-        try:
-            todo.extend(by_ref[ref].manifest().get("inputs", {}).values())
-        except ArtifactError:
-            pass
-    remove, busy = [], []
-    for a in arts:
-        if a.ref in keep:
-            continue
-        (busy if is_locked(a) else remove).append(a)
-    return remove, busy
-
-
-def remove(art: Artifact) -> None:
-    """Move the artifact out of its place under its lock (so no writer is mid-way), then delete."""
-    trash = art.store / TRASH
-    trash.mkdir(exist_ok=True)
-    dest = trash / f"{art.stage}-{art.digest}-{os.getpid()}-{time.monotonic_ns()}"
-    try:
-        with flock(art.path / LOCK, wait=False, what=art.ref):
-            os.rename(art.path, dest)
-    except OSError as e:
-        if e.errno != errno.ENOENT:
-            raise
-        return
-    shutil.rmtree(dest, ignore_errors=True)

@@ -202,3 +202,218 @@ def test_unwritable_store(tmp_path):
     with pytest.raises(ArtifactError, match="not writable"):
         with store.writing(art, {"x": 1}):
             pass
+
+
+# ---------------------------------------------------------------- a shared store (issue 15)
+
+
+def _foreign_zarr(path):
+    zarr.open_group(path, mode="w", zarr_format=3, attributes={"other": 1})
+
+
+def test_gc_and_ls_never_touch_folders_that_are_not_saectl_artifacts(tmp_path, capsys):
+    """`results/2024/paper.tex` has the shape `<lowercase>/<hex>`; so do a foreign Zarr group
+    and a folder of notes. gc (even --all) removes only saectl's artifacts; ls lists only them."""
+    ours = make(tmp_path, params={"x": 1})
+    paper = tmp_path / "results" / "2024" / "paper.tex"
+    paper.parent.mkdir(parents=True)
+    paper.write_text("\\documentclass{article}")
+    _foreign_zarr(tmp_path / "harvest" / "deadbeef")
+    notes = tmp_path / "train" / "abcd1234" / "notes.txt"
+    notes.parent.mkdir(parents=True)
+    notes.write_text("mine")
+    wrong_stage = tmp_path / "shuffle" / ours.digest  # a copy under another stage's name
+    import shutil
+
+    shutil.copytree(ours.path, wrong_stage)
+    res = run_cli(capsys, "ls", "--store", tmp_path, "--json")
+    assert res.code == 0 and [r["ref"] for r in json.loads(res.out)] == [ours.ref]
+    res = run_cli(capsys, "gc", "--store", tmp_path, "--all")
+    assert res.code == 0, res.err
+    assert res.out.split() == ["removed", ours.ref] and not ours.path.exists()
+    assert paper.read_text().startswith("\\document") and notes.read_text() == "mine"
+    assert (tmp_path / "harvest" / "deadbeef" / "zarr.json").is_file()
+    assert (wrong_stage / "zarr.json").is_file()
+    tried("store", "gc safety")
+
+
+def test_gc_never_follows_a_symlink_out_of_the_store(tmp_path, capsys):
+    """A stage folder (and an artifact folder) that are links to another store, on another
+    filesystem where one is (/dev/shm): gc --all removes nothing through them, never crashes
+    with EXDEV, and ls does not list them."""
+    import shutil
+    import tempfile
+
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    outside = __import__("pathlib").Path(tempfile.mkdtemp(dir=base, prefix="saectl-outside-"))
+    try:
+        theirs = make(outside, params={"theirs": 1})
+        theirs_train = make(outside, stage="train", params={"t": 1})
+        st = tmp_path / "store"
+        st.mkdir()
+        (st / "harvest").symlink_to(outside / "harvest")  # store/harvest -> outside
+        (st / "train").mkdir()
+        (st / "train" / theirs_train.digest).symlink_to(theirs_train.path)
+        ours = make(st, stage="shuffle", params={"s": 1})
+        res = run_cli(capsys, "ls", "--store", st, "--json")
+        assert res.code == 0 and [r["ref"] for r in json.loads(res.out)] == [ours.ref]
+        res = run_cli(capsys, "gc", "--store", st, "--all")
+        assert res.code == 0, res.err
+        assert res.out.split() == ["removed", ours.ref]
+        assert theirs.is_complete() and theirs_train.is_complete()
+        assert store.remove(store.Artifact(st, "harvest", theirs.digest)) is False
+        assert store.remove(store.Artifact(st, "train", theirs_train.digest)) is False
+        assert theirs.is_complete() and theirs_train.is_complete()
+    finally:
+        shutil.rmtree(outside)
+    tried("store", "gc safety")
+
+
+def test_gc_empties_what_an_interrupted_gc_left(tmp_path, capsys):
+    ours = make(tmp_path, params={"x": 1})
+    old_trash = tmp_path / store.TRASH / "harvest-abcd-1-2"  # how older versions removed
+    old_trash.mkdir(parents=True)
+    (old_trash / "zarr.json").write_text("{}")
+    half = tmp_path / "harvest" / f".{'ab' * 32}.removing-1-2"
+    half.mkdir()
+    store.write_ref(tmp_path, "keep", ours)
+    assert run_cli(capsys, "gc", "--store", tmp_path).code == 0
+    assert not (tmp_path / store.TRASH).exists() and not half.exists() and ours.is_complete()
+
+
+def _write_shard(path, ready, release):
+    art = store.Artifact(*path)
+    with store.writing(art, {"x": 1}, shard="1-of-2"):
+        ready.set()
+        release.wait(10)
+
+
+def test_gc_rechecks_shard_locks_when_it_removes(tmp_path):
+    """A harvest shard that starts between gc's plan and its removal holds only its own lock
+    (`.lock.1-of-2`); removal, under the main lock, asks again and keeps the artifact."""
+    art = make(tmp_path, params={"x": 1}, complete=False)
+    remove, busy = store.gc_plan(tmp_path)
+    assert remove == [art] and busy == []
+    ctx = mp.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    p = ctx.Process(target=_write_shard, args=((tmp_path, "harvest", art.digest), ready, release))
+    p.start()
+    try:
+        assert ready.wait(10)
+        assert store.remove(art) is False
+        assert art.exists() and store.is_locked(art)
+    finally:
+        release.set()
+        p.join(10)
+    assert store.remove(art) is True and not art.path.exists()
+    tried("store", "gc safety")
+
+
+def test_writer_waiting_while_gc_moves_the_folder_starts_again(tmp_path):
+    """A writer waiting for the lock while gc moves the artifact away must not write into the
+    moved folder: it takes the lock at the artifact's path again, on a fresh folder."""
+    import threading
+
+    from saectl import locks
+
+    art = store.artifact_for(tmp_path, "harvest", {"x": 1})
+    art.path.mkdir(parents=True)
+    fd = locks.acquire(art.path / store.LOCK)  # "gc" holds the main lock
+    seen = {}
+
+    def writer():
+        with store.writing(art, {"x": 1}):
+            seen["locked_at_path"] = store.is_locked(art)  # this thread's lock, at art.path
+            seen["manifest"] = art.manifest()["params"]
+
+    t = threading.Thread(target=writer)
+    t.start()
+    time.sleep(0.5)  # the writer is waiting on the lock file
+    os.rename(art.path, tmp_path / "harvest" / ".moved")  # gc moves it, then lets go
+    os.close(fd)
+    t.join(10)
+    assert seen == {"locked_at_path": True, "manifest": {"x": 1}}
+    assert not (tmp_path / "harvest" / ".moved" / "zarr.json").exists()
+    tried("store", "gc safety")
+
+
+def test_planted_lock_symlink_is_refused_never_written_through(tmp_path, capsys):
+    """Someone who can write to a shared store links an artifact's `.lock` to a file of
+    yours: the next writer refuses it in one line instead of truncating that file."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    art = store.artifact_for(tmp_path / "store", "harvest", {"x": 1})
+    art.path.mkdir(parents=True)
+    (art.path / store.LOCK).symlink_to(victim)
+    with pytest.raises(ArtifactError, match="symbolic link") as err:
+        with store.writing(art, {"x": 1}):
+            pass
+    assert "\n" not in str(err.value) and victim.read_text() == "precious"
+    tried("store", "planted file")
+
+
+# ---------------------------------------------------------------- locks on NFS
+
+
+def _nfs_flock(fd, op):
+    """Linux's NFS client emulates flock with fcntl byte-range locks (lockf): an exclusive
+    lock needs a descriptor open for writing (else EBADF), a shared one for reading."""
+    import fcntl
+
+    return fcntl.lockf(fd, op)
+
+
+def _hold_plain(path, ready, release):
+    with store.writing(store.Artifact(*path), {"x": 1}):
+        ready.set()
+        release.wait(10)
+
+
+def test_locks_work_where_flock_is_fcntl_emulated(tmp_path, capsys, monkeypatch):
+    """On NFS, `is_locked` used to open lock files read-only and ask for an exclusive lock:
+    EBADF, and `saectl ls`/`gc` crashed. The probe is a shared lock now."""
+    import fcntl
+
+    monkeypatch.setattr(fcntl, "flock", _nfs_flock)
+    idle = make(tmp_path, params={"x": 2}, complete=False)
+    art = store.artifact_for(tmp_path, "harvest", {"x": 1})
+    ctx = mp.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    p = ctx.Process(target=_hold_plain, args=((tmp_path, "harvest", art.digest), ready, release))
+    p.start()
+    try:
+        assert ready.wait(10)
+        res = run_cli(capsys, "ls", "--store", tmp_path, "--json")
+        assert res.code == 0, res.err
+        assert {r["ref"]: r["state"] for r in json.loads(res.out)} == {
+            art.ref: "writing", idle.ref: "incomplete"}
+        res = run_cli(capsys, "gc", "--store", tmp_path)
+        assert res.code == 0 and res.out.split() == ["removed", idle.ref], res.err
+        assert f"keep {art.ref} (being written)" in res.err and art.exists()
+    finally:
+        release.set()
+        p.join(10)
+    tried("store", "NFS locks")
+
+
+@pytest.mark.parametrize("code", ["ENOLCK", "EBADF"])
+def test_a_filesystem_that_cannot_lock_is_one_line(tmp_path, capsys, monkeypatch, code):
+    """ENOLCK (NFS without lockd) or EBADF from the lock call, on real lock files: `ls`,
+    `gc` and a writer each say in one line that the filesystem cannot lock."""
+    import errno
+    import fcntl
+
+    art = make(tmp_path, params={"x": 1}, complete=False)
+
+    def refuse(fd, op):
+        os.fstat(fd)  # a real, open descriptor
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    for args in (("ls",), ("gc",), ("gc", "--dry-run")):
+        assert_one_line_error(run_cli(capsys, *args, "--store", tmp_path), "cannot lock files")
+    with pytest.raises(ArtifactError, match="cannot lock files"):
+        with store.writing(art, {"x": 1}):
+            pass
+    assert art.exists()
+    tried("store", "NFS locks")
