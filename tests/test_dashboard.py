@@ -11,6 +11,7 @@ error. A page that throws is checked too, so the check cannot pass by seeing not
 from __future__ import annotations
 
 import base64
+import html
 import json
 import os
 import random
@@ -431,3 +432,47 @@ def test_screenshot_shows_a_dashboard(tmp_path):
     # Token shading: orange (255, 140, 0) blended on white, darkest at the max activation.
     orange = sum(n for n, (r, g, b) in colours if r > 230 and 130 <= g <= 200 and b < 110)
     assert orange > 200, orange
+
+
+# ---------------------------------------------------------------- issue 15 item 9
+
+
+EVIL_TITLE = "a __DATA__ b __TITLE__ </title><i>c"
+
+
+def test_title_holding_the_markers_stays_a_title(tmp_path):
+    data = build_dashboard_data(2)
+    data["title"] = EVIL_TITLE
+    text = write_dashboard(tmp_path, data).read_text(encoding="utf-8")
+    titles = re.findall(r"<title>(.*?)</title>", text, re.DOTALL)
+    assert [html.unescape(t) for t in titles] == [EVIL_TITLE]
+    assert text.count('"features":') == 1  # the data went in once, into its script
+    assert read_embedded(tmp_path / "index.html")["title"] == EVIL_TITLE
+
+
+def test_template_is_package_data():
+    from importlib import resources
+
+    from saectl.dashboard import DATA_MARKER, TEMPLATE
+
+    text = resources.files("saectl").joinpath(TEMPLATE).read_text(encoding="utf-8")
+    assert text.count(DATA_MARKER) == 1 and text.startswith("<!DOCTYPE html>")
+
+
+@needs_chromium
+def test_title_with_markers_and_malformed_hash_in_chromium(tmp_path, devtools):
+    data = build_dashboard_data(3)
+    data["title"] = EVIL_TITLE
+    page = write_dashboard(tmp_path, data)
+    for bad in ("%E0%A4%A", "%", "%zz&x=1", "7"):
+        devtools.load("about:blank")  # a new document each time, not a jump inside one
+        devtools.load(page.as_uri() + "#f=" + bad)
+        assert devtools.errors() == [], bad
+        assert devtools.js("document.title") == EVIL_TITLE
+        assert devtools.js("document.querySelector('header h1').textContent") == EVIL_TITLE
+        assert devtools.js("document.querySelector('#panel .feature').id") == "feature-0"
+    # A good hash after a bad one still selects its feature.
+    devtools.js("location.hash = 'f=2'")
+    devtools.js("new Promise(r => setTimeout(r, 50))")
+    assert devtools.js("document.querySelector('#panel .feature').id") == "feature-2"
+    assert devtools.errors() == []
