@@ -18,6 +18,7 @@ from saectl import stage as contract
 from saectl import store
 from saectl.config import stage_command
 from saectl.errors import ConfigError, SaectlError
+from saectl.export import export as export_sae
 from stages import harvest, import_acts, interpret, shuffle, sweep, train
 from stages import steer
 
@@ -169,22 +170,12 @@ def export(ref: Annotated[str, typer.Argument(help="A train artifact")],
            out: Annotated[Path, typer.Option("--out", help="Folder to write")],
            fmt: Annotated[str, typer.Option("--format", help="saelens")] = "saelens",
            store_: StoreOpt = None,
-           force: Annotated[bool, typer.Option("--force", help="Write into a non-empty "
-                                               "folder")] = False):
+           force: Annotated[bool, typer.Option("--force", help="Replace an earlier export "
+                                               "in --out")] = False):
     """Write a trained SAE in another tool's layout (SAELens: cfg.json, sae_weights.safetensors,
-    sparsity.safetensors, loadable with sae_lens.SAE.load_from_disk)."""
-    import shutil
-
-    if fmt != "saelens":
-        raise ConfigError(f"--format {fmt!r} is not supported; use --format saelens")
+    sparsity.safetensors, loadable with sae_lens.SAE.load_from_disk), whole or not at all."""
     art = store.open_complete(store.store_root(store_), ref, stage="train")
-    src = store.sae_dir(art)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ConfigError(f"{out} is not empty; choose another --out or pass --force")
-    out.mkdir(parents=True, exist_ok=True)
-    for f in sorted(src.iterdir()):
-        if f.is_file():
-            shutil.copyfile(f, out / f.name)
+    export_sae(art, out, fmt, force)
     print(out)
 
 

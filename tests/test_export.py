@@ -14,7 +14,7 @@ import torch
 
 from saectl import store
 from saectl.sae import load_sae
-from tests.helpers import REPO, assert_one_line_error, run_cli
+from tests.helpers import REPO, assert_one_line_error, run_cli, tried
 from tests.test_train import synthetic
 
 SAELENS_PY = Path(os.environ.get("SAECTL_SAELENS_PYTHON", REPO / ".venv-saelens/bin/python"))
@@ -108,3 +108,61 @@ def test_export_bad_input(trained, tmp_path, capsys):
     imp = store.list_artifacts(root, "import")[0]
     assert_one_line_error(run_cli(capsys, "export", imp.ref, "--out", tmp_path / "y",
                                   "--store", root), "train")
+
+
+# ---------------------------------------------------------------- written whole (issue 15)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_export_out_that_is_a_file_is_one_line(trained, tmp_path, capsys):
+    root, refs, _ = trained
+    f = tmp_path / "model.bin"
+    f.write_text("mine")
+    for extra in ((), ("--force",)):
+        assert_one_line_error(run_cli(capsys, "export", refs["topk"], "--out", f, "--store", root,
+                                      *extra), "is a file")
+    assert f.read_text() == "mine"
+    tried("export", "bad input")
+
+
+def test_export_never_writes_through_a_symlink(trained, tmp_path, capsys):
+    """`--out` a link to someone's folder: refused in one line, with or without --force,
+    and nothing written where it points."""
+    root, refs, _ = trained
+    target = tmp_path / "theirs"
+    target.mkdir()
+    (target / "cfg.json").write_text("their cfg")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    for out in (link, dangling):
+        for extra in ((), ("--force",)):
+            res = run_cli(capsys, "export", refs["topk"], "--out", out, "--store", root, *extra)
+            assert_one_line_error(res, "symbolic link")
+    assert _files(target) == {"cfg.json": b"their cfg"} and not (tmp_path / "nowhere").exists()
+    tried("export", "planted file")
+
+
+def test_export_force_replaces_an_earlier_export_whole(trained, tmp_path, capsys):
+    """--force over an earlier export leaves exactly the new files (none stale), byte for
+    byte the SAE's; a folder that is not an export is refused even with --force."""
+    root, refs, _ = trained
+    out = tmp_path / "sae"
+    assert run_cli(capsys, "export", refs["relu"], "--out", out, "--store", root).code == 0
+    (out / "stale.safetensors").write_bytes(b"from an older export")
+    res = run_cli(capsys, "export", refs["topk"], "--out", out, "--store", root, "--force")
+    assert res.code == 0, res.err
+    sae = store.sae_dir(store.resolve(root, refs["topk"]))
+    assert _files(out) == _files(sae)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    res = run_cli(capsys, "export", refs["topk"], "--out", mine, "--store", root, "--force")
+    assert_one_line_error(res, "earlier export")
+    assert _files(mine) == {"thesis.tex": b"years of work"}
+    tried("export", "bad input")
