@@ -10,7 +10,8 @@ artifact by hand. Each stage's layout, in the artifact's Zarr group:
                       rows/train, rows/eval  source row of each shuffled row
                       stats/<hook>/...       normalisation statistics
     train             sae/                   the SAE in SAELens's layout (cfg.json, weights)
-                      eval/<hook>, eval/log_density, train.checkpointed, checkpoint.pt
+                      eval/<hook>, eval/log_density, log/<figure> (the training log),
+                      checkpoint.pt (while training)
     sweep             report/table.csv, report/*.png, work/ (executor files)
     interpret         stats/...              per-feature statistics; report/index.html
     steer             report/...             generations and the strength-sweep plot
@@ -36,6 +37,7 @@ ROWS_TRAIN = "rows/train"
 ROWS_EVAL = "rows/eval"
 STATS = "stats"
 LOG_DENSITY = "eval/log_density"
+TRAIN_LOG = "log"
 
 # Plain files and folders.
 PROGRESS = "progress"
@@ -57,6 +59,11 @@ def train_rows(hook: str) -> str:
 
 def eval_rows(hook: str) -> str:
     return f"{EVAL}/{hook}"
+
+
+def train_log(figure: str) -> str:
+    """`log/<figure>`: one value per logging window of a training run (loss, l0, lr, ...)."""
+    return f"{TRAIN_LOG}/{figure}"
 
 
 def stat(name: str, hook: str | None = None) -> str:

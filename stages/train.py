@@ -1,35 +1,45 @@
 """Train: one SAE on a shuffle artifact's train split, evaluated on its eval split.
 
-The work is `saectl.fitting` (shared with the sweep stage); this module is the command.
+The work is `saectl.fitting` (shared with the sweep stage, which trains several SAEs over one
+reader); this module is the stage: plan the one artifact, then build it under the lock that
+`saectl.stage.run` holds. A checkpoint left by a killed run is resumed from (fitting.py).
 """
 
 from __future__ import annotations
 
-from saectl import store
-from saectl.fitting import TrainStageConfig, open_shuffle, plan, train_points
+from dataclasses import dataclass
+
+from saectl import fitting, store
+from saectl.fitting import TrainStageConfig
+from saectl.stage import Plan, Stage
 
 NAME = "train"
-Config = TrainStageConfig
 FIGURES = ("fvu", "l0", "dead_fraction", "ce_loss_score")  # summary figures `saectl run` shows
 
 
-def address(cfg: TrainStageConfig) -> store.Artifact:
-    """The artifact `run(cfg)` makes or finds, computed without writing anything."""
+@dataclass
+class Opened:
+    """What planning opened and resolved, handed to `build`."""
+
+    src: store.Artifact
+    manifest: dict
+    harvest: store.Artifact
+    point: fitting.Point
+
+
+def plan(cfg: TrainStageConfig) -> Plan:
     root = store.store_root(cfg.store)
-    src, manifest, _ = open_shuffle(root, cfg.shuffle)
-    return plan(root, src, manifest, cfg).art
+    src, manifest, harvest = fitting.open_shuffle(root, cfg.shuffle)
+    point = fitting.plan(root, src, manifest, cfg)
+    return Plan(point.art, point.params, {"shuffle": src},
+                context=Opened(src, manifest, harvest, point))
 
 
-def run(cfg: TrainStageConfig) -> store.Artifact:
-    root = store.store_root(cfg.store)
-    src, manifest, harvest = open_shuffle(root, cfg.shuffle)
-    point = plan(root, src, manifest, cfg)
-    return train_points(src, manifest, harvest, [point])[0]
+def build(cfg: TrainStageConfig, plan: Plan, writer: store.Writing) -> None:
+    o: Opened = plan.context
+    fitting.fit(o.src, o.manifest, o.harvest, [o.point], fitting.find_models(o.harvest, [o.point]))
 
 
-# TRANSITIONAL (issue 14): the old run wrapped until this module defines plan and build.
-from saectl import stage as _contract  # noqa: E402
-
-STAGE = _contract.legacy('train', TrainStageConfig, run, "Train an SAE on a shuffle's train split and evaluate it on the eval split.",
-                         ('shuffle',), address=address, output=None,
-                         figures=FIGURES)
+STAGE = Stage(NAME, TrainStageConfig,
+              "Train an SAE on a shuffle's train split and evaluate it on the eval split.",
+              plan, build, ("shuffle",), FIGURES)

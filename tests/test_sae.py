@@ -191,7 +191,7 @@ def test_resume_is_exact(arch, toy):
     del first
     buf.seek(0)
     resumed = Trainer(scfg, tcfg, x[-2048:])
-    resumed.load_state_dict(torch.load(buf, weights_only=False))
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
     for batch in data[6:]:
         resumed.step(batch)
 

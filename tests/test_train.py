@@ -1,15 +1,21 @@
 """Train stage: feature recovery through the real CLI, cache, resume after SIGKILL, NaN stop,
-the downstream CE-loss/KL evaluation on a tiny model, and bad input."""
+the downstream CE-loss/KL evaluation on a tiny model, bad input, a planted checkpoint pickle,
+atomic checkpoints, and an architecture added by registering one class."""
 
 from __future__ import annotations
+
+import os
+import pickle
 
 import numpy as np
 import pytest
 import torch
 
-from saectl import hooks, metrics, models, store
+from saectl import checkpoints, hooks, metrics, models, store
+from saectl.config import build
 from saectl.errors import ConfigError
-from saectl.sae import load_sae
+from saectl.sae import ARCHS, SAE, load_sae, register
+from stages import train
 from tests.helpers import assert_one_line_error, run_cli, run_subprocess, tried
 
 
@@ -87,7 +93,7 @@ def test_divergence_stops_with_the_step(split, capsys):
     assert_one_line_error(res, "diverged", "step")
     part = [a for a in store.list_artifacts(root, "train") if not a.is_complete()]
     assert len(part) == 1  # incomplete, its last good checkpoint kept
-    state = torch.load(part[0].path / "checkpoint.pt", weights_only=False)
+    state = torch.load(part[0].path / "checkpoint.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["trainer"]["sae"].values())
 
 
@@ -143,3 +149,102 @@ def test_train_on_a_harvest_with_lm_eval(tiny_model_dirs, tiny_corpus, tmp_path,
     for key in ("ce_loss_score", "kl_score", "delta_lm_loss", "ce_clean", "ce_zero"):
         assert np.isfinite(s[key]), key
     assert s["lm_eval_tokens"] == 4 * 15
+
+
+class _Payload:
+    """A pickle that writes a file when it is loaded: what someone with write access to a shared
+    store could plant as a checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def test_planted_checkpoint_pickle_is_refused(split, capsys, tmp_path):
+    root, ref, _ = split
+    args = train_args(root, ref, "--tokens", "4096")
+    cfg = build(train.STAGE.config, {"shuffle": ref, "store": str(root), "arch": "topk", "k": 3,
+                                     "width": 96, "tokens": 4096, "batch_size": 512, "lr": 3e-3,
+                                     "device": "cpu"})
+    plan = train.STAGE.plan(cfg)
+    with store.writing(plan.art, plan.params, plan.inputs):  # an incomplete train artifact
+        pass
+    ckpt = plan.art.path / "checkpoint.pt"
+    marker = tmp_path / "payload-ran"
+    pickle.loads(pickle.dumps(_Payload(marker)))  # the plant is real: loading it runs it
+    assert marker.exists()
+    marker.unlink()
+    planted = [lambda: ckpt.write_bytes(pickle.dumps(_Payload(marker))),  # a bare pickle
+               lambda: torch.save({"trainer": _Payload(marker), "log": {}, "window": {}}, ckpt)]
+    for plant in planted:
+        plant()
+        res = run_cli(capsys, *args)
+        assert_one_line_error(res, "refusing to resume", "checkpoint.pt", "rm ")
+        assert not marker.exists()
+        assert not plan.art.is_complete()
+    # The error's advice: remove the checkpoint, and the SAE trains from scratch.
+    ckpt.unlink()
+    res = run_cli(capsys, *args)
+    assert res.code == 0 and res.out.strip() == plan.art.ref, res.err
+    assert "resuming" not in res.err and not marker.exists()
+    tried("train", "planted file", len(planted))
+
+
+def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    checkpoints.save(path, {"w": torch.ones(3)})
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace",
+                        lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    checkpoints.save(path, {"w": torch.zeros(3)})
+    assert events == ["fsync", "replace", "fsync"]  # the file, the rename, then the folder
+    assert torch.equal(checkpoints.load(path, "cpu", ("w",))["w"], torch.zeros(3))
+
+    def dies_midway(obj, f):
+        f.write(b"PK half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.save(path, {"w": torch.full((3,), 2.0)})
+    assert torch.equal(checkpoints.load(path, "cpu", ("w",))["w"], torch.zeros(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temp file left
+    tried("train", "kill")
+
+
+def test_an_architecture_is_one_registered_class(split, capsys):
+    """Adding an architecture is one file under saectl/sae/: here its class, registered in the
+    test, trains through `saectl train` with nothing else changed."""
+    root, ref, _ = split
+
+    class ToySAE(SAE):
+        saelens_architecture = "standard"
+        unit_norm_decoder = False
+        takes_k = True  # k is checked against the width, as for every architecture taking k
+
+        def encode(self, x):
+            return self.pre_acts(x).relu()
+
+        def forward(self, x, *, dead_mask=None, auxk_coefficient=0.0, sparsity_scale=1.0):
+            x = x.to(self.dtype)
+            acts = self.encode(x)
+            l1 = self.cfg.l1_coefficient * sparsity_scale * acts.sum(-1).mean()
+            return self._finish(x, self.decode(acts), acts, {"l1_loss": l1})
+
+    register("toy")(ToySAE)
+    try:
+        base = ["train", ref, "--store", root, "--arch", "toy", "--width", "64", "--tokens",
+                "4096", "--batch-size", "512", "--l1", "0.1", "--device", "cpu"]
+        assert_one_line_error(run_cli(capsys, *base, "--k", "64"), "--k 64", "width 64")
+        res = run_cli(capsys, *base)
+        assert res.code == 0, res.err
+        art = store.open_complete(root, res.out.strip())
+        assert art.manifest()["summary"]["arch"] == "toy"
+        assert art.manifest()["params"]["sae"]["arch"] == "toy"
+        assert isinstance(load_sae(store.sae_dir(art)), ToySAE)
+    finally:
+        del ARCHS["toy"]

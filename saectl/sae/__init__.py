@@ -2,9 +2,16 @@
 
     from saectl.sae import SAEConfig, ARCHS, load_sae
     sae = ARCHS["topk"](SAEConfig(arch="topk", d_in=576, d_sae=4608, k=32))
+
+Every module of this package is imported here, so an architecture is one file under
+`saectl/sae/` with a `@register("name")` class (docs/architecture.md, "Adding an
+architecture"); its class attributes (`takes_k`, `uses_auxk`, ...) are all the rest of saectl
+knows about it.
 """
 
-from saectl.sae import batchtopk, gated, jumprelu, matryoshka, relu, topk  # noqa: F401  (registers)
+import importlib
+import pkgutil
+
 from saectl.sae.base import (
     ARCHS,
     SAE,
@@ -14,5 +21,8 @@ from saectl.sae.base import (
     load_sae,
     register,
 )
+
+for _module in pkgutil.iter_modules(__path__):  # registers every architecture
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["ARCHS", "SAE", "ForwardOutput", "SAEConfig", "arch_names", "load_sae", "register"]

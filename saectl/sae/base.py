@@ -70,7 +70,7 @@ class SAEConfig:
     """What defines an SAE: its architecture, its shape, and the hyperparameters of its loss."""
 
     arch: str
-    """Architecture, one of `arch_names()`: relu, topk, batchtopk, jumprelu, gated, matryoshka."""
+    """Architecture, one of `arch_names()` (the classes registered in saectl/sae/)."""
     d_in: int
     """Width of the activations the SAE reads."""
     d_sae: int
@@ -170,6 +170,14 @@ class SAE(nn.Module, metaclass=abc.ABCMeta):
     init_decoder_norm: ClassVar[float] = 1.0
     has_b_enc: ClassVar[bool] = True
     uses_auxk: ClassVar[bool] = False
+    """Training adds the AuxK loss on dead latents."""
+    takes_k: ClassVar[bool] = False
+    """`SAEConfig.k` sets how many latents are active (and must be below d_sae); elsewhere k is
+    carried in the config, unused."""
+    loads_saelens: ClassVar[bool] = False
+    """A SAELens cfg.json whose `architecture` is this class's `saelens_architecture` loads as
+    this class (batchtopk, matryoshka and jumprelu all save as SAELens's jumprelu; jumprelu reads
+    it)."""
 
     def __init__(self, cfg: SAEConfig, *, generator: torch.Generator | None = None):
         super().__init__()
@@ -192,6 +200,8 @@ class SAE(nn.Module, metaclass=abc.ABCMeta):
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:
         """Raise ConfigError for settings this architecture cannot train with."""
+        if cls.takes_k:
+            cls._check_k(cfg)
 
     @staticmethod
     def _check_k(cfg: SAEConfig) -> None:
@@ -360,7 +370,9 @@ class SAE(nn.Module, metaclass=abc.ABCMeta):
         return sae
 
 
-_FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
+def _from_saelens() -> dict[str, type[SAE]]:
+    """SAELens architecture name → the class that reads it (`SAE.loads_saelens`)."""
+    return {cls.saelens_architecture: cls for cls in ARCHS.values() if cls.loads_saelens}
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
@@ -382,12 +394,13 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     if "saectl" in raw:
         cfg = SAEConfig.from_dict(raw["saectl"])
     else:
-        arch = _FROM_SAELENS.get(raw.get("architecture", "standard"))
-        if arch is None:
+        readers = _from_saelens()
+        cls = readers.get(raw.get("architecture", "standard"))
+        if cls is None:
             raise ConfigError(f"{cfg_path}: SAELens architecture {raw.get('architecture')!r} "
-                              f"cannot be loaded; saectl reads {', '.join(_FROM_SAELENS)}")
-        extra = {"k": int(raw["k"])} if arch == "topk" else {}
-        cfg = SAEConfig(arch=arch, d_in=int(raw["d_in"]), d_sae=int(raw["d_sae"]),
+                              f"cannot be loaded; saectl reads {', '.join(readers)}")
+        extra = {"k": int(raw["k"])} if cls.takes_k else {}
+        cfg = SAEConfig(arch=cls.arch, d_in=int(raw["d_in"]), d_sae=int(raw["d_sae"]),
                         dtype=str(raw.get("dtype", "float32")).replace("torch.", ""), **extra)
     sae = ARCHS[cfg.arch](cfg)
     sae.load_saved_tensors(load_file(str(weights_path)))

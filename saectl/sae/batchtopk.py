@@ -20,15 +20,12 @@ from saectl.sae.base import SAE, ForwardOutput, SAEConfig, register
 class BatchTopKSAE(SAE):
     saelens_architecture = "jumprelu"
     uses_auxk = True
+    takes_k = True
     threshold: Tensor
 
     def __init__(self, cfg: SAEConfig, *, generator: torch.Generator | None = None):
         super().__init__(cfg, generator=generator)
         self.register_buffer("threshold", torch.zeros(cfg.d_sae, dtype=self.dtype))
-
-    @classmethod
-    def check_config(cls, cfg: SAEConfig) -> None:
-        cls._check_k(cfg)
 
     def batch_topk(self, pre: Tensor) -> Tensor:
         """Keep the k·n largest ReLU'd entries of pre (n, d_sae), zero the rest."""

@@ -24,6 +24,7 @@ from saectl.sae.base import SAE, ForwardOutput, SAEConfig, register
 @register("gated")
 class GatedSAE(SAE):
     saelens_architecture = "gated"
+    loads_saelens = True
     has_b_enc = False
 
     def __init__(self, cfg: SAEConfig, *, generator: torch.Generator | None = None):

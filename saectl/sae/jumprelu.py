@@ -57,6 +57,7 @@ class _Step(torch.autograd.Function):
 @register("jumprelu")
 class JumpReLUSAE(SAE):
     saelens_architecture = "jumprelu"
+    loads_saelens = True
 
     def __init__(self, cfg: SAEConfig, *, generator: torch.Generator | None = None):
         super().__init__(cfg, generator=generator)

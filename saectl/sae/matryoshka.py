@@ -27,7 +27,7 @@ def default_prefixes(d_sae: int, k: int) -> tuple[int, ...]:
 class MatryoshkaSAE(BatchTopKSAE):
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:
-        cls._check_k(cfg)
+        super().check_config(cfg)  # k below the width
         if not cfg.matryoshka_prefixes:
             object.__setattr__(cfg, "matryoshka_prefixes", default_prefixes(cfg.d_sae, cfg.k))
         p = cfg.matryoshka_prefixes

@@ -15,6 +15,7 @@ from saectl.sae.base import SAE, ForwardOutput, register
 @register("relu")
 class ReLUSAE(SAE):
     saelens_architecture = "standard"
+    loads_saelens = True
     unit_norm_decoder = False
     init_decoder_norm = 0.1
 

@@ -13,17 +13,15 @@ import torch
 from torch import Tensor
 
 from saectl.sae import kernels
-from saectl.sae.base import SAE, ForwardOutput, SAEConfig, register
+from saectl.sae.base import SAE, ForwardOutput, register
 
 
 @register("topk")
 class TopKSAE(SAE):
     saelens_architecture = "topk"
+    loads_saelens = True
     uses_auxk = True
-
-    @classmethod
-    def check_config(cls, cfg: SAEConfig) -> None:
-        cls._check_k(cfg)
+    takes_k = True
 
     def encode(self, x: Tensor) -> Tensor:
         pre = self.pre_acts(x)
