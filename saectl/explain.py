@@ -13,38 +13,31 @@ another feature's explanation on the same contexts, so a score can be read again
 
 Clients share one method, `complete(batch, max_tokens) -> list[str]` (greedy, so a re-run gives
 the same answers): `HFClient` runs a local Hugging Face instruct model, `OpenAIClient` any
-OpenAI-compatible endpoint (vLLM, llama.cpp, `transformers serve`, a hosted API).
+OpenAI-compatible endpoint (vLLM, llama.cpp, `transformers serve`, a hosted API; in
+`saectl/endpoint.py`, with the rules for the user's key).
 `ResponseCache` keeps answers in one JSON file inside the artifact, so a re-run asks nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import random
 import re
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .errors import ConfigError, SaectlError
+from .endpoint import ExplainerError, OpenAIClient, redact  # noqa: F401 (explain.OpenAIClient)
+from .errors import ConfigError
 from .hashing import canonical_json
 
 EXPLANATION_MAX_TOKENS = 64
 DETECTION_MAX_TOKENS = 32
 EXAMPLES_PER_PROMPT = 5  # delphi's n_examples_shown: more per prompt leaks and confuses the format
-
-
-class ExplainerError(SaectlError):
-    """The explainer endpoint refused, failed or timed out, after retries."""
 
 
 @dataclass
@@ -327,87 +320,6 @@ class HFClient:
         return answers
 
 
-_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-
-
-class OpenAIClient:
-    """Any OpenAI-compatible `/chat/completions` endpoint. A batch is sent as concurrent
-    requests; connection errors, timeouts, 429 and 5xx are retried with exponential backoff."""
-
-    def __init__(self, base_url: str, model: str, api_key: str | None = None,
-                 timeout: float = 60, retries: int = 3, backoff: float = 1.0, workers: int = 4):
-        self.base_url, self.model = base_url.rstrip("/"), model
-        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
-        self.timeout, self.retries, self.backoff = timeout, max(1, retries), backoff
-        self.workers = workers
-        self.identity = {"client": "openai", "endpoint": self.base_url, "model": model}
-        # A local server is reached directly even where an HTTP proxy is configured.
-        local = urllib.parse.urlsplit(self.base_url).hostname in _LOOPBACK
-        self._opener = urllib.request.build_opener(
-            *([urllib.request.ProxyHandler({})] if local else []))
-
-    def complete(self, batch: list[list[dict]], max_tokens: int) -> list[str]:
-        if len(batch) <= 1:
-            return [self._one(m, max_tokens) for m in batch]
-        with ThreadPoolExecutor(min(self.workers, len(batch))) as pool:
-            futures = [pool.submit(self._one, m, max_tokens) for m in batch]
-            try:
-                return [f.result() for f in futures]
-            except BaseException:
-                for f in futures:  # one endpoint failure: the others would fail the same way
-                    f.cancel()
-                raise
-
-    def _fail(self, cause: str, tries: int) -> ExplainerError:
-        after = f" after {tries} tries" if tries > 1 else ""
-        return ExplainerError(f"explainer {self.base_url} {cause}{after}")
-
-    def _one(self, messages: list[dict], max_tokens: int) -> str:
-        body = json.dumps({"model": self.model, "messages": messages, "max_tokens": max_tokens,
-                           "temperature": 0}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        cause = ""
-        for attempt in range(self.retries):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            req = urllib.request.Request(f"{self.base_url}/chat/completions", body, headers)
-            try:
-                with self._opener.open(req, timeout=self.timeout) as resp:
-                    raw = resp.read()
-            except urllib.error.HTTPError as e:
-                detail = e.read(300).decode("utf-8", "replace").strip().splitlines()
-                cause = f"answered HTTP {e.code} {e.reason}" + (f": {detail[0][:200]}"
-                                                                if detail else "")
-                if e.code != 429 and e.code < 500:  # our request is wrong: asking again won't help
-                    hint = " (set OPENAI_API_KEY)" if e.code in (401, 403) else ""
-                    raise self._fail(cause + hint, 1) from None
-                continue
-            except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets
-                cause = _network_cause(e, self.timeout)
-                continue
-            try:
-                content = json.loads(raw)["choices"][0]["message"]["content"]
-            except (ValueError, KeyError, IndexError, TypeError):
-                raise self._fail("answered with something that is not a chat completion: "
-                                 f"{raw[:120].decode('utf-8', 'replace')!r}", 1) from None
-            return content or ""
-        raise self._fail(cause, self.retries)
-
-
-def _network_cause(err: BaseException, timeout: float) -> str:
-    reason = getattr(err, "reason", err)  # URLError wraps the socket error
-    if isinstance(reason, TimeoutError) or "timed out" in str(reason):
-        return f"did not answer within the {timeout:g} s timeout"
-    if isinstance(reason, ConnectionRefusedError):
-        return "refused the connection"
-    if isinstance(reason, (ConnectionResetError, ConnectionAbortedError)) or (
-            type(err).__name__ == "RemoteDisconnected"):
-        return "dropped the connection"
-    return f"could not be reached ({str(reason).strip() or type(reason).__name__})"
-
-
 def make_client(explainer: str | None, explainer_model: str | None = None) -> Client:
     """`--explainer`/`--explainer-model` → a client: nothing → the packaged SmolLM2 (or the HF
     model named by --explainer-model); an http(s) URL → OpenAIClient, which needs
@@ -416,10 +328,10 @@ def make_client(explainer: str | None, explainer_model: str | None = None) -> Cl
         return HFClient(explainer_model)
     if re.match(r"^https?://", explainer, re.IGNORECASE):
         if not urllib.parse.urlsplit(explainer).hostname:
-            raise ConfigError(f"--explainer {explainer!r} is not a valid URL; "
+            raise ConfigError(f"--explainer {redact(explainer)!r} is not a valid URL; "
                               "pass e.g. http://127.0.0.1:8000/v1")
         if not explainer_model:
-            raise ConfigError(f"--explainer {explainer} needs --explainer-model NAME, "
+            raise ConfigError(f"--explainer {redact(explainer)} needs --explainer-model NAME, "
                               "the model name the endpoint serves")
         return OpenAIClient(explainer, explainer_model)
     if explainer_model and explainer_model != explainer:

@@ -7,6 +7,7 @@ is not mocked. The last test serves the packaged SmolLM2 through HFClient behind
 
 from __future__ import annotations
 
+import email.utils
 import json
 import re
 import socket
@@ -37,6 +38,7 @@ from saectl.explain import (
     parse_explanation,
 )
 from tests.conftest import packaged_smollm2_available
+from tests.helpers import tried
 
 # ---------------------------------------------------------------- a real server, in the test
 
@@ -318,3 +320,147 @@ def test_packaged_smollm2_served_over_http(tmp_path):
         client = OpenAIClient(url, "smollm2-135m", timeout=300, retries=1)
         [explanation] = explain(client, [POSITIVES[:4]], ResponseCache(tmp_path / "a.json"))
     assert explanation.strip() and len(requests) == 1
+
+
+# ---------------------------------------------------------------- the user's key (issue 15)
+
+
+@contextmanager
+def raw_server(reply):
+    """A server on 127.0.0.1 that records (method, path, Authorization) of every request and
+    answers `reply(method, path)` → (status, headers, body bytes). Yields (base, seen)."""
+    seen: list[tuple[str, str, str | None]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def _any(self):
+            n = int(self.headers.get("Content-Length") or 0)
+            if n:
+                self.rfile.read(n)
+            seen.append((self.command, self.path, self.headers.get("Authorization")))
+            status, headers, data = reply(self.command, self.path)
+            self.send_response(status)
+            for k, v in {**headers, "Content-Length": str(len(data))}.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = _any
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _answer(method, path):
+    return 200, {"Content-Type": "application/json"}, json.dumps(_completion("[1]")).encode()
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_key_never_follows_a_redirect_to_another_origin(code):
+    """The endpoint redirects the POST to a second server (another port: another origin).
+    The second server must never see the request (so never the key), and the error names
+    where the redirect pointed, in one line."""
+    with raw_server(_answer) as (other, other_seen):
+        def redirect(method, path):
+            return code, {"Location": f"{other}/v1/chat/completions?token=abc"}, b""
+
+        with raw_server(redirect) as (first, first_seen):
+            client = OpenAIClient(f"{first}/v1", "m", api_key="sk-secret", backoff=0.01)
+            with pytest.raises(ExplainerError) as err:
+                client.complete([[{"role": "user", "content": "x"}]], 4)
+        assert other_seen == [] and len(first_seen) == 1
+    msg = str(err.value)
+    assert f"redirect to {other}/v1/chat/completions" in msg and "--explainer" in msg
+    assert "\n" not in msg and "token=abc" not in msg and "sk-secret" not in msg
+    tried("interpret", "secrets")
+
+
+def test_same_origin_307_is_followed_with_the_key():
+    def reply(method, path):
+        if path.startswith("/old/"):
+            return 307, {"Location": "/v1/chat/completions"}, b""
+        return _answer(method, path)
+
+    with raw_server(reply) as (base, seen):
+        out = OpenAIClient(f"{base}/old", "m", api_key="sk-secret").complete(
+            [[{"role": "user", "content": "x"}]], 4)
+    assert out == ["[1]"]
+    assert seen == [("POST", "/old/chat/completions", "Bearer sk-secret"),
+                    ("POST", "/v1/chat/completions", "Bearer sk-secret")]
+
+
+def test_key_is_refused_over_plain_http_to_a_remote_host(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
+    monkeypatch.delenv("SAECTL_SEND_KEY_OVER_HTTP", raising=False)
+    with pytest.raises(ConfigError) as err:
+        make_client("http://explainer.example.org:8000/v1", "m")
+    msg = str(err.value)
+    assert "http://" in msg and "https://" in msg and "SAECTL_SEND_KEY_OVER_HTTP=1" in msg
+    assert "\n" not in msg and "sk-secret" not in msg
+    # Knowingly, over https, to loopback, or with no key at all: allowed.
+    assert make_client("https://explainer.example.org/v1", "m").api_key == "sk-secret"
+    for loop in ("http://127.0.0.1:8000/v1", "http://localhost:8000/v1", "http://[::1]:8/v1",
+                 "http://127.0.0.2:8000/v1"):
+        assert make_client(loop, "m").api_key == "sk-secret"
+    monkeypatch.setenv("SAECTL_SEND_KEY_OVER_HTTP", "1")
+    assert make_client("http://explainer.example.org:8000/v1", "m").api_key == "sk-secret"
+    monkeypatch.delenv("SAECTL_SEND_KEY_OVER_HTTP")
+    monkeypatch.delenv("OPENAI_API_KEY")
+    assert make_client("http://explainer.example.org:8000/v1", "m").api_key is None
+    tried("interpret", "secrets")
+
+
+def test_secrets_in_the_url_stay_out_of_identity_and_errors(monkeypatch):
+    """A query string (`?api-version=..&key=..`) still goes with each request but never into
+    the identity (the manifest and the address) or an error; credentials in the URL are
+    refused without being repeated."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with serve(lambda body, n: (500, {"error": "down"})) as (url, requests):
+        client = make_client(f"{url}?api-version=2&key=qsecret", "m")
+        assert client.identity == {"client": "openai", "endpoint": url, "model": "m"}
+        client.backoff = 0.01
+        with pytest.raises(ExplainerError) as err:
+            client.complete([[{"role": "user", "content": "x"}]], 4)
+        assert "qsecret" not in str(err.value) and str(err.value).startswith(f"explainer {url} ")
+        assert requests[0]["_path"] == "/v1/chat/completions?api-version=2&key=qsecret"
+    with pytest.raises(ConfigError) as err:
+        make_client("https://user:pwsecret@explainer.example.org/v1", "m")
+    assert "pwsecret" not in str(err.value) and "OPENAI_API_KEY" in str(err.value)
+    # The address of an ordinary endpoint is what it was: the URL less its trailing slash.
+    assert make_client("http://127.0.0.1:8000/v1/", "m").identity["endpoint"] == \
+        "http://127.0.0.1:8000/v1"
+    tried("interpret", "secrets")
+
+
+def test_retry_after_is_honoured():
+    """429 with Retry-After: 1 (and backoff 0.01 s): the second request waits the second out.
+    An ask beyond two minutes is reported at once, not waited for."""
+    starts = []
+
+    def reply(method, path):
+        starts.append(time.monotonic())
+        if len(starts) == 1:
+            return 429, {"Retry-After": "1"}, b'{"error": "slow down"}'
+        return _answer(method, path)
+
+    with raw_server(reply) as (base, _):
+        out = OpenAIClient(f"{base}/v1", "m", backoff=0.01).complete(
+            [[{"role": "user", "content": "x"}]], 4)
+    assert out == ["[1]"] and len(starts) == 2 and starts[1] - starts[0] >= 0.95
+    later = email.utils.formatdate(time.time() + 3600, usegmt=True)
+    with raw_server(lambda m, p: (503, {"Retry-After": later}, b"busy")) as (base, seen):
+        start = time.monotonic()
+        with pytest.raises(ExplainerError, match=r"retry after 3[56]\d\d s") as err:
+            OpenAIClient(f"{base}/v1", "m", backoff=0.01).complete(
+                [[{"role": "user", "content": "x"}]], 4)
+        assert len(seen) == 1 and time.monotonic() - start < 5 and "\n" not in str(err.value)
+    tried("interpret", "secrets")
