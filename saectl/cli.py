@@ -8,27 +8,29 @@ import errno
 import json
 import os
 import sys
-from typing import Annotated, Optional
+from pathlib import Path
+from typing import Annotated
 
 import typer
-from pathlib import Path
+from rich.pretty import pprint
 from typer.exceptions import TyperException
 
+from saectl import pipeline as runner
+from saectl import pipeline_spec, store
+from saectl import pipeline_view as view
 from saectl import stage as contract
-from saectl import store
 from saectl.config import stage_command
-from saectl.errors import ConfigError, SaectlError
+from saectl.console import console, info
+from saectl.errors import SaectlError
 from saectl.export import export as export_sae
-from stages import harvest, import_acts, interpret, shuffle, sweep, train
-from stages import steer
+from stages import harvest, import_acts, interpret, shuffle, steer, sweep, train
 
 app = typer.Typer(name="saectl", no_args_is_help=True, add_completion=False,
                   help="Sparse autoencoders for language models: harvest → shuffle → train → "
                        "sweep → interpret → steer, each a content-addressed Zarr artifact.")
 
-# The registration table: one line per stage (each module's `STAGE`, saectl/stage.py).
-STAGES = (harvest.STAGE, shuffle.STAGE, train.STAGE, sweep.STAGE, interpret.STAGE, steer.STAGE,
-          import_acts.STAGE)
+# The registration table: each stage module's `STAGE` (saectl/stage.py), one line each.
+STAGES: dict[str, contract.Stage] = {}
 
 
 def invoke(st: contract.Stage, cfg) -> str | None:
@@ -42,15 +44,21 @@ def invoke(st: contract.Stage, cfg) -> str | None:
 
 
 def add_stage(st: contract.Stage) -> None:
-    """Register a stage as `saectl NAME` (flags from its config dataclass)."""
+    """Register a stage as `saectl NAME` (flags from its config dataclass) and for `saectl run`."""
+    if STAGES.get(st.name) is st:
+        return
+    if st.name in STAGES:
+        raise ValueError(f"a stage named {st.name!r} is already registered")
+    STAGES[st.name] = st
     stage_command(app, st.config, st.name, st.help, st.positional)(
         lambda cfg, st=st: invoke(st, cfg))
 
 
-for _st in STAGES:
+for _st in (harvest.STAGE, shuffle.STAGE, train.STAGE, sweep.STAGE, interpret.STAGE,
+            steer.STAGE, import_acts.STAGE):
     add_stage(_st)
 
-StoreOpt = Annotated[Optional[str], typer.Option("--store", help="Artifact store "
+StoreOpt = Annotated[str | None, typer.Option("--store", help="Artifact store "
                                                  "(default $SAECTL_STORE or ./artifacts)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout")]
 
@@ -70,7 +78,7 @@ def _state(a: store.Artifact) -> str:
 
 
 @app.command("ls")
-def ls(stage: Annotated[Optional[str], typer.Argument(help="Only this stage")] = None,
+def ls(stage: Annotated[str | None, typer.Argument(help="Only this stage")] = None,
        store_: StoreOpt = None, as_json: JsonOpt = False):
     """List artifacts: ref, state, size, created."""
     root = store.store_root(store_)
@@ -99,8 +107,6 @@ def show(ref: Annotated[str, typer.Argument(help="stage/digest, a digest prefix 
     if as_json:
         print(json.dumps(manifest, indent=1, sort_keys=True))
         return
-    from rich.pretty import pprint
-
     for key in ("ref", "state", "path", "created", "saectl_version", "host", "inputs"):
         print(f"{key:<15} {manifest.get(key)}")
     print("params")
@@ -132,35 +138,32 @@ def gc(store_: StoreOpt = None,
 def run_pipeline(
         pipeline: Annotated[Path, typer.Argument(help="A pipeline YAML file (see pipelines/)")],
         store_: StoreOpt = None,
-        only: Annotated[Optional[list[str]], typer.Option(
+        only: Annotated[list[str] | None, typer.Option(
             "--only", help="Run only this step (repeatable); the steps it takes outputs from "
                            "must have run before (their refs are used)")] = None,
-        start: Annotated[Optional[str], typer.Option("--from", help="Start at this step")] = None,
-        until: Annotated[Optional[str], typer.Option("--until", help="Stop after this step")] = None,
-        sets: Annotated[Optional[list[str]], typer.Option(
+        start: Annotated[str | None, typer.Option("--from", help="Start at this step")] = None,
+        until: Annotated[str | None, typer.Option("--until", help="Stop after this step")] = None,
+        sets: Annotated[list[str] | None, typer.Option(
             "--set", help="Override a param: STEP.PARAM=VALUE (repeatable)")] = None,
         dry_run: Annotated[bool, typer.Option(
             "--dry-run", help="Print the plan and what is cached; run nothing")] = False,
         as_json: JsonOpt = False):
     """Run a pipeline's steps in order, each a cache hit when nothing changed, recording a ref
     per step (refs/<pipeline>/<step>); prints the last step's ref."""
-    from saectl import pipeline as pl
-    from saectl.console import console, info
-
-    p = pl.load(pipeline, {st.name: st for st in STAGES}, sets or ())
-    steps = pl.select(p, only or (), start, until)
+    p = pipeline_spec.load(pipeline, STAGES, sets or ())
+    steps = pipeline_spec.select(p, only or (), start, until)
     root = store.store_root(store_)
     if dry_run:
-        rows = pl.plan(p, root, steps)
-        print(json.dumps(pl.as_dicts(rows), indent=1) if as_json
-              else "\n".join(pl.plan_lines(p, rows)))
+        rows = runner.plan(p, root, steps)
+        print(json.dumps(view.as_dicts(rows), indent=1) if as_json
+              else "\n".join(view.plan_lines(p, rows)))
         return
-    results = pl.execute(p, root, steps)
-    console.print(pl.summary_table(p, results))
-    for line in pl.report_lines(p, results):
+    results = runner.execute(p, root, steps)
+    console.print(view.summary_table(p, results))
+    for line in view.report_lines(p, results):
         info(line)
     if as_json:
-        print(json.dumps(pl.as_dicts(results), indent=1))
+        print(json.dumps(view.as_dicts(results), indent=1))
     elif results and results[-1].status in ("cached", "ran"):
         print(results[-1].output)
 

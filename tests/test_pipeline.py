@@ -63,11 +63,12 @@ def pipeline_file(tmp_path_factory, tiny_model_dirs) -> Path:
 def done_store(pipeline_file, tmp_path_factory) -> Path:
     """A store where the whole tiny pipeline has run once (through the library)."""
     from saectl import pipeline as pl
+    from saectl import pipeline_spec
     from saectl.cli import STAGES
 
     root = tmp_path_factory.mktemp("done") / "store"
-    p = pl.load(pipeline_file, STAGES)
-    results = pl.execute(p, root, pl.select(p))
+    p = pipeline_spec.load(pipeline_file, STAGES)
+    results = pl.execute(p, root, pipeline_spec.select(p))
     assert [r.status for r in results] == ["ran"] * 4
     return root
 
@@ -313,11 +314,11 @@ def test_bad_sets_are_one_line_errors(pipeline_file, tmp_path, capsys):
 
 
 def test_values_from_the_command_line_take_their_field_types(pipeline_file, tmp_path, capsys):
-    from saectl import pipeline as pl
+    from saectl import pipeline_spec
     from saectl.cli import STAGES
 
     (pipeline_file.parent / "slurm").mkdir(exist_ok=True)  # a word, not a path, all the same
-    p = pl.load(pipeline_file, STAGES, ["train.lr=1e-3", "train.tokens=1e4",
+    p = pipeline_spec.load(pipeline_file, STAGES, ["train.lr=1e-3", "train.tokens=1e4",
                                        "harvest.hooks=[resid_post.0, resid_post.1]",
                                        "sweep.executor=slurm"])
     assert next(s for s in p.steps if s.name == "sweep").params["executor"] == "slurm"
@@ -349,13 +350,14 @@ def test_shipped_pipelines_validate(path, tmp_path, capsys):
 
 def test_pythia_70m_pipeline_is_the_research_configuration(capsys, tmp_path):
     from saectl import pipeline as pl
+    from saectl import pipeline_spec
     from saectl.cli import STAGES
 
-    p = pl.load(REPO / "pipelines" / "pythia-70m.yaml", STAGES)
+    p = pipeline_spec.load(REPO / "pipelines" / "pythia-70m.yaml", STAGES)
     harvest = p.steps[0]
     assert harvest.params["model"] == "EleutherAI/pythia-70m-deduped"
     assert all(h.startswith("resid_post.") for h in harvest.params["hooks"].split(","))
-    rows = pl.plan(p, tmp_path / "store", pl.select(p))
+    rows = pl.plan(p, tmp_path / "store", pipeline_spec.select(p))
     assert rows[0].status == "run" and all(r.status.startswith("after") for r in rows[1:])
 
 
