@@ -25,11 +25,17 @@ Token shading is relative to the feature's `max_act`; spaces show as "·", newli
 and hovering a token shows its activation. The list renders 100 rows at a time, and only the
 selected feature's panel is built, so 10,000+ features load in a moment. Floats are stored
 with 4 significant digits and non-finite values become null (JSON has no NaN).
+
+`feature_rows` assembles the features from what the interpret stage keeps (its statistics,
+example windows, explanations and logit lens); `decoder_images` draws decoder directions as
+images (`report/decoder.png`) when the activations are images. The page's HTML and script are
+package data, `templates/dashboard.html`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -40,8 +46,11 @@ from html import escape
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
+
 from saectl import layout
 from saectl.errors import NotFoundError, SaectlError
+from saectl.examples import Kind, Windows
 from saectl.store import atomic_write
 
 INDEX = layout.DASHBOARD
@@ -176,3 +185,67 @@ def open_in_browser(path: Path) -> bool:
     import webbrowser
 
     return webbrowser.open(Path(path).absolute().as_uri())
+
+
+def _example(ex) -> dict:
+    return {"tokens": ex.tokens, "acts": ex.acts}
+
+
+def feature_rows(stats, hist_edges: np.ndarray, windows: Windows, strings: dict | None, *,
+                 quantiles: int, explained: dict[int, dict], lens: dict | None,
+                 images: np.ndarray | None) -> list[dict]:
+    """One row of the data model per scanned feature. `stats` is the scan's `Stats`;
+    `explained` maps a slot to its explanation entry; `images` is (n_features, H, W)."""
+    fired, n = stats.fired, max(stats.n_tokens, 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(fired > 0, stats.act_sum / np.maximum(fired, 1), np.nan)
+    rows = []
+    for j, f in enumerate(stats.features.tolist()):
+        row = {"index": f, "density": fired[j] / n, "max_act": float(stats.max_act[j]),
+               "mean_act": float(mean[j])}
+        e = explained.get(j, {})
+        row.update(explanation=e.get("explanation") or None, score=e.get("balanced_accuracy"),
+                   control_score=e.get("control_balanced_accuracy"))
+        h = stats.hist[j]
+        nz = np.flatnonzero(h)
+        if len(nz):
+            a, b = nz[0], nz[-1] + 1
+            row["hist"] = {"edges": hist_edges[a:b + 1].tolist(), "counts": h[a:b].tolist(),
+                           "label": "log10 activation"}
+        if j in windows.by_slot:
+            row["top"] = [_example(ex) for _, ex in windows.examples(j, Kind.TOP, strings)]
+            qs = windows.examples(j, Kind.QUANTILE, strings)
+            row["quantiles"] = [
+                {"label": f"quantile {q + 1} of {quantiles}",
+                 "examples": [_example(ex) for qq, ex in qs if qq == q]}
+                for q in range(quantiles) if any(qq == q for qq, _ in qs)]
+        if lens is not None:
+            for key, ids, vals in (("logits_pos", "pos_ids", "pos_vals"),
+                                   ("logits_neg", "neg_ids", "neg_vals")):
+                row[key] = [[strings[int(i)], float(v)] for i, v in zip(lens[ids][j],
+                                                                        lens[vals][j])]
+        if images is not None:
+            row["image"] = images[j].tolist()
+        rows.append(row)
+    return rows
+
+
+def decoder_images(path: Path, images: np.ndarray, features: np.ndarray, fired: np.ndarray,
+                   n_tokens: int, title: str, n_max: int = 64) -> Path:
+    """The `n_max` most often firing live features' decoder directions, `images`
+    (n_features, H, W), in a square grid: blue negative, red positive, each on its own
+    symmetric scale."""
+    from saectl.plots import plt, save_figure  # matplotlib, only for image activations
+
+    order = [j for j in np.argsort(-fired, kind="stable") if fired[j] > 0][:n_max]
+    cols = max(1, math.ceil(math.sqrt(len(order))))
+    rows = max(1, math.ceil(len(order) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.2 * cols, 1.3 * rows + 0.5), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, j in zip(axes.ravel(), order):
+        lim = float(np.abs(images[j]).max()) or 1.0
+        ax.imshow(images[j], cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        ax.set_title(f"#{features[j]} {fired[j] / max(n_tokens, 1):.1%}", fontsize=6)
+    fig.suptitle(f"{title}; the {len(order)} most often firing", fontsize=8)
+    return save_figure(fig, path)

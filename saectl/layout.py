@@ -13,7 +13,10 @@ artifact by hand. Each stage's layout, in the artifact's Zarr group:
                       eval/<hook>, eval/log_density, log/<figure> (the training log),
                       checkpoint.pt (while training)
     sweep             report/table.csv, report/*.png, work/ (executor files)
-    interpret         stats/...              per-feature statistics; report/index.html
+    interpret         features, stats/...    each row's latent; per-feature statistics
+                      top/, pool/, lens/     top contexts, the sampled pool, the logit lens
+                      windows/...            the example windows (saectl.examples)
+                      explanations.json, responses.json, report/index.html, report/decoder.png
     steer             report/...             generations and the strength-sweep plot
 
 Files outside Zarr: `progress/<writer>.json` (resume), `scratch/` (shuffle's buckets),
@@ -118,3 +121,19 @@ def normalize_hooks(names: str | list[str]) -> list[str]:
         if n.strip() and normalize_hook(n) not in out:
             out.append(normalize_hook(n))
     return out
+
+
+# Interpret's arrays, by group (`top/seq`, `windows/kind`, ...), and its files.
+FEATURES = "features"
+TOP = "top"
+POOL = "pool"
+LENS = "lens"
+WINDOWS = "windows"
+EXPLANATIONS = "explanations.json"
+RESPONSES = "responses.json"
+DECODER_PNG = "decoder.png"
+
+
+def member(group: str, name: str) -> str:
+    """`top/seq`, `windows/acts`: an array of one of interpret's groups."""
+    return f"{group}/{name}"

@@ -72,7 +72,7 @@ def _model_name(manifest: dict) -> str:
 def harvest_model(harvest: store.Artifact, model: str | None = None):
     """The ModelSpec of the model `harvest` ran, found again from its origin (or `model`, where
     it moved) and checked against the content hash recorded in its address."""
-    from saectl import models
+    from saectl import models  # torch: deferred, so planning and cache hits never load it
 
     if harvest.stage != "harvest":
         raise ArtifactError(f"{harvest.ref} holds imported activations; there is no model "
@@ -84,6 +84,8 @@ def harvest_model(harvest: store.Artifact, model: str | None = None):
     if not name:
         raise ConfigError(f"{harvest.ref} does not say where its model came from; pass --model")
     spec = models.resolve_model(name)
+    if not spec.local and len(want.get("revision") or "") == 40:  # the commit it was pinned to
+        spec = models.pin_revision(spec, want["revision"])
     if origin.get("gguf_file") and spec.gguf_file is None and spec.local:
         spec = models.ModelSpec(spec.name, spec.source, origin["gguf_file"], True)
     if want.get("sha256") and models.model_identity(spec).get("sha256") != want["sha256"]:
@@ -97,7 +99,7 @@ def logit_lens(W_dec, model, k: int = 10):
     norm scale) · W_U, the direct effect of each feature on the logits (the norm's division
     by the residual's size is the same for every token, so it does not change the ranking).
     Returns (pos_ids, pos_vals, neg_ids, neg_vals), each (n, k)."""
-    import torch
+    import torch  # deferred, as in harvest_model
 
     from saectl.models import unembed
 

@@ -12,7 +12,9 @@ Per feature, kept incrementally block by block (nothing grows with the number of
   scoring are drawn from, as delphi's quantile sampling does, exact for any block size.
 
 `windows` is the second pass: the per-token activations of chosen features over chosen
-token windows, which the dashboard shades and the explainer reads.
+token windows (`saectl.examples` chooses them), which the dashboard shades and the explainer
+reads. `Source` gives both passes an SAE over a harvest's activations, block by block; `save`
+and `load` keep the statistics in an interpret artifact, `save_lens` the logit lens.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from saectl import arrays, layout
+from saectl.examples import NO_SEQ, hash_keys
+
 HIST_EDGES = np.round(np.arange(-6.0, 4.0 + 1e-9, 0.05), 2)
 """log10(activation) bin edges: 1e-6 to 1e4 in 200 bins; values outside go to the end bins."""
-NO_SEQ = -1
 MERGE_EVERY = 64  # sequences buffered between merges into the top lists
 
 
@@ -53,21 +57,6 @@ class Stats:
         """Mean activation over the tokens where the feature fired (NaN where it never did)."""
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(self.fired > 0, self.act_sum / self.fired, np.nan)
-
-
-def hash_keys(seed: int, seqs: np.ndarray, feats: np.ndarray) -> np.ndarray:
-    """Uniform [0, 1) keys for every (sequence, feature) pair: splitmix64 of the pair and the
-    seed, so a key never depends on which block a sequence was read in."""
-    with np.errstate(over="ignore"):
-        z = (seqs.astype(np.uint64)[:, None] * np.uint64(0x9E3779B97F4A7C15)
-             + feats.astype(np.uint64)[None, :] * np.uint64(0xD1B54A32D192ED03)
-             + np.uint64(seed & 0xFFFFFFFF) * np.uint64(0x8CB92BA72F3D8DD7))
-        z ^= z >> np.uint64(30)
-        z *= np.uint64(0xBF58476D1CE4E5B9)
-        z ^= z >> np.uint64(27)
-        z *= np.uint64(0x94D049BB133111EB)
-        z ^= z >> np.uint64(31)
-    return (z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
 
 
 def _merge(keep: tuple, cand: tuple, n: int, descending: bool) -> tuple:
@@ -187,3 +176,74 @@ def windows(read: Callable[[int, int], torch.Tensor], encode_all: Callable[[torc
         if on_block:
             on_block(len(rows))
     return out
+
+
+class Source:
+    """An SAE over a harvest's activations at one hook, read in blocks of whole sequences."""
+
+    def __init__(self, acts, artifact: str, sae, device, features: np.ndarray, n_seq: int,
+                 context_size: int, memory_bytes: int):
+        self.acts, self.artifact, self.sae, self.device = acts, artifact, sae, device
+        self.features, self.n_seq, self.C = features, n_seq, context_size
+        d_sae = sae.cfg.d_sae
+        per_token = 4 * (d_sae + 4 * len(features))  # encode output + per-feature working set
+        self.seqs_per_block = max(1, memory_bytes // (per_token * context_size))
+        self._all = len(features) == d_sae
+
+    def read(self, lo: int, hi: int) -> torch.Tensor:
+        """Sequences lo..hi as (hi - lo, C, d) float32."""
+        x = arrays.read(self.acts, slice(lo * self.C, hi * self.C), artifact=self.artifact)
+        return torch.from_numpy(np.ascontiguousarray(x)).view(hi - lo, self.C, -1)
+
+    def blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        for lo in range(0, self.n_seq, self.seqs_per_block):
+            yield lo, self.read(lo, min(lo + self.seqs_per_block, self.n_seq))
+
+    def encode_all(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.sae.encode(x.to(self.device))
+
+    def encode_selected(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.encode_all(x)
+        if self._all:
+            return a
+        return a.index_select(1, torch.from_numpy(self.features).to(a.device))
+
+
+# How the statistics are kept in an interpret artifact (names from saectl/layout.py).
+N_TOKENS = "n_tokens"  # a group attribute
+ARRAYS = {  # a `Stats` field: its array
+    "features": layout.FEATURES,
+    **{name: layout.stat(name) for name in ("fired", "act_sum", "max_act", "hist")},
+    **{f"{kept}_{name}": layout.member(group, name)
+       for kept, group in (("top", layout.TOP), ("pool", layout.POOL))
+       for name in ("act", "seq", "pos")}}
+LENS_NAMES = ("pos_ids", "pos_vals", "neg_ids", "neg_vals")
+
+
+def save(group, st: Stats) -> None:
+    """The statistics as `features`, `stats/...`, `top/...`, `pool/...` and `n_tokens`."""
+    group.attrs[N_TOKENS] = st.n_tokens
+    for name, path in ARRAYS.items():
+        group.create_array(path, data=np.ascontiguousarray(getattr(st, name)), overwrite=True)
+    group.create_array(layout.stat("density"), data=st.density.astype(np.float64),
+                       overwrite=True)
+    group[layout.stat("hist")].attrs["log10_edges"] = HIST_EDGES.tolist()
+
+
+def load(group) -> Stats:
+    return Stats(n_tokens=int(group.attrs[N_TOKENS]),
+                 **{name: group[path][:] for name, path in ARRAYS.items()})
+
+
+def save_lens(group, lens: tuple) -> None:
+    """The logit lens (`saectl.lineage.logit_lens`'s four (n, k) tensors) as `lens/...`."""
+    for name, t in zip(LENS_NAMES, lens):
+        group.create_array(layout.member(layout.LENS, name), data=t.cpu().numpy(),
+                           overwrite=True)
+
+
+def load_lens(group) -> dict[str, np.ndarray] | None:
+    if layout.member(layout.LENS, LENS_NAMES[0]) not in group:
+        return None
+    return {name: group[layout.member(layout.LENS, name)][:] for name in LENS_NAMES}
