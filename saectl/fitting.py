@@ -25,10 +25,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from saectl import checkpoints, faults, layout, store
+from saectl import arrays, checkpoints, faults, layout, store
 from saectl.config import address_params, fields, opt
 from saectl.console import info, progress
 from saectl.errors import ConfigError
+from saectl.lineage import harvest_model
 from saectl.stage import DeviceOptions
 
 NAME = "train"  # the stage whose artifacts these are (stages/train.py)
@@ -244,16 +245,15 @@ def fit(src, manifest, harvest, points: list[Point], lm: dict) -> None:
 
 
 def _device(cfg):
-    from saectl.models import resolve_device
+    from saectl.models import resolve_device  # deferred: imports torch
 
     return resolve_device(cfg.device)
 
 
 def _train_group(src, group: list[Point]) -> None:
     """One pass over the shared batches; each point trains on the steps it needs."""
-    import torch
+    import torch  # deferred, with the modules below that import it: torch is heavy
 
-    from saectl import arrays
     from saectl.reader import BatchReader
     from saectl.trainer import Trainer
 
@@ -326,23 +326,21 @@ def _finish(src, manifest, harvest, p: Point, lm_spec) -> None:
 
 def _lm_setup(cfg, harvest):
     """The harvest's model (or --model), checked by content hash before any training."""
-    from saectl.lineage import harvest_model
-
     return harvest_model(harvest, cfg.model)
 
 
 @functools.lru_cache(maxsize=1)
 def _load_lm(spec, device):
     """The model for downstream evaluation, loaded once for all the points of a sweep."""
-    from saectl import models
+    from saectl import models  # deferred: imports torch and transformers
 
     return models.load_model(spec, device=device)
 
 
 def _evaluate(art, src, harvest, hook, sae, lm_spec, cfg) -> dict:
-    import torch
+    import torch  # deferred, with the modules below that import it: torch is heavy
 
-    from saectl import hooks, metrics, models
+    from saectl import hooks, metrics
     from saectl.reader import BatchReader
 
     group = src.group()
