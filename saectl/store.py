@@ -9,7 +9,9 @@ Life of an artifact (design.md, "Artifacts"):
 - Progress for resume lives in `progress/<writer>.json` (atomic writes); a re-run reads the
   union of those files and skips the work already done.
 
-Every path is built here (style.md item 8); stages never join store paths themselves.
+Paths inside an artifact come from `saectl.layout`; the store's shape (`<stage>/<digest>`,
+refs, what counts as an artifact) from `saectl.artifact`, re-exported here with `saectl.gc`
+and `saectl.locks`; stages never join store paths themselves.
 """
 
 from __future__ import annotations
