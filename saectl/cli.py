@@ -38,6 +38,8 @@ def invoke(st: contract.Stage, cfg) -> str | None:
     out = contract.run(st, cfg)
     if st.legacy is not None:  # TRANSITIONAL (issue 14)
         return out.ref if isinstance(out, store.Artifact) else (out or None)
+    if st.as_json is not None and getattr(cfg, "as_json", False):  # instead of report and ref
+        return st.as_json(out)
     if st.report is not None:
         st.report(out)
     return st.printed(out)

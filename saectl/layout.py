@@ -17,7 +17,10 @@ artifact by hand. Each stage's layout, in the artifact's Zarr group:
                       top/, pool/, lens/     top contexts, the sampled pool, the logit lens
                       windows/...            the example windows (saectl.examples)
                       explanations.json, responses.json, report/index.html, report/decoder.png
-    steer             report/...             generations and the strength-sweep plot
+    steer             prompt_tokens          [n_prompts, P] prompt ids (-1 pads)
+                      baseline/tokens        [n_prompts, n] generated ids (-1 pads)
+                      steered/tokens         [n_runs, n_prompts, n] steered ids
+                      report/strength_sweep.png  effect against fluency (--strengths)
 
 Files outside Zarr: `progress/<writer>.json` (resume), `scratch/` (shuffle's buckets),
 `work/` (executors), `report/` (what a person opens), `sae/` (what other tools load).
@@ -137,3 +140,10 @@ DECODER_PNG = "decoder.png"
 def member(group: str, name: str) -> str:
     """`top/seq`, `windows/acts`: an array of one of interpret's groups."""
     return f"{group}/{name}"
+
+
+# Steer's arrays and its figure.
+PROMPT_TOKENS = "prompt_tokens"
+BASELINE_TOKENS = "baseline/tokens"
+STEERED_TOKENS = "steered/tokens"
+STRENGTH_SWEEP_PNG = "strength_sweep.png"

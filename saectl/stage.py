@@ -88,6 +88,13 @@ class Stage:
     report: Callable[[store.Artifact], None] | None = None
     """Shown (on stderr) after a run or a cache hit, e.g. the sweep's table; may raise the
     one-line error that makes the exit status 1 (no SAE met the tolerance)."""
+    prepare: Callable[[Any, Plan], None] | None = None
+    """(cfg, plan) → None, on a cache miss before the lock: work that writes nothing to the store
+    and may fill `plan.context` for build, so a failure there leaves no incomplete artifact
+    (steer generates here; its inf/NaN errors must not leave one)."""
+    as_json: Callable[[store.Artifact], str] | None = None
+    """What `saectl STAGE --json` (a config field `as_json`) prints instead of the report and
+    the ref (steer's summary)."""
     legacy: Callable | None = None
     """TRANSITIONAL (issue 14, removed when every stage is converted): the old `run(cfg)`."""
 
@@ -110,6 +117,8 @@ def run(stage: Stage, cfg) -> store.Artifact:
     if art.is_complete():
         info(f"{stage.name}: cache hit {art.ref}")
         return art
+    if stage.prepare is not None:
+        stage.prepare(cfg, plan)
     with store.writing(art, plan.params, plan.inputs, shard=plan.shard,
                        wait=not cfg.no_wait, origin=plan.origin) as writer:
         if art.is_complete():  # another process finished it while we waited for the lock

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from saectl import arrays, hooks, models, store
+from saectl import arrays, hooks, models, steering, store
 from saectl.sae import load_sae
 from stages import steer
 from tests.conftest import corpus_texts, packaged_smollm2_available
@@ -109,7 +109,7 @@ def test_add_changes_the_hook_output_by_exactly_s_d_and_nothing_else(tiny):
     clean = hooks.run_with_hooks(model, [after], ids)[after.name]
     W = sae.W_dec.detach()
     for feats, s, start in (([3], [2.5], 1), ([3, 7], [2.0, -1.5], 4)):
-        edit = steer.intervention(sae, feats, torch.tensor(s), "add", start)
+        edit = steering.intervention(sae, feats, torch.tensor(s), "add", start)
         with hooks.replacing(model, hook, lambda a: edit(a, torch.arange(a.shape[1]))):
             steered = hooks.run_with_hooks(model, [after], ids)[after.name]
         expect = sum(si * W[f] for si, f in zip(s, feats))
@@ -128,14 +128,14 @@ def test_clamp_sets_the_activation_and_keeps_the_error_term(tiny):
         fired = int(acts.sum(0).argmax())
         dead = int((tiny.max_act == 0).nonzero()[0])
         feats, targets = [fired, dead], torch.tensor([5.0, 0.5])
-        new, clamped = steer.clamp(sae, x, feats, targets)
+        new, clamped = steering.clamp(sae, x, feats, targets)
         assert (clamped[:, fired] == 5.0).all() and (clamped[:, dead] == 0.5).all()
         rest = [i for i in range(sae.d_sae) if i not in feats]
         assert torch.equal(clamped[:, rest], acts[:, rest])
         torch.testing.assert_close(new - sae.decode(clamped), x - sae.decode(acts),
                                    atol=1e-5, rtol=0)
         # Through the intervention: positions before `start` are left exactly as they were.
-        edit = steer.intervention(sae, feats, targets, "clamp", 3)
+        edit = steering.intervention(sae, feats, targets, "clamp", 3)
         out = edit(x[None], torch.arange(x.shape[0]))[0]
         assert torch.equal(out[:3], x[:3])
         torch.testing.assert_close(out[3:], new[3:], atol=1e-6, rtol=0)
@@ -204,7 +204,7 @@ def test_output_config_file_and_cache(tiny, capsys, tmp_path):
     assert all(isinstance(m["summary"][k], float) for k in steer.FIGURES)
     cfg_obj = steer.SteerConfig(sae=tiny.sae, feature=["3:20", "7"], prompt=PROMPTS,
                                 max_new_tokens=6, positions="generated", store=str(tiny.root))
-    assert steer.address(cfg_obj).ref == ref  # what `saectl run` computes without running
+    assert steer.STAGE.address(cfg_obj).ref == ref  # what `saectl run` computes without running
     # --prompts FILE gives the same prompts, so the same artifact.
     file = tmp_path / "prompts.txt"
     file.write_text("\n".join(PROMPTS) + "\n\n")
