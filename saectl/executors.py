@@ -205,7 +205,8 @@ def submit_slurm(tasks: list[Task], opts: SlurmOptions, work_dir: Path) -> str:
                for t in tasks]
     store.atomic_write(tasks_json, (json.dumps(entries, indent=1) + "\n").encode())
     script = work_dir / SCRIPT_FILE
-    store.atomic_write(script, job_script(len(tasks), opts, work_dir / LOG_DIR, tasks_json).encode())
+    text = job_script(len(tasks), opts, work_dir / LOG_DIR, tasks_json)
+    store.atomic_write(script, text.encode())
     res = _slurm(["sbatch", "--parsable", str(script)])
     if res.returncode != 0:
         why = (res.stderr.strip().splitlines() or [f"exit status {res.returncode}"])[-1]

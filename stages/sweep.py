@@ -10,7 +10,8 @@ a sweep run again trains only what is missing. Executors:
   sacct), `--no-wait` submits and exits, and a later run collects, resubmitting only failures.
 
 The sweep artifact holds the table (also `report/table.csv`), the plots (`report/*.png`) and the
-chosen point; the chosen point's train ref is the one line on stdout.
+chosen point; the chosen point's train ref is the one line on stdout (`output`), and the table
+is shown on stderr after every run or cache hit (`report`).
 """
 
 from __future__ import annotations
@@ -24,37 +25,43 @@ from dataclasses import dataclass, fields as dc_fields
 from pathlib import Path
 
 import yaml
+from rich.table import Table
 
-from saectl import store
-from saectl.config import build, load_yaml, opt
+from saectl import executors, layout, store
+from saectl.config import build as build_config, load_yaml, opt
 from saectl.console import console, info
 from saectl.errors import ConfigError, SaectlError
-from saectl.fitting import TrainStageConfig, open_shuffle, plan, train_points
+from saectl.fitting import TrainStageConfig, open_shuffle, plan as plan_point, train_points
+from saectl.sbatch import SlurmOptions
+from saectl.stage import RUNNER_FIELDS, DeviceOptions, Plan, Stage
 
 NAME = "sweep"
 EXECUTORS = ("local", "processes", "slurm")
-# Train flags a grid may not set: they are the sweep's own (input, where, how).
-NOT_GRID = ("shuffle", "store", "device", "no_wait", "model")
+# Train flags a grid may not set: how a stage runs (set once for the sweep), the sweep's own
+# input, and `model`, a path on this machine rather than a hyperparameter.
+NOT_GRID = (*RUNNER_FIELDS, "shuffle", "model")
 SLURM_KEYS = ("partition", "time", "gres", "cpus_per_task", "mem", "extra")
 FIGURES = ("chosen", "tolerance")  # summary figures `saectl run` shows (and the chosen SAE's)
+TABLE = "table.csv"  # in report/, beside the plots
+PLOTS = ("l0_fvu.png", "dl_width.png", "ce_l0.png")
+POINTS = "points"  # work/points/<digest>.yaml: each point's train config, for the executors
 
 
 @dataclass(frozen=True)
-class SweepConfig:
+class SweepConfig(DeviceOptions):
     shuffle: str | None = opt(None, "The shuffle artifact every point trains on")
     grid: str | None = opt(None, "YAML grid: train params as lists (a product) and/or `points:`")
     tolerance: float = opt(0.1, "FVU tolerance ε of the MDL choice (quantised reconstruction)")
     executor: str = opt("local", "local, processes or slurm", address=False)
     jobs: int = opt(2, "Concurrent processes (--executor processes)", address=False)
-    no_wait: bool = opt(False, "slurm: submit and exit; run again to collect", address=False)
+    no_wait: bool = opt(False, "slurm: submit and exit, run again to collect; any executor: "
+                               "exit at once if another process is writing this sweep",
+                        address=False)
     partition: str | None = opt(None, "sbatch --partition", address=False)
     time: str | None = opt(None, "sbatch --time, e.g. 02:00:00", address=False)
     gres: str | None = opt(None, "sbatch --gres, e.g. gpu:1", address=False)
     cpus_per_task: int | None = opt(None, "sbatch --cpus-per-task", address=False)
     mem: str | None = opt(None, "sbatch --mem, e.g. 16G", address=False)
-    device: str = opt("auto", "Device for training (auto, cpu, cuda)", address=False)
-    store: str | None = opt(None, "Artifact store (default $SAECTL_STORE or ./artifacts)",
-                            address=False)
 
     def __post_init__(self):
         if not self.shuffle:
@@ -67,6 +74,20 @@ class SweepConfig:
             raise ConfigError(f"--tolerance must be in (0, 1), got {self.tolerance}")
         if self.jobs < 1:
             raise ConfigError("--jobs must be at least 1")
+
+
+@dataclass
+class Grid:
+    """What planning found, for build: the shuffle, every point, how to submit them."""
+
+    src: store.Artifact
+    manifest: dict
+    harvest: store.Artifact
+    values: list[dict]
+    """Each point's train params as the grid gave them (the table shows those that vary)."""
+    points: list  # saectl.fitting.Point, in grid order
+    slurm: SlurmOptions | None
+    """--executor slurm's options (flags over the grid's `slurm:`), checked while planning."""
 
 
 def grid_points(path: str, base: dict) -> tuple[list[dict], dict]:
@@ -103,82 +124,68 @@ def grid_points(path: str, base: dict) -> tuple[list[dict], dict]:
     return [{**base, **fixed, **p} for p in points], slurm
 
 
-def _plan(cfg: SweepConfig):
+def slurm_options(cfg: SweepConfig, from_grid: dict) -> SlurmOptions:
+    """The flags over the grid's `slurm:` section; every value checked (saectl.sbatch)."""
+    opts = {k: v for k, v in from_grid.items() if k != "extra"}
+    opts.update({k: getattr(cfg, k) for k in SLURM_KEYS if k != "extra" and getattr(cfg, k)})
+    extra = from_grid.get("extra") or ()
+    extra = [extra] if isinstance(extra, str) else extra
+    return SlurmOptions(**opts, extra=tuple(str(line) for line in extra))
+
+
+def plan(cfg: SweepConfig) -> Plan:
     root = store.store_root(cfg.store)
     src, manifest, harvest = open_shuffle(root, cfg.shuffle)
     base = {"shuffle": src.ref, "store": str(root), "device": cfg.device}
     values, slurm_yaml = grid_points(cfg.grid, base)
     points = []
     for i, v in enumerate(values):
-        tcfg = build(TrainStageConfig, v, f"{cfg.grid} point {i}")
-        points.append(plan(root, src, manifest, tcfg))
+        tcfg = build_config(TrainStageConfig, v, f"{cfg.grid} point {i}")
+        points.append(plan_point(root, src, manifest, tcfg))
     seen = {}
     for i, p in enumerate(points):
         if p.art.digest in seen:
             raise ConfigError(f"{cfg.grid}: points {seen[p.art.digest]} and {i} are the same SAE; "
                               "remove the duplicate")
         seen[p.art.digest] = i
+    slurm = slurm_options(cfg, slurm_yaml) if cfg.executor == "slurm" else None
     params = {"points": sorted(p.art.ref for p in points), "tolerance": cfg.tolerance}
-    art = store.artifact_for(root, NAME, params, {"shuffle": src})
-    return src, manifest, harvest, values, slurm_yaml, points, params, art
+    inputs = {"shuffle": src}
+    return Plan(store.artifact_for(root, NAME, params, inputs), params, inputs,
+                context=Grid(src, manifest, harvest, values, points, slurm))
 
 
-def address(cfg: SweepConfig) -> store.Artifact:
-    """The sweep artifact `run(cfg)` makes or finds, computed without training or writing."""
-    return _plan(cfg)[-1]
+def build(cfg: SweepConfig, plan: Plan, writer: store.Writing) -> None:
+    """Train what is missing, then the description lengths, table, plots and choice."""
+    grid: Grid = plan.context
+    missing = [p for p in grid.points if not p.art.is_complete()]
+    info(f"sweep: {len(grid.points)} points, {len(grid.points) - len(missing)} already trained, "
+         f"{len(missing)} to train ({cfg.executor})")
+    if missing and not _train(cfg, plan.art, grid, missing):
+        return  # --no-wait: submitted; nothing chosen yet
+    _finish(plan.art, grid, cfg.tolerance)
 
 
-def output(art: store.Artifact) -> str | None:
-    """What a complete sweep prints: the chosen SAE's ref (None when no SAE met ε)."""
-    return art.manifest()["summary"].get("chosen_ref")
-
-
-def run(cfg: SweepConfig) -> str:
-    src, manifest, harvest, values, slurm_yaml, points, params, art = _plan(cfg)
-    if art.is_complete():
-        info(f"sweep: cache hit {art.ref}")
-        return _report(art)
-    with store.writing(art, params, {"shuffle": src}):
-        if not art.is_complete():
-            missing = [p for p in points if not p.art.is_complete()]
-            info(f"sweep: {len(points)} points, {len(points) - len(missing)} already trained, "
-                 f"{len(missing)} to train ({cfg.executor})")
-            if missing and not _execute(cfg, art, src, manifest, harvest, missing, slurm_yaml):
-                return ""  # --no-wait: submitted; nothing chosen yet
-            _finish(art, src, points, values, cfg)
-    return _report(art)
-
-
-def _execute(cfg, art, src, manifest, harvest, missing, slurm_yaml) -> bool:
+def _train(cfg: SweepConfig, art: store.Artifact, grid: Grid, missing: list) -> bool:
     """Train the missing points; False when they were submitted without waiting."""
     if cfg.executor == "local":
-        train_points(src, manifest, harvest, missing)
+        train_points(grid.src, grid.manifest, grid.harvest, missing)
         return True
-    from saectl import executors
-
-    work = art.path / "work"
+    work = layout.work(art.path)
     tasks = []
-    for i, p in enumerate(missing):
-        cfg_file = work / "points" / f"{p.art.digest[:12]}.yaml"
-        cfg_file.parent.mkdir(parents=True, exist_ok=True)
+    for p in missing:
+        cfg_file = layout.work(art.path, POINTS, f"{p.art.digest[:12]}.yaml")
         values = {f.name: getattr(p.cfg, f.name) for f in dc_fields(TrainStageConfig)
-                  if f.name not in ("shuffle",)}
-        cfg_file.write_text(yaml.safe_dump(values, sort_keys=True))
-        tasks.append(executors.Task(p.art.digest[:12], ["train", src.ref, "--config", str(cfg_file)],
-                                    p.art))
+                  if f.name != "shuffle"}
+        store.atomic_write(cfg_file, yaml.safe_dump(values, sort_keys=True).encode())
+        tasks.append(executors.Task(p.art.digest[:12],
+                                    ["train", grid.src.ref, "--config", str(cfg_file)], p.art))
     if cfg.executor == "processes":
-        out = executors.run_processes(tasks, cfg.jobs, work / "logs")
+        out = executors.run_processes(tasks, cfg.jobs, work / executors.LOG_DIR)
     else:
-        opts = {k: getattr(cfg, k) for k in SLURM_KEYS if k != "extra"}
-        opts = {k: v for k, v in {**slurm_yaml, **{k: v for k, v in opts.items() if v}}.items()}
-        opts["extra"] = tuple(slurm_yaml.get("extra", ()) or ())
-        job = _slurm_job(work)
-        if job is None or not _job_alive(job):
-            job = executors.submit_slurm(tasks, executors.SlurmOptions(**opts), work)
-            (work / "slurm.json").write_text(json.dumps({"job": job}))
-            info(f"sweep: submitted {len(tasks)} array tasks as SLURM job {job}")
-        else:
-            info(f"sweep: following SLURM job {job} submitted earlier")
+        job, submitted = executors.submit_or_follow(tasks, grid.slurm, work)
+        info(f"sweep: submitted {len(tasks)} array tasks as SLURM job {job}" if submitted
+             else f"sweep: following SLURM job {job} submitted earlier")
         if cfg.no_wait:
             info("sweep: --no-wait: run the same command again to collect the results")
             return False
@@ -190,40 +197,25 @@ def _execute(cfg, art, src, manifest, harvest, missing, slurm_yaml) -> bool:
     return True
 
 
-def _slurm_job(work: Path) -> str | None:
-    f = work / "slurm.json"
-    return json.loads(f.read_text())["job"] if f.exists() else None
+def _eval_batches(src: store.Artifact, hook: str):
+    from saectl.reader import BatchReader  # torch
+
+    ev = src.group()[layout.eval_rows(hook)]
+    return BatchReader(ev, min(8192, int(ev.shape[0])), 0, src.ref).once
 
 
-def _job_alive(job: str) -> bool:
-    import subprocess
-
-    try:
-        p = subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return p.returncode == 0 and bool(p.stdout.strip())
-
-
-def _eval_batches(src, hook):
-    from saectl.reader import BatchReader
-
-    ev = src.group()[f"eval/{hook}"]
-    reader = BatchReader(ev, min(8192, int(ev.shape[0])), 0, src.ref)
-    return reader.once
-
-
-def _finish(art, src, points, values, cfg) -> None:
+def _finish(art: store.Artifact, grid: Grid, tolerance: float) -> None:
     """Description length of every point, the table, the plots, the choice."""
-    from saectl import mdl
-    from saectl.sae import load_sae
+    from saectl import mdl  # torch
+    from saectl.sae import load_sae  # torch
 
     rows, dls = [], {}
+    values = grid.values
     varying = sorted({k for v in values for k in v if len({json.dumps(w.get(k)) for w in values}) > 1})
-    for i, (p, v) in enumerate(zip(points, values)):
+    for i, (p, v) in enumerate(zip(grid.points, values)):
         s = p.art.manifest()["summary"]
-        sae = load_sae(store.sae_dir(p.art))
-        dl = mdl.description_length(sae, _eval_batches(src, p.hook), cfg.tolerance)
+        sae = load_sae(layout.sae_dir(p.art.path))
+        dl = mdl.description_length(sae, _eval_batches(grid.src, p.hook), tolerance)
         name = f"p{i:02d}"
         dls[name] = dl
         rows.append({"point": name, **{k: v.get(k) for k in varying}, "arch": p.sae_cfg.arch,
@@ -232,28 +224,31 @@ def _finish(art, src, points, values, cfg) -> None:
                      "dead_fraction": s["dead_fraction"], "ce_loss_score": s.get("ce_loss_score"),
                      "dl": dl.bits_per_token, "naive_bound": dl.naive_bound, "bins": dl.bins,
                      "quantised_fvu": dl.quantised_fvu})
-    chosen, message = mdl.choose(dls, cfg.tolerance)
+    chosen, message = mdl.choose(dls, tolerance)
     chosen_ref = next((r["ref"] for r in rows if r["point"] == chosen), None)
-    report = art.report_dir
-    report.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    store.atomic_write(report / "table.csv", buf.getvalue().encode())
-    _plots(report, rows, dls, cfg.tolerance, chosen)
+    store.atomic_write(layout.report(art.path, TABLE), buf.getvalue().encode())
+    _plots(layout.report(art.path), rows, tolerance, chosen)
     store.mark_complete(art, {"table": rows, "columns": list(rows[0]), "chosen": chosen,
                               "chosen_ref": chosen_ref,
-                              "tolerance": cfg.tolerance, "message": message,
+                              "tolerance": tolerance, "message": message,
                               "by_bins": {k: dl.by_bins for k, dl in dls.items()}})
 
 
-def _report(art) -> str:
-    """Print the table on stderr; return the chosen ref, or say which point came closest."""
-    from rich.table import Table
+def output(art: store.Artifact) -> str | None:
+    """What a complete sweep hands on and prints: the chosen SAE's ref (None when none met ε)."""
+    return art.manifest()["summary"].get("chosen_ref")
 
+
+def report(art: store.Artifact) -> None:
+    """The table on stderr; the one-line error when no SAE met ε (it says which came closest).
+    Nothing while the sweep is incomplete (its points submitted with --no-wait)."""
+    if not art.is_complete():
+        return
     s = art.manifest()["summary"]
-    rows = s["table"]
     table = Table(title=f"sweep {art.ref[:18]} (ε = {s['tolerance']})")
     shown = {"mse", "ref", "naive_bound", "quantised_fvu"}  # in the CSV; kept off the terminal
     cols = [c for c in s["columns"] if c not in shown]
@@ -261,14 +256,13 @@ def _report(art) -> str:
              "bins": "B"}
     for c in cols:
         table.add_column(names.get(c, c), justify="right", no_wrap=True)
-    for r in rows:
+    for r in s["table"]:
         style = "bold green" if r["point"] == s["chosen"] else None
         table.add_row(*[_fmt(r[c]) for c in cols], style=style)
     console.print(table)
-    info(f"sweep: {s['message']}; table and plots in {art.report_dir}")
+    info(f"sweep: {s['message']}; table and plots in {layout.report(art.path)}")
     if s["chosen_ref"] is None:
         raise SaectlError(f"{s['message']} (sweep {art.ref[:18]}; raise --tolerance)")
-    return s["chosen_ref"]
 
 
 def _fmt(v) -> str:
@@ -279,17 +273,10 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _plots(report: Path, rows, dls, tolerance, chosen) -> None:
-    import matplotlib
+def _plots(folder: Path, rows: list[dict], tolerance: float, chosen: str | None) -> None:
+    from saectl.plots import plt, save_figure  # matplotlib, only when a sweep completes
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(report / name, dpi=110)
-        plt.close(fig)
-
+    l0_fvu, dl_width, ce_l0 = (folder / name for name in PLOTS)
     # L0 against FVU with the Pareto frontier (lower-left is better on both).
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for arch in sorted({r["arch"] for r in rows}):
@@ -303,7 +290,7 @@ def _plots(report: Path, rows, dls, tolerance, chosen) -> None:
     ax.plot([r["l0"] for r in front], [r["fvu"] for r in front], "k--", lw=1, label="Pareto frontier")
     ax.set(xscale="log", xlabel="L0 (active latents per token)", ylabel="FVU", title="Sparsity vs reconstruction")
     ax.legend()
-    save(fig, "l0_fvu.png")
+    save_figure(fig, l0_fvu)
 
     # DL against width at the tolerance, with the naive bound beside it.
     fig, ax = plt.subplots(figsize=(6, 4.2))
@@ -327,7 +314,7 @@ def _plots(report: Path, rows, dls, tolerance, chosen) -> None:
     else:
         ax.text(0.5, 0.5, f"no SAE reconstructs within FVU ≤ {tolerance}", ha="center",
                 transform=ax.transAxes)
-    save(fig, "dl_width.png")
+    save_figure(fig, dl_width)
 
     # CE-loss score against L0, where the downstream evaluation ran.
     scored = [r for r in rows if r["ce_loss_score"] is not None]
@@ -338,12 +325,9 @@ def _plots(report: Path, rows, dls, tolerance, chosen) -> None:
             ax.scatter([r["l0"] for r in pts], [r["ce_loss_score"] for r in pts], label=arch)
         ax.set(xscale="log", xlabel="L0", ylabel="CE-loss score", title="Downstream fidelity")
         ax.legend()
-        save(fig, "ce_l0.png")
+        save_figure(fig, ce_l0)
 
 
-# TRANSITIONAL (issue 14): the old run wrapped until this module defines plan and build.
-from saectl import stage as _contract  # noqa: E402
-
-STAGE = _contract.legacy('sweep', SweepConfig, run, 'Train a grid of SAEs, tabulate and plot them, and choose one by description length.',
-                         ('shuffle',), address=address, output=output,
-                         figures=FIGURES)
+STAGE = Stage(NAME, SweepConfig,
+              "Train a grid of SAEs, tabulate and plot them, and choose one by description length.",
+              plan, build, ("shuffle",), FIGURES, output=output, report=report)

@@ -153,3 +153,41 @@ def test_slurm_sweep_no_wait_then_collect(split, slurm_cluster, monkeypatch, cap
     assert local.out == res.out
     assert slurm_refs == {r["ref"] for r in
                           store.list_artifacts(other, "sweep")[0].manifest()["summary"]["table"]}
+
+
+def test_slurm_options_are_checked_before_anything_runs(split, tmp_path, capsys):
+    """Issue 15.7: a line break in a SLURM option (flag or the grid's `slurm:` section) went
+    into the job script as a command of its own. It is refused while planning, in one line
+    naming the option, before a lock, an artifact or a job."""
+    root, sh, _ = split
+    grid = tmp_path / "slurm-grid.yaml"
+    grid.write_text(GRID + 'slurm:\n  partition: "gpu\\necho pwned > /tmp/pwned"\n')
+    res = run_cli(capsys, "sweep", sh, "--grid", grid, "--store", root, "--executor", "slurm")
+    assert_one_line_error(res, "--partition", "whitespace or control characters")
+    tried("sweep", "injection")
+    good = tmp_path / "good.yaml"
+    good.write_text(GRID)
+    for flag in ("--mem", "--time", "--gres", "--partition"):
+        res = run_cli(capsys, "sweep", sh, "--grid", good, "--store", root, "--executor",
+                      "slurm", flag, "16G\nrm -rf ~")
+        assert_one_line_error(res, flag, "whitespace or control characters")
+        tried("sweep", "injection")
+    assert store.list_artifacts(root, "sweep") == [] and store.list_artifacts(root, "train") == []
+
+
+def test_a_damaged_slurm_record_is_one_line(split, monkeypatch, capsys):
+    """Issue 15.4: the sweep's work/slurm.json cut short gave a JSONDecodeError traceback; now
+    one line naming the file and what to do."""
+    from saectl import layout
+    from stages import sweep
+
+    root, sh, grid = split
+    args = ["sweep", sh, "--grid", grid, "--store", root, "--executor", "slurm"]
+    cfg = sweep.SweepConfig(shuffle=sh, grid=str(grid), store=str(root), executor="slurm")
+    monkeypatch.setenv("PATH", "/nonexistent")  # no sbatch: the sweep's artifact, no job
+    assert_one_line_error(run_cli(capsys, *args), "sbatch")
+    record = layout.work(sweep.STAGE.address(cfg).path, "slurm.json")
+    record.write_text('{"job": "12')
+    res = run_cli(capsys, *args)
+    assert_one_line_error(res, str(record), "damaged", "delete it")
+    tried("sweep", "corruption")
