@@ -81,6 +81,7 @@ def synthetic_import(root, n_rows: int, d: int, context_size: int = 128, dtype: 
 
     import numpy as np
 
+    from saectl.stage import run as run_stage
     from stages import import_acts
 
     root = Path(root)
@@ -93,8 +94,8 @@ def synthetic_import(root, n_rows: int, d: int, context_size: int = 128, dtype: 
         mm[lo:hi] = rng.standard_normal((hi - lo, d), dtype=np.float32)
     mm.flush()
     del mm
-    art = import_acts.run(import_acts.ImportConfig(file=str(npy), hook="h", dtype=dtype,
-                                                   context_size=context_size, store=str(root)))
+    art = run_stage(import_acts.STAGE, import_acts.ImportConfig(
+        file=str(npy), hook="h", dtype=dtype, context_size=context_size, store=str(root)))
     npy.unlink()
     return art.ref
 

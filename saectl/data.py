@@ -17,11 +17,12 @@ import importlib.util
 import json
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from saectl import hub
 from saectl.errors import ConfigError, NotFoundError, SaectlError
 
 DEFAULT_DATASET = "wiki-offline"
@@ -53,6 +54,8 @@ class DataSpec:
     """The field (.jsonl/.json), column (.parquet) or HF column that holds the text."""
     split: str = "train"
     """The Hugging Face split; local files have none."""
+    revision: str | None = None
+    """A hub dataset's commit (set by `pin_dataset`): what is streamed and what is addressed."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("packaged", "files", "hf"):
@@ -133,6 +136,19 @@ def resolve_dataset(name: str | None, text_column: str = "text", split: str = "t
     return DataSpec(name, "hf", (), text_column, split)
 
 
+def pin_dataset(spec: DataSpec, revision: str | None = None) -> DataSpec:
+    """A hub dataset pinned to the commit `revision` (default: its main branch) names now, so
+    the address says which data were read and a dataset that moves on makes a new address.
+    Local files are addressed by their content already; `revision` does not apply to them."""
+    if spec.kind != "hf":
+        if revision:
+            raise ConfigError(f"--dataset-revision {revision} applies to hub datasets; "
+                              f"{spec.name} is local (addressed by its content): leave it out")
+        return spec
+    repo = spec.name.partition(":")[0]
+    return replace(spec, revision=hub.resolve_revision(repo, revision, "dataset"))
+
+
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -144,9 +160,11 @@ def _sha256(path: str) -> str:
 def dataset_identity(spec: DataSpec) -> dict:
     """JSON-able identity of the text for artifact addresses. Local files are named relative to
     their common folder, so moving or renaming the folder keeps the address; editing a byte
-    changes it. A hub dataset is named by id, split and column (its revision is the hub's)."""
+    changes it. A hub dataset is named by id, split, column and, once `pin_dataset` has
+    pinned it, the commit it is read at."""
     if spec.kind == "hf":
-        return {"hf": spec.name, "split": spec.split, "text_column": spec.text_column}
+        ident = {"hf": spec.name, "split": spec.split, "text_column": spec.text_column}
+        return {**ident, "revision": spec.revision} if spec.revision else ident
     base = os.path.commonpath([os.path.dirname(p) for p in spec.paths])
     files = [
         {"name": Path(p).relative_to(base).as_posix(), "sha256": _sha256(p)} for p in spec.paths
@@ -266,7 +284,8 @@ def _iter_hf(spec: DataSpec) -> Iterator[str | None]:
         ) from None
     repo, _, config = spec.name.partition(":")
     try:
-        ds = datasets.load_dataset(repo, config or None, split=spec.split, streaming=True)
+        ds = datasets.load_dataset(repo, config or None, split=spec.split, streaming=True,
+                                   revision=spec.revision)
         rows = iter(ds)
         first = next(rows, None)  # streaming defers errors to the first row: surface them here
     except Exception as e:  # noqa: BLE001 - the hub raises many kinds; all mean "not available"

@@ -10,6 +10,7 @@ stops once the deepest hook point has been read.
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable, Collection
 from contextlib import contextmanager, nullcontext
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .layout import normalize_hook
 from .models import Family, find_blocks
 
 SITES = ("resid_pre", "resid_post", "mlp_out", "attn_out")
@@ -57,7 +59,7 @@ def parse_hooks(model: nn.Module, names: list[str] | str) -> list[HookPoint]:
     """Resolve hook names (a list or a comma-separated string) against `model`."""
     if isinstance(names, str):
         names = names.split(",")
-    names = [n.strip() for n in names if n.strip()]
+    names = [normalize_hook(n) for n in names if n.strip()]  # resid_post.03 is resid_post.3
     found = find_blocks(model)
     modules = dict(model.named_modules())
     example = f"{found[0].blocks}.0.{found[0].mlp}" if found else next(n for n in modules if n)
@@ -246,13 +248,21 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *,
     token per step). Inf/NaN logits raise FloatingPointError naming the step."""
     ids = input_ids.to(_device(model))
     past, start, new = None, 0, []
+    # transformers 5.x renamed the KV cache argument and output `past_key_values` → `cache`
+    # (the old name warns, and goes in 5.40); older versions know only the old name.
+    new_name = "cache" in inspect.signature(model.forward).parameters
     context = (replacing(model, hook, lambda a: edit(a, torch.arange(start, start + a.shape[1],
                                                                       device=a.device)))
                if edit is not None else nullcontext())
     with context:
         for step in range(max_new_tokens):
-            out = model(ids, past_key_values=past, use_cache=True)
-            past, start = out.past_key_values, start + ids.shape[1]
+            if new_name:
+                out = model(ids, cache=past, use_cache=True)
+                past = out.cache
+            else:
+                out = model(ids, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+            start += ids.shape[1]
             logits = out.logits[0, -1].float()
             if not torch.isfinite(logits).all():
                 raise FloatingPointError(f"the logits became inf/NaN at generation step {step}")

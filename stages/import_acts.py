@@ -12,23 +12,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from saectl import arrays, store
+from saectl import arrays, layout, store
 from saectl.config import address_params, opt, parse_image_shape
 from saectl.console import info
 from saectl.errors import ConfigError, NotFoundError
 from saectl.hashing import file_sha256
+from saectl.stage import Plan, RunnerOptions, Stage
 
 NAME = "import"
-FIGURES = ("n_tokens",)  # summary figures `saectl run` shows
 SUFFIXES = (".npy", ".safetensors", ".zarr", ".idx", "-ubyte")
 BUILTIN = {"sklearn:digits"}
 
 
 @dataclass(frozen=True)
-class ImportConfig:
+class ImportConfig(RunnerOptions):
     file: str | None = opt(None, "A .npy, .safetensors or Zarr array of shape (n, d), an IDX "
                                  "image file (MNIST), or sklearn:digits")
     hook: str = opt("acts", "Name to give the activations (used as --hook later)")
@@ -37,8 +38,6 @@ class ImportConfig:
     dtype: str = opt("float32", "Storage dtype: float16, bfloat16 or float32")
     image_shape: str | None = opt(None, "HxW if each row is an image (e.g. 8x8), for drawing "
                                         "features as images")
-    store: str | None = opt(None, "Artifact store (default $SAECTL_STORE or ./artifacts)",
-                            address=False)
 
     def __post_init__(self):
         if not self.file:
@@ -47,9 +46,14 @@ class ImportConfig:
             raise ConfigError(f"--context-size must be at least 1, got {self.context_size}")
         if self.dtype not in arrays.STORAGE_DTYPES:
             raise ConfigError(f"--dtype {self.dtype} is not one of {', '.join(arrays.STORAGE_DTYPES)}")
-        if "/" in self.hook or not self.hook:
+        if "/" in self.hook or not self.hook.strip():
             raise ConfigError(f"--hook {self.hook!r} must be a plain name without '/'")
         self.image_hw()
+
+    @property
+    def hook_name(self) -> str:
+        """--hook as stored and addressed: resid_post.03 is resid_post.3."""
+        return layout.normalize_hook(self.hook)
 
     def image_hw(self) -> tuple[int, int] | None:
         return parse_image_shape(self.image_shape)
@@ -138,7 +142,20 @@ def _source(cfg: ImportConfig):
     return path.name, _identity(path) if path.exists() else "", _open(path, cfg.key), None
 
 
-def _plan(cfg: ImportConfig):
+@dataclass
+class Source:
+    """What plan opened: the rows to import and their shape."""
+
+    path: Path
+    data: Any
+    """Array-like (n, d), read lazily where the format allows."""
+    n: int
+    d: int
+    hw: tuple[int, int] | None
+    n_seq: int
+
+
+def plan(cfg: ImportConfig) -> Plan:
     name, ident, data, native_hw = _source(cfg)
     path = Path(name)
     if data.ndim != 2:
@@ -153,60 +170,52 @@ def _plan(cfg: ImportConfig):
         raise ConfigError(f"{path.name} has {n} rows, fewer than --context-size {cfg.context_size}")
     n_seq = n // cfg.context_size
     params = address_params(cfg)
-    params.update(file={"name": name, "sha256": ident}, n_rows=n_seq * cfg.context_size)
+    params.update(file={"name": name, "sha256": ident}, n_rows=n_seq * cfg.context_size,
+                  hook=cfg.hook_name)
     if native_hw and not cfg.image_shape:
         params["image_shape"] = f"{hw[0]}x{hw[1]}"
     art = store.artifact_for(store.store_root(cfg.store), NAME, params)
-    return path, data, n, d, hw, n_seq, params, art
+    return Plan(art, params, context=Source(path, data, n, d, hw, n_seq))
 
 
-def address(cfg: ImportConfig) -> store.Artifact:
-    """The artifact `run(cfg)` makes or finds, computed without writing anything."""
-    return _plan(cfg)[-1]
-
-
-def run(cfg: ImportConfig) -> store.Artifact:
-    path, data, n, d, hw, n_seq, params, art = _plan(cfg)
-    if art.is_complete():
-        info(f"import: cache hit {art.ref}")
-        return art
-    step = max(1, (64 << 20) // (d * 4))
-    # Check everything before writing anything: a NaN found half-way would leave debris.
-    for lo in range(0, n_seq * cfg.context_size, step):
-        block = np.asarray(data[lo:lo + step], dtype=np.float32)
+def prepare(cfg: ImportConfig, plan: Plan) -> None:
+    """Check every value before the artifact exists: a NaN found half-way would leave debris."""
+    src: Source = plan.context
+    step = max(1, (64 << 20) // (src.d * 4))
+    for lo in range(0, src.n_seq * cfg.context_size, step):
+        block = np.asarray(src.data[lo:lo + step], dtype=np.float32)
         bad = ~np.isfinite(block)
         if bad.any():
             r, c = np.argwhere(bad)[0]
-            raise ConfigError(f"{path.name} holds non-finite values (first at row {lo + r}, "
+            raise ConfigError(f"{src.path.name} holds non-finite values (first at row {lo + r}, "
                               f"column {c}: {block[r, c]}); clean the data before importing")
-    import torch
 
-    n_rows = n_seq * cfg.context_size
-    with store.writing(art, params):
-        g = art.group("r+")
-        itemsize = arrays.numpy_dtype(cfg.dtype).itemsize
-        chunk = arrays.rows_per_chunk(d * itemsize)
-        out = arrays.create(g, f"acts/{cfg.hook}", (n_rows, d), (chunk, d), cfg.dtype,
-                            attrs={"hook": cfg.hook, "d": d,
-                                   **({"image_shape": list(hw)} if hw else {})})
-        for lo in range(0, n_rows, chunk * max(1, step // chunk)):
-            hi = min(lo + chunk * max(1, step // chunk), n_rows)
-            x = torch.from_numpy(np.array(data[lo:hi], dtype=np.float32))
-            out[lo:hi] = arrays.to_storage(x, cfg.dtype)
-        store.mark_complete(art, {"n_seq": n_seq, "context_size": cfg.context_size,
-                                  "n_tokens": n_rows, "bos": False, "dtype": cfg.dtype,
-                                  "hooks": {cfg.hook: {"d": d}},
-                                  "image_shape": list(hw) if hw else None,
-                                  "dropped_rows": n - n_rows})
+
+def build(cfg: ImportConfig, plan: Plan, writer: store.Writing) -> None:
+    import torch  # deferred: heavy, and only needed to convert to the storage dtype
+
+    art, src = plan.art, plan.context
+    d, hw, hook = src.d, src.hw, cfg.hook_name
+    n_rows = src.n_seq * cfg.context_size
+    step = max(1, (64 << 20) // (d * 4))
+    g = art.group("r+")
+    itemsize = arrays.numpy_dtype(cfg.dtype).itemsize
+    chunk = arrays.rows_per_chunk(d * itemsize)
+    out = arrays.create(g, layout.acts(hook), (n_rows, d), (chunk, d), cfg.dtype,
+                        attrs={"hook": hook, "d": d, **({"image_shape": list(hw)} if hw else {})})
+    for lo in range(0, n_rows, chunk * max(1, step // chunk)):
+        hi = min(lo + chunk * max(1, step // chunk), n_rows)
+        x = torch.from_numpy(np.array(src.data[lo:hi], dtype=np.float32))
+        out[lo:hi] = arrays.to_storage(x, cfg.dtype)
+    store.mark_complete(art, {"n_seq": src.n_seq, "context_size": cfg.context_size,
+                              "n_tokens": n_rows, "bos": False, "dtype": cfg.dtype,
+                              "hooks": {hook: {"d": d}},
+                              "image_shape": list(hw) if hw else None,
+                              "dropped_rows": src.n - n_rows})
     info(f"import: wrote {art.ref} ({n_rows:,} rows of {d})" +
-         (f", dropped {n - n_rows} rows that fill no sequence" if n > n_rows else ""))
-    return art
+         (f", dropped {src.n - n_rows} rows that fill no sequence" if src.n > n_rows else ""))
 
 
-
-# TRANSITIONAL (issue 14): the old run wrapped until this module defines plan and build.
-from saectl import stage as _contract  # noqa: E402
-
-STAGE = _contract.legacy('import', ImportConfig, run, 'Make a harvest-like artifact from activations in a .npy, .safetensors or Zarr file.',
-                         ('file',), address=address, output=None,
-                         figures=FIGURES)
+STAGE = Stage(NAME, ImportConfig, "Make a harvest-like artifact from activations in a .npy, "
+              ".safetensors or Zarr file.", plan, build, positional=("file",),
+              figures=("n_tokens",), prepare=prepare)

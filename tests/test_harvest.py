@@ -243,3 +243,54 @@ def test_packaged_smollm2_on_the_default_corpus(tmp_path):
     assert m["params"]["model"]["model"] == "smollm2-135m"
     assert m["summary"]["bytes_per_value"] < 2.0
     print(json.dumps(m["summary"]))
+
+
+def test_hook_spellings_share_one_address(tiny_model_dirs, tiny_corpus, tmp_path):
+    from stages import harvest
+
+    def ref(hooks):
+        return harvest.STAGE.address(harvest.HarvestConfig(
+            hooks=hooks, model=str(tiny_model_dirs["gpt2"]), dataset=str(tiny_corpus),
+            store=str(tmp_path))).ref
+
+    assert ref("resid_post.03") == ref("resid_post.3") == ref(" resid_post.3 ,resid_post.003")
+    assert ref("mlp_out.01,resid_post.2") == ref("resid_post.2,mlp_out.1")
+    assert ref("resid_post.1") != ref("resid_post.2")
+
+
+def test_local_model_change_changes_the_address(tiny_model_dirs, tiny_corpus, tmp_path):
+    import shutil
+
+    from stages import harvest
+
+    model = shutil.copytree(tiny_model_dirs["gpt2"], tmp_path / "m")
+    cfg = harvest.HarvestConfig(hooks="resid_post.1", model=str(model), dataset=str(tiny_corpus),
+                                store=str(tmp_path / "s"))
+    before = harvest.STAGE.address(cfg)
+    conf = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**conf, "layer_norm_epsilon": 1e-6}))
+    assert harvest.STAGE.address(cfg) != before
+
+
+def test_hooks_are_checked_before_the_weights_load(tiny_model_dirs, tiny_corpus, tmp_path,
+                                                   capsys, monkeypatch):
+    from saectl import models
+
+    def never(*a, **k):
+        raise AssertionError("the weights were loaded before the hooks were checked")
+
+    monkeypatch.setattr(models, "load_model", never)
+    for hooks, needles in (("resid_post.7", ["3 layers", "0-2"]),
+                           ("banana.1", ["resid_post", "mlp_out"]),
+                           ("transformer.h.9.mlp", ["not known"])):
+        res = run_cli(capsys, *harvest_args(tiny_model_dirs["gpt2"], tiny_corpus, tmp_path, hooks))
+        assert_one_line_error(res, *needles)
+    assert not (Path(tmp_path) / "harvest").exists()
+    tried("harvest", "bad input", 3)
+
+
+def test_loading_is_quiet(tiny_model_dirs, tiny_corpus, tmp_path, capfd):
+    res = run_subprocess(*harvest_args(tiny_model_dirs["llama"], tiny_corpus, tmp_path))
+    assert res.code == 0, res.err
+    for noise in ("Loading weights", "it/s]", "deprecated", "Warning"):
+        assert noise not in res.err, res.err

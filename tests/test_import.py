@@ -9,7 +9,7 @@ import zarr
 from safetensors.numpy import save_file
 
 from saectl import arrays, store
-from tests.helpers import assert_one_line_error, run_cli
+from tests.helpers import assert_one_line_error, run_cli, tried
 
 
 def test_formats_round_trip_and_address_by_content(tmp_path, capsys):
@@ -68,3 +68,43 @@ def test_bad_files(tmp_path, capsys):
     for args, needles in cases:
         assert_one_line_error(run_cli(capsys, "import", *args, "--store", tmp_path / "s"), *needles)
     assert store.list_artifacts(tmp_path / "s") == []
+
+
+def test_no_wait_fails_at_once_while_another_process_writes(tmp_path, capsys):
+    """The contract's lock step, which import once skipped: --no-wait is one line, at once."""
+    import subprocess
+    import sys
+    import time
+
+    from stages import import_acts
+
+    np.save(tmp_path / "x.npy", np.ones((20, 4), np.float32))
+    art = import_acts.STAGE.address(import_acts.ImportConfig(file=str(tmp_path / "x.npy"),
+                                                             store=str(tmp_path / "s")))
+    art.path.mkdir(parents=True)
+    holder = subprocess.Popen(  # another process holds the artifact's write lock
+        [sys.executable, "-c", "import sys, time; from saectl import store; "
+         f"cm = store.flock({str(art.path / store.LOCK)!r}, True, 'holder'); cm.__enter__(); "
+         "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.monotonic()
+        res = run_cli(capsys, "import", tmp_path / "x.npy", "--store", tmp_path / "s", "--no-wait")
+        took = time.monotonic() - t0
+    finally:
+        holder.kill()
+        holder.wait()
+    assert_one_line_error(res, "being written", "--no-wait")
+    assert took < 5 and not art.is_complete()
+    done = run_cli(capsys, "import", tmp_path / "x.npy", "--store", tmp_path / "s")
+    assert done.code == 0 and done.out.strip() == art.ref
+    tried("import", "busy writer")
+
+
+def test_hook_names_are_normalised(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.ones((20, 4), np.float32))
+    refs = [run_cli(capsys, "import", tmp_path / "x.npy", "--hook", h, "--store", tmp_path / "s")
+            for h in ("resid_post.03", "resid_post.3")]
+    assert refs[0].code == refs[1].code == 0 and refs[0].out == refs[1].out
+    g = store.open_complete(tmp_path / "s", refs[0].out.strip()).group()
+    assert list(g["acts"].array_keys()) == ["resid_post.3"]
