@@ -88,6 +88,36 @@ def test_windows_reads_only_what_is_asked():
     assert reads == [(0, 8), (16, 20)]  # block 8-15 holds no requested sequence
 
 
+def test_example_kinds_keep_their_stored_numbers():
+    """`windows/kind` of existing artifacts holds 0-3: the enum must read them the same."""
+    from saectl.examples import Kind
+
+    assert [(k.name, int(k)) for k in Kind] == [("TOP", 0), ("QUANTILE", 1), ("POSITIVE", 2),
+                                                ("NEGATIVE", 3)]
+
+
+def test_keep_drops_firing_negatives_then_caps_each_feature():
+    from saectl.examples import Kind, Requests, keep
+
+    K = Kind
+    rows = [(0, K.TOP, -1, 1, 0), (0, K.NEGATIVE, -1, 2, 0), (0, K.NEGATIVE, -1, 3, 0),
+            (0, K.NEGATIVE, -1, 4, 0), (0, K.NEGATIVE, -1, 5, 0), (1, K.NEGATIVE, -1, 6, 0),
+            (1, K.POSITIVE, -1, 7, 0)]
+    acts = np.zeros((len(rows), 3), np.float32)
+    acts[0, 1] = acts[6, 0] = 1.0  # activating kinds fire, as they should
+    acts[2, 2] = 0.5  # a "non-activating" context that fires somewhere: dropped
+    kept = keep(Requests.from_rows(rows), acts, detection=2)
+    assert kept.tolist() == [True, True, False, True, False, True, True]
+
+
+def test_window_placement():
+    from saectl.examples import Placement
+
+    p = Placement(context_size=32, width=8, skip_first=True)
+    assert [p.start(pos) for pos in (0, 1, 10, 31)] == [1, 1, 4, 24]
+    assert Placement(32, 1, True).start(7) == 7  # imported rows: the row itself
+
+
 # ------------------------------------------------------------------- a planted feature
 
 
