@@ -25,6 +25,7 @@ import numpy as np
 from saectl import layout, store
 from saectl.config import opt
 from saectl.console import info
+from saectl.data import bos_id
 from saectl.errors import ConfigError
 from saectl.lineage import Lineage, logit_lens, sae_lineage
 from saectl.stage import DeviceOptions, Plan, Stage
@@ -229,10 +230,10 @@ def plan(cfg: SteerConfig) -> Plan:
 def prepare(cfg: SteerConfig, p: Plan) -> None:
     """Generate the baseline and every steered run and measure them into `p.context`; nothing
     is written here, so a failure leaves the store as it was."""
-    import torch  # deferred: torch, transformers and the steering maths load only to generate
+    # deferred: torch and transformers (these modules import them) load only to generate
+    import torch
 
     from saectl import hooks, models, steering
-    from saectl.data import bos_id
     from saectl.sae import load_sae
 
     ctx: Steering = p.context
