@@ -31,7 +31,7 @@ from saectl import executors, layout, store
 from saectl.config import build as build_config, load_yaml, opt
 from saectl.console import console, info
 from saectl.errors import ConfigError, SaectlError
-from saectl.fitting import TrainStageConfig, open_shuffle, plan as plan_point, train_points
+from saectl.fitting import Point, TrainStageConfig, open_shuffle, plan as plan_point, train_points
 from saectl.sbatch import SlurmOptions
 from saectl.stage import RUNNER_FIELDS, DeviceOptions, Plan, Stage
 
@@ -85,7 +85,8 @@ class Grid:
     harvest: store.Artifact
     values: list[dict]
     """Each point's train params as the grid gave them (the table shows those that vary)."""
-    points: list  # saectl.fitting.Point, in grid order
+    points: list[Point]
+    """In grid order."""
     slurm: SlurmOptions | None
     """--executor slurm's options (flags over the grid's `slurm:`), checked while planning."""
 
@@ -166,7 +167,7 @@ def build(cfg: SweepConfig, plan: Plan, writer: store.Writing) -> None:
     _finish(plan.art, grid, cfg.tolerance)
 
 
-def _train(cfg: SweepConfig, art: store.Artifact, grid: Grid, missing: list) -> bool:
+def _train(cfg: SweepConfig, art: store.Artifact, grid: Grid, missing: list[Point]) -> bool:
     """Train the missing points; False when they were submitted without waiting."""
     if cfg.executor == "local":
         train_points(grid.src, grid.manifest, grid.harvest, missing)
