@@ -42,6 +42,8 @@ def invoke(st: contract.Stage, cfg) -> str | None:
         return st.as_json(out)
     if st.report is not None:
         st.report(out)
+    if getattr(cfg, "shard", None) is not None and not out.is_complete():
+        return out.ref  # a harvest shard names the artifact it fills, as `saectl run` records
     return st.printed(out)
 
 
