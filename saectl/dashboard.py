@@ -41,6 +41,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import webbrowser
 from functools import cache
 from html import escape
 from importlib import resources
@@ -182,8 +183,6 @@ def open_in_browser(path: Path) -> bool:
     if not (sys.platform in ("darwin", "win32") or os.environ.get("DISPLAY")
             or os.environ.get("WAYLAND_DISPLAY")):
         return False
-    import webbrowser
-
     return webbrowser.open(Path(path).absolute().as_uri())
 
 

@@ -251,7 +251,7 @@ def _scan(cfg: InterpretConfig, ctx: Context, art: store.Artifact, src, skip_bos
     g = art.group("r+")
     save(g, st)
     if ctx.harvest.stage == "harvest":  # imported activations have no model to read through
-        from saectl.models import load_model
+        from saectl.models import load_model  # torch and transformers, deferred
 
         model = load_model(harvest_model(ctx.harvest), "cpu")  # the unembedding, anywhere
         rows = src.sae.W_dec.detach()[torch.from_numpy(ctx.features).to(src.sae.device)]
