@@ -347,3 +347,33 @@ def test_SLOW_packaged_smollm2_loads_and_harvests():
     act = run_with_hooks(model, hooks, ids)["resid_post.15"]
     assert act.shape == (1, ids.shape[1], 576) and torch.isfinite(act).all()
     assert hook_dim(model, hooks[0]) == 576
+
+
+def test_hook_names_are_normalised(models):
+    (hook,) = parse_hooks(models["gpt2"], " resid_post.01 ")
+    assert hook.name == "resid_post.1"
+    with pytest.raises(ConfigError) as e:
+        parse_hooks(models["gpt2"], "resid_post.1,resid_post.001")
+    _one_line_error(e, "given twice")
+
+
+def test_skeleton_checks_hooks_without_weights(tiny_model_dirs):
+    from saectl.models import skeleton
+
+    sk = skeleton(resolve_model(str(tiny_model_dirs["llama"])))
+    assert next(sk.parameters()).device.type == "meta"  # nothing allocated, nothing read
+    assert [h.name for h in parse_hooks(sk, "resid_post.2,mlp_out.0")] == ["resid_post.2",
+                                                                           "mlp_out.0"]
+    with pytest.raises(ConfigError) as e:
+        parse_hooks(sk, "resid_post.9")
+    _one_line_error(e, "out of range")
+
+
+def test_generate_uses_the_current_cache_argument(models, recwarn, capfd):
+    from saectl.hooks import generate
+
+    model = models["llama"]
+    new = generate(model, _ids(model, 1, 5), 4)
+    assert new.shape == (4,)
+    assert not [w for w in recwarn if "past_key_values" in str(w.message)]
+    assert "past_key_values" not in capfd.readouterr().err
