@@ -20,7 +20,7 @@ from saectl import pipeline_spec, store
 from saectl import pipeline_view as view
 from saectl import stage as contract
 from saectl.config import stage_command
-from saectl.console import console, info
+from saectl.console import console, info, short_ref
 from saectl.errors import SaectlError
 from saectl.export import export as export_sae
 from stages import harvest, import_acts, interpret, shuffle, steer, sweep, train
@@ -36,15 +36,11 @@ STAGES: dict[str, contract.Stage] = {}
 def invoke(st: contract.Stage, cfg) -> str | None:
     """What `saectl STAGE` does with a config: the lifecycle, the stage's report, its ref."""
     out = contract.run(st, cfg)
-    if st.legacy is not None:  # TRANSITIONAL (issue 14)
-        return out.ref if isinstance(out, store.Artifact) else (out or None)
     if st.as_json is not None and getattr(cfg, "as_json", False):  # instead of report and ref
         return st.as_json(out)
     if st.report is not None:
-        st.report(out)
-    if getattr(cfg, "shard", None) is not None and not out.is_complete():
-        return out.ref  # a harvest shard names the artifact it fills, as `saectl run` records
-    return st.printed(out)
+        st.report(cfg, out)
+    return st.printed(cfg, out)
 
 
 def add_stage(st: contract.Stage) -> None:
@@ -98,7 +94,7 @@ def ls(stage: Annotated[str | None, typer.Argument(help="Only this stage")] = No
         print(json.dumps(rows, indent=1))
         return
     for r in rows:
-        print(f"{r['ref'][:len(r['ref'].split('/')[0]) + 13]:<24} {r['state']:<10} "
+        print(f"{short_ref(r['ref']):<24} {r['state']:<10} "
               f"{_human(r['bytes']):>10}  {r['created']}")
 
 

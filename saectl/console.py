@@ -22,6 +22,11 @@ def info(msg: str) -> None:
     console.print(msg, markup=False, soft_wrap=True)
 
 
+def short_ref(ref: str | None) -> str:
+    """`stage/` and the first 12 digits of the digest, as `saectl ls` and `saectl run` show refs."""
+    return "-" if not ref else ref[:len(ref.split("/")[0]) + 13]
+
+
 def is_tty() -> bool:
     return sys.stderr.isatty()
 

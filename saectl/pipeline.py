@@ -48,14 +48,9 @@ class Planned:
     step: str
     stage: str
     status: str
-    """cached, run, resume (incomplete artifact), after <step> (known once it has run), unknown."""
+    """cached, run, resume (incomplete artifact), after <step> (known once it has run)."""
     artifact: str | None
     output: str | None
-
-
-def _output(stages: dict[str, Stage], art: store.Artifact) -> str | None:
-    st = stages.get(art.stage)
-    return st.printed(art) if st else art.ref
 
 
 def plan(p: Pipeline, root: Path, chosen: list[Step]) -> list[Planned]:
@@ -78,15 +73,12 @@ def plan(p: Pipeline, root: Path, chosen: list[Step]) -> list[Planned]:
             rows.append(Planned(step.name, step.stage.name, f"after {waiting}", None, None))
             continue
         cfg = config(p, step, refs, root)
-        if step.stage.plan is None:
-            rows.append(Planned(step.name, step.stage.name, "unknown", None, None))
-            continue
         try:
             art = step.stage.address(cfg)
         except SaectlError as e:
             raise _step_error(step, e) from e
         if art.is_complete():
-            outputs[step.name] = _output(p.stages, art)
+            outputs[step.name] = step.stage.printed(cfg, art)
             status = "cached"
         else:
             status = "resume" if art.exists() else "run"
@@ -114,10 +106,6 @@ class Ran:
     reports: list[str] = field(default_factory=list)
 
 
-def _complete(root: Path, stage: str) -> set[str]:
-    return {a.ref for a in store.list_artifacts(root, stage) if a.is_complete()}
-
-
 def _figures(stages: dict[str, Stage], art: store.Artifact) -> dict:
     summary = art.manifest().get("summary", {})
     keys = stages[art.stage].figures if art.stage in stages else None
@@ -137,37 +125,26 @@ def _reports(art: store.Artifact) -> list[str]:
 
 def _run_step(p: Pipeline, step: Step, cfg, root: Path) -> Ran:
     stage = step.stage
-    own = stage.address(cfg) if stage.plan else None
-    before = own.is_complete() if own else _complete(root, stage.name)
+    own = stage.address(cfg)
+    before = own.is_complete()
     t0 = time.perf_counter()
     out = contract.run(stage, cfg)
     seconds = time.perf_counter() - t0
-    if stage.legacy is not None:  # TRANSITIONAL (issue 14)
-        ref = out.ref if isinstance(out, store.Artifact) else (out or None)
-    else:
-        if stage.report is not None:
-            stage.report(out)
-        ref = stage.printed(out) if out.is_complete() or getattr(cfg, "shard", None) is None \
-            else out.ref
+    if stage.report is not None:
+        stage.report(cfg, out)
+    ref = stage.printed(cfg, out)
     if ref is None:
-        return Ran(step.name, stage.name, "submitted", None, own.ref if own else None, seconds)
+        return Ran(step.name, stage.name, "submitted", None, own.ref, seconds)
     out_art = store.resolve(root, ref)
-    if own is None and out_art.stage == stage.name:
-        own = out_art
     if not out_art.is_complete():
         return Ran(step.name, stage.name, "partial", out_art.ref, None, seconds)
-    if isinstance(before, bool):
-        cached = before
-    else:
-        cached = out_art.ref in before and _complete(root, stage.name) == before
-    arts = [a for a in (own, out_art) if a is not None]
-    arts = [a for i, a in enumerate(arts) if a not in arts[:i]]
+    arts = [own] if out_art == own else [own, out_art]
     figures = {}
     for a in arts:
         figures.update(_figures(p.stages, a))
     reports = [r for a in arts for r in _reports(a)]
-    return Ran(step.name, stage.name, "cached" if cached else "ran", out_art.ref,
-               own.ref if own is not None and own != out_art else None, seconds, figures, reports)
+    return Ran(step.name, stage.name, "cached" if before else "ran", out_art.ref,
+               own.ref if own != out_art else None, seconds, figures, reports)
 
 
 def execute(p: Pipeline, root: Path, chosen: list[Step]) -> list[Ran]:

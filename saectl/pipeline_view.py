@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 
 from saectl import store
+from saectl.console import short_ref
 
 if TYPE_CHECKING:  # only for annotations: the runner imports this module
     from saectl.pipeline import Planned, Ran
@@ -16,25 +17,19 @@ if TYPE_CHECKING:  # only for annotations: the runner imports this module
 
 
 def plan_lines(p: Pipeline, rows: list[Planned]) -> list[str]:
-    notes = {"cached": "cached", "run": "will run", "resume": "will resume (incomplete)",
-             "unknown": "unknown (the stage has no address hook)"}
+    notes = {"cached": "cached", "run": "will run", "resume": "will resume (incomplete)"}
     out = [f"{'step':<14} {'stage':<10} {'status':<28} artifact"]
     for r in rows:
         status = notes.get(r.status) or f"unknown until {r.status.split()[-1]} runs"
-        art = _short(r.artifact)
+        art = short_ref(r.artifact)
         if r.output and r.output != r.artifact:
-            art += f" → {_short(r.output)}"
+            art += f" → {short_ref(r.output)}"
         out.append(f"{r.step:<14} {r.stage:<10} {status:<28} {art}")
     return out
 
 
 def duration(s: float) -> str:
     return f"{s:.1f}s" if s < 60 else f"{int(s // 60)}m{int(s % 60):02d}s"
-
-
-def _short(ref: str | None) -> str:
-    """stage/ and 12 digits, as `saectl ls` shows refs."""
-    return "-" if not ref else ref[:len(ref.split("/")[0]) + 13]
 
 
 def _fmt(v) -> str:
@@ -50,8 +45,8 @@ def summary_table(p: Pipeline, results: list[Ran]):
     for r in results:
         figs = ", ".join(f"{k} {_fmt(v)}" for k, v in r.figures.items())
         if r.artifact:
-            figs = f"{_short(r.artifact)}: {figs}"
-        t.add_row(r.step, _short(r.output or r.artifact), r.status, duration(r.seconds), figs,
+            figs = f"{short_ref(r.artifact)}: {figs}"
+        t.add_row(r.step, short_ref(r.output or r.artifact), r.status, duration(r.seconds), figs,
                   style="dim" if r.status == "cached" else None)
     return t
 

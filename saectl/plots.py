@@ -12,9 +12,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import matplotlib.pyplot as plt
 
-from saectl.store import atomic_write  # noqa: E402
+from saectl.store import atomic_write
 
 DPI = 110
 
@@ -30,4 +30,4 @@ def save_figure(fig, path: Path, dpi: int = DPI) -> Path:
     return path
 
 
-__all__ = ["plt", "save_figure", "DPI"]
+__all__ = ["DPI", "plt", "save_figure"]

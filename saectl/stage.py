@@ -15,13 +15,14 @@ are still running. The CLI (`saectl STAGE`), `saectl run` and the executors (whi
 `saectl STAGE` in subprocesses) all go through `run`.
 
 Adding a stage is one module under `stages/` that ends with `STAGE = Stage(...)`, and one line
-in `saectl/cli.py`'s `STAGES` tuple.
+in `saectl/cli.py` (`add_stage`); tests/toy_stage.py is a complete small example.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from saectl import store
 from saectl.config import opt
@@ -85,9 +86,10 @@ class Stage:
     output: Callable[[store.Artifact], str | None] | None = None
     """The ref a complete artifact hands to the next step and prints on stdout (default: its
     own ref). A sweep's is the SAE it chose."""
-    report: Callable[[store.Artifact], None] | None = None
-    """Shown (on stderr) after a run or a cache hit, e.g. the sweep's table; may raise the
-    one-line error that makes the exit status 1 (no SAE met the tolerance)."""
+    report: Callable[[Any, store.Artifact], None] | None = None
+    """(cfg, art) → None, shown (on stderr) after a run or a cache hit: the sweep's table, the
+    dashboard's path (opened with --open); may raise the one-line error that makes the exit
+    status 1 (no SAE met the tolerance)."""
     prepare: Callable[[Any, Plan], None] | None = None
     """(cfg, plan) → None, on a cache miss before the lock: work that writes nothing to the store
     and may fill `plan.context` for build, so a failure there leaves no incomplete artifact
@@ -95,23 +97,21 @@ class Stage:
     as_json: Callable[[store.Artifact], str] | None = None
     """What `saectl STAGE --json` (a config field `as_json`) prints instead of the report and
     the ref (steer's summary)."""
-    legacy: Callable | None = None
-    """TRANSITIONAL (issue 14, removed when every stage is converted): the old `run(cfg)`."""
 
     def address(self, cfg) -> store.Artifact:
         return self.plan(cfg).art
 
-    def printed(self, art: store.Artifact) -> str | None:
-        """The one line of stdout for `art`: nothing while it is incomplete."""
-        if not art.is_complete():
-            return None
-        return self.output(art) if self.output else art.ref
+    def printed(self, cfg, art: store.Artifact) -> str | None:
+        """The ref a run hands on (stdout, the next step of a pipeline): the output of a complete
+        artifact; the artifact itself for a harvest shard whose siblings are still running;
+        nothing for work submitted and not yet done (a sweep with --no-wait)."""
+        if art.is_complete():
+            return self.output(art) if self.output else art.ref
+        return art.ref if getattr(cfg, "shard", None) is not None else None
 
 
 def run(stage: Stage, cfg) -> store.Artifact:
     """The lifecycle, the same for every stage: cache hit, lock, re-check, build."""
-    if stage.legacy is not None:
-        return stage.legacy(cfg)
     plan = stage.plan(cfg)
     art = plan.art
     if art.is_complete():
@@ -127,9 +127,3 @@ def run(stage: Stage, cfg) -> store.Artifact:
         stage.build(cfg, plan, writer)
     return art
 
-
-def legacy(name, config, run_fn, help, positional=(), address=None, output=None, figures=()):
-    """TRANSITIONAL (issue 14): an unconverted stage module's old run(cfg) as a Stage."""
-    plan = (lambda cfg: Plan(address(cfg), {})) if address else None
-    return Stage(name, config, help, plan, None, tuple(positional), tuple(figures), output,
-                 legacy=run_fn)

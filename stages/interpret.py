@@ -212,9 +212,6 @@ def build(cfg: InterpretConfig, plan: Plan, writer) -> None:
                              "command to retry, answers already received are kept")
     store.mark_complete(art, summary)
     info(f"interpret: wrote {art.ref}")
-    page = layout.report(art.path, layout.DASHBOARD)
-    if cfg.open and not dashboard.open_in_browser(page):
-        info(f"interpret: no graphical browser here; open {page} on your machine")
 
 
 def _write_report(cfg: InterpretConfig, ctx: Context, art: store.Artifact, sae, stats,
@@ -314,9 +311,12 @@ def _page(ctx: Context, arch: str, n_tokens: int, s: dict, rows: list[dict]) -> 
             "features": rows}
 
 
-def report(art: store.Artifact) -> None:
-    """Where the dashboard is (after a run and on a cache hit)."""
-    info(f"interpret: dashboard {layout.report(art.path, layout.DASHBOARD)}")
+def report(cfg: InterpretConfig, art: store.Artifact) -> None:
+    """Where the dashboard is, after a run and on a cache hit; --open opens it."""
+    page = layout.report(art.path, layout.DASHBOARD)
+    info(f"interpret: dashboard {page}")
+    if cfg.open and not dashboard.open_in_browser(page):
+        info(f"interpret: no graphical browser here; open {page} on your machine")
 
 
 STAGE = Stage(NAME, InterpretConfig, "Explain an SAE's features: statistics, examples, logit "

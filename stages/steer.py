@@ -351,7 +351,7 @@ def _pad(rows, width: int | None = None) -> np.ndarray:
 # Showing
 
 
-def report(art: store.Artifact) -> None:
+def report(cfg: SteerConfig, art: store.Artifact) -> None:
     """The texts side by side and the figures (saectl/steer_report.py)."""
     show(art.manifest()["summary"], layout.report(art.path, SWEEP_PLOT))
 

@@ -244,7 +244,7 @@ def output(art: store.Artifact) -> str | None:
     return art.manifest()["summary"].get("chosen_ref")
 
 
-def report(art: store.Artifact) -> None:
+def report(cfg: SweepConfig, art: store.Artifact) -> None:
     """The table on stderr; the one-line error when no SAE met ε (it says which came closest).
     Nothing while the sweep is incomplete (its points submitted with --no-wait)."""
     if not art.is_complete():

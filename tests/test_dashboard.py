@@ -1,5 +1,5 @@
 """The feature dashboard (`saectl/dashboard.py`): escaping, the embedded JSON, scale, and the
-page itself in headless Chromium (design.md: "headless Chromium for the dashboard").
+page itself in headless Chromium (docs/architecture.md: "headless Chromium for the dashboard").
 
 Console errors are read through the Chrome DevTools Protocol: Chromium starts with
 `--remote-debugging-port=0`, a small stdlib websocket client (below) enables the Runtime, Log

@@ -55,14 +55,15 @@ def test_cli_runs_then_hits_the_cache(tmp_path, capsys):
 
 def test_an_input_is_addressed_by_its_ref(tmp_path, capsys):
     a = run_cli(capsys, "toy", "--n", 20, "--store", tmp_path).out.strip()
-    b = run_cli(capsys, "toy", a, "--n", 20, "--seed", 1, "--store", tmp_path).out.strip()
+    b = run_cli(capsys, "toy", "--source", a, "--n", 20, "--seed", 1, "--store", tmp_path).out.strip()
     assert a != b
     assert store.open_complete(tmp_path, b).manifest()["inputs"] == {"source": a}
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):
     assert_one_line_error(run_cli(capsys, "toy", "--n", 0, "--store", tmp_path), "--n")
-    assert_one_line_error(run_cli(capsys, "toy", "toy/ffff", "--store", tmp_path), "ffff")
+    assert_one_line_error(run_cli(capsys, "toy", "--source", "toy/ffff", "--store", tmp_path),
+                          "ffff")
     assert not list((tmp_path / "toy").glob("*")) if (tmp_path / "toy").exists() else True
     tried("contract", "bad input", 2)
 
@@ -99,7 +100,7 @@ def test_saectl_run_takes_a_registered_stage(tmp_path):
     pipeline = tmp_path / "toys.yaml"
     pipeline.write_text("steps:\n"
                         "  first: {stage: toy, params: {n: 30}}\n"
-                        "  second: {stage: toy, input: first, params: {n: 30, seed: 2}}\n")
+                        "  second: {stage: toy, input: {source: first}, params: {n: 30, seed: 2}}\n")
     root = tmp_path / "store"
     plan = toy_cli("run", pipeline, "--store", root, "--dry-run")
     assert plan.code == 0, plan.err

@@ -63,4 +63,4 @@ def build(cfg: ToyConfig, plan: Plan, writer) -> None:
 
 
 STAGE = Stage(NAME, ToyConfig, "A toy stage for the contract's tests.", plan, build,
-              positional=("source",), figures=("n", "total"))
+              figures=("n", "total"))
