@@ -1,9 +1,11 @@
 """Explaining and scoring a sample of features (the field's "auto-interpretability", after
 EleutherAI's delphi): for each chosen feature, the explainer reads its top contexts and one per
-quantile (`saectl.examples`) and writes an explanation; the scorer detects the feature on
-held-out activating and non-activating contexts with it, and with a control (another
-feature's explanation on the same contexts). The prompts, clients and the response cache
-are `saectl.explain`'s; this module chooses the features and runs the loop.
+quantile (`saectl.examples`) and writes an explanation; the scorers rate it, each beside a
+control (another feature's explanation on the same contexts): detection (does the feature
+fire in held-out activating, and not in non-activating, contexts) and, when asked, fuzzing
+(are the marked tokens of held-out activating contexts the ones it fires on;
+`saectl.fuzzing`). The prompts, clients and the response cache are `saectl.explain`'s; this
+module chooses the features and runs the loop.
 """
 
 from __future__ import annotations
@@ -14,9 +16,13 @@ from saectl import faults
 from saectl.console import info, progress
 from saectl.examples import Kind, Windows, cut
 from saectl.explain import ExplainerError, ResponseCache, detection_score, explain
+from saectl.fuzzing import fuzz_score
 
 EXPLAINER_TOP = 6  # top contexts shown to the explainer, beside one per quantile
 BATCH = 16  # features per explanation batch (one progress step, one fault point)
+SCORERS = ("detection", "fuzzing")
+"""The scorers, in the order they run. Detection's figures keep their plain names in
+`explanations.json` (balanced_accuracy, ...); fuzzing's carry the prefix `fuzz_`."""
 
 
 def choose(fired: np.ndarray, windows: Windows, explain_max: int, seed: int) -> list[int]:
@@ -29,11 +35,12 @@ def choose(fired: np.ndarray, windows: Windows, explain_max: int, seed: int) -> 
 
 
 def explain_features(client, windows: Windows, chosen: list[int], strings, *,
-                     prompt_window: int, seed: int, cache: ResponseCache
+                     prompt_window: int, seed: int, cache: ResponseCache,
+                     scorers: tuple[str, ...] = ("detection",)
                      ) -> tuple[dict[int, dict], ExplainerError | None]:
-    """{slot: {"explanation", and detection_score's figures}} for `chosen`, in batches; on the
+    """{slot: {"explanation", and each scorer's figures}} for `chosen`, in batches; on the
     explainer's error, what was done so far and the error (returned, not raised, so the caller
-    can still write what it has)."""
+    can still write what it has; a feature counts only once all its scorers answered)."""
     explained: dict[int, dict] = {}
     info(f"interpret: explaining {len(chosen)} features with {client_name(client)}")
     with progress("interpret explain", len(chosen), "features") as bar:
@@ -52,10 +59,15 @@ def explain_features(client, windows: Windows, chosen: list[int], strings, *,
                             [e["explanation"] for e in explained.values()], -1)
                         pos = [cut(ex, prompt_window)
                                for _, ex in windows.examples(j, Kind.POSITIVE, strings)]
-                        neg = [cut(ex, prompt_window)
-                               for _, ex in windows.examples(j, Kind.NEGATIVE, strings)]
-                        entry.update(detection_score(client, text, pos, neg, seed=seed + j,
-                                                     control=ctrl, cache=cache))
+                        if "detection" in scorers:
+                            neg = [cut(ex, prompt_window)
+                                   for _, ex in windows.examples(j, Kind.NEGATIVE, strings)]
+                            entry.update(detection_score(client, text, pos, neg, seed=seed + j,
+                                                         control=ctrl, cache=cache))
+                        if "fuzzing" in scorers:
+                            fuzz = fuzz_score(client, text, pos, seed=seed + j, control=ctrl,
+                                              cache=cache)
+                            entry.update({f"fuzz_{k}": v for k, v in fuzz.items()})
                     explained[j] = entry
             except ExplainerError as e:
                 return explained, e

@@ -60,21 +60,29 @@ class Example:
         return "".join(self.tokens).replace("\n", "\\n")
 
 
-def format_example(ex: Example, threshold: float = 0.3) -> str:
-    """The context's text with each run of activating tokens as `<<run>>`. A token activates
-    when its activation is above `threshold` times the context's maximum (delphi's relative
-    threshold), so weak contexts are marked as clearly as strong ones."""
+def active(ex: Example, threshold: float = 0.3) -> list[bool]:
+    """Which tokens activate: those above `threshold` times the context's maximum (delphi's
+    relative threshold), so weak contexts are marked as clearly as strong ones."""
     top = max(ex.acts, default=0.0)
+    return [top > 0 and act > threshold * top for act in ex.acts]
+
+
+def mark(tokens: Sequence[str], on: Sequence[bool]) -> str:
+    """The tokens joined, each run of `on` tokens as `<<run>>`, newlines shown escaped."""
     out, inside = [], False
-    for tok, act in zip(ex.tokens, ex.acts):
-        on = top > 0 and act > threshold * top
-        if on != inside:
-            out.append("<<" if on else ">>")
-            inside = on
+    for tok, o in zip(tokens, on):
+        if o != inside:
+            out.append("<<" if o else ">>")
+            inside = o
         out.append(tok)
     if inside:
         out.append(">>")
     return "".join(out).replace("\n", "\\n")
+
+
+def format_example(ex: Example, threshold: float = 0.3) -> str:
+    """The context's text with each run of activating tokens (`active`) as `<<run>>`."""
+    return mark(ex.tokens, active(ex, threshold))
 
 
 EXPLAIN_SYSTEM = """You study patterns in text. You will see text examples where a hidden \
@@ -234,11 +242,21 @@ def detection_score(client: Client, explanation: str, positives: Sequence[Exampl
     items = [(ex, True) for ex in positives] + [(ex, False) for ex in negatives]
     random.Random(seed).shuffle(items)
     chunks = [items[i:i + per_prompt] for i in range(0, len(items), per_prompt)]
+    return classify(client, cache, detection_prompt, explanation, control, chunks, per_prompt)
+
+
+def classify(client: Client, cache: ResponseCache | None, prompt, explanation: str,
+             control: str | None, chunks: list[list[tuple[object, bool]]],
+             per_prompt: int) -> dict:
+    """A classifying scorer's figures (detection's and fuzzing's): each chunk of (shown,
+    truth) pairs is one prompt `prompt(explanation, shown)`, for the explanation and the
+    control, all sent as one batch; each answer is a list of 0/1 votes, scored against the
+    truths by balanced accuracy."""
     explanations = [explanation] + ([control] if control is not None else [])
-    batch = [detection_prompt(e, [ex for ex, _ in chunk]) for e in explanations for chunk in chunks]
+    batch = [prompt(e, [shown for shown, _ in chunk]) for e in explanations for chunk in chunks]
     # "[1, 0, ...]" is ~3 tokens an example: a longer answer is a model rambling, so cut it.
     answers = cached_complete(client, cache, batch, min(DETECTION_MAX_TOKENS, 3 * per_prompt + 6))
-    truth = [t for _, t in items]
+    truth = [t for chunk in chunks for _, t in chunk]
     scores, invalid = [], 0
     for k in range(len(explanations)):
         pred: list[bool] = []
@@ -249,7 +267,7 @@ def detection_score(client: Client, explanation: str, positives: Sequence[Exampl
         scores.append(balanced_accuracy(pred, truth))
     return {"balanced_accuracy": scores[0],
             "control_balanced_accuracy": scores[1] if control is not None else None,
-            "n": len(items), "invalid_answers": invalid}
+            "n": len(truth), "invalid_answers": invalid}
 
 
 def explain(client: Client, features: Sequence[Sequence[Example]],

@@ -8,10 +8,11 @@ Three phases, each resumable inside one interpret artifact:
 2. *windows* (`saectl.examples`): the example windows chosen from those, read in a second pass
    for the per-token activations the dashboard shades and the explainer reads;
 3. *explain* (`saectl.autointerp`): for a seeded sample of live features, an explainer model
-   writes a one-sentence explanation from the top and quantile examples, and a scorer rates it
-   by detection on held-out activating and non-activating contexts, beside a control (another
-   feature's explanation on the same contexts). Answers are cached in the artifact
-   (`responses.json`), so a re-run asks only what is missing.
+   writes a one-sentence explanation from the top and quantile examples, and the `--scorers`
+   rate it on held-out contexts, each beside a control (another feature's explanation on the
+   same contexts): detection (activating against non-activating contexts) and fuzzing
+   (correctly against wrongly marked tokens of activating contexts). Answers are cached in
+   the artifact (`responses.json`), so a re-run asks only what is missing.
 
 Then `report/index.html` (`saectl.dashboard`), written even when the explainer fails; the
 artifact is complete only once every chosen feature is explained. Layout: saectl/layout.py.
@@ -34,7 +35,9 @@ from saectl.lineage import Lineage, check_activations, harvest_model, logit_lens
 from saectl.stage import DeviceOptions, Plan, Stage
 
 NAME = "interpret"
-FIGURES = ("n_features", "dead_fraction", "n_explained", "mean_score", "mean_control_score")
+FIGURES = ("n_features", "dead_fraction", "n_explained", "mean_score", "mean_control_score",
+           "mean_fuzz_score", "mean_fuzz_control_score")
+DEFAULT_SCORERS = ("detection",)
 LENS_K = 10
 SCANNED, WINDOWED = 1, 2  # progress units
 
@@ -60,6 +63,9 @@ class InterpretConfig(DeviceOptions):
                                             "$OPENAI_API_KEY)")
     explain_max: int = opt(50, "Explain at most N live features (a seeded sample)")
     detection: int = opt(10, "Held-out activating, and as many non-activating, contexts per score")
+    scorers: str = opt("detection", "Scorers of each explanation, comma-separated: detection, "
+                                    "fuzzing (each asks one prompt per 5 held-out contexts, and "
+                                    "as many for its control)")
     dashboard_max: int = opt(2000, "Features whose examples the dashboard embeds (a seeded "
                                    "sample beyond that; every feature's statistics are listed)")
     image_shape: str | None = opt(None, "HxW: draw decoder directions as images (default: the "
@@ -83,6 +89,18 @@ class InterpretConfig(DeviceOptions):
         if self.tokens is not None and self.tokens < 1:
             raise ConfigError("--tokens must be at least 1")
         self.image_hw()
+        self.scorer_list()
+
+    def scorer_list(self) -> tuple[str, ...]:
+        """The --scorers, checked, in their running order (so their order on the command line
+        does not change the address)."""
+        names = {n.strip() for n in self.scorers.split(",") if n.strip()}
+        unknown = sorted(names - set(autointerp.SCORERS))
+        if unknown or not names:
+            what = f"unknown {', '.join(unknown)}" if unknown else "no scorer"
+            raise ConfigError(f"--scorers {self.scorers!r}: {what}; choose from "
+                              f"{', '.join(autointerp.SCORERS)}, e.g. --scorers detection,fuzzing")
+        return tuple(n for n in autointerp.SCORERS if n in names)
 
     def image_hw(self) -> tuple[int, int] | None:
         return parse_image_shape(self.image_shape)
@@ -156,8 +174,14 @@ def plan(cfg: InterpretConfig) -> Plan:
                           f"SAE's inputs have {lin.d_in} values")
     params = address_params(cfg)
     params.update(n_seq=n_seq, image_shape=list(hw) if hw else None,
-                  explainer=client.identity if client else None)
+                  explainer=client.identity if client else None,
+                  scorers=list(cfg.scorer_list()))
     del params["explainer_model"], params["tokens"]
+    if params["scorers"] == list(DEFAULT_SCORERS):  # absent, so addresses made before
+        del params["scorers"]                        # --scorers stay valid
+    if client is not None and "fuzzing" in cfg.scorer_list() and harvest.stage != "harvest":
+        raise ConfigError("--scorers fuzzing marks tokens, and imported activations have none; "
+                          "use --scorers detection")
     inputs = {"sae": lin.sae, "harvest": harvest}
     art = store.artifact_for(root, NAME, params, inputs)
     return Plan(art, params, inputs, context=Context(lin, harvest, feats, client, n_seq, C, hw))
@@ -198,11 +222,12 @@ def build(cfg: InterpretConfig, plan: Plan, writer) -> None:
         chosen = autointerp.choose(stats.fired, windows, cfg.explain_max, cfg.seed)
         explained, error = autointerp.explain_features(
             ctx.client, windows, chosen, strings, prompt_window=cfg.prompt_window,
-            seed=cfg.seed, cache=ResponseCache(art.path / layout.RESPONSES))
+            seed=cfg.seed, cache=ResponseCache(art.path / layout.RESPONSES),
+            scorers=cfg.scorer_list())
         store.atomic_write(art.path / layout.EXPLANATIONS, json.dumps(
             {str(int(ctx.features[j])): e for j, e in explained.items()}, indent=1,
             allow_nan=False, default=float).encode())
-    summary = _summary(ctx, stats, explained)
+    summary = _summary(ctx, stats, explained, cfg.scorer_list())
     _write_report(cfg, ctx, art, sae, stats, HIST_EDGES, windows, strings, lens, explained,
                   summary)
     if error is not None:
@@ -283,19 +308,24 @@ def _token_strings(harvest: store.Artifact, windows: examples.Windows,
     return {int(i): tok.decode([int(i)]) for i in np.unique(np.concatenate(ids))}
 
 
-def _summary(ctx: Context, stats, explained: dict[int, dict]) -> dict:
+def _mean(explained: dict[int, dict], key: str) -> float | None:
+    vals = [e[key] for e in explained.values() if e.get(key) is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def _summary(ctx: Context, stats, explained: dict[int, dict], scorers: tuple[str, ...]) -> dict:
     fired, n_tokens = stats.fired, stats.n_tokens
-    scores = [e["balanced_accuracy"] for e in explained.values()
-              if e.get("balanced_accuracy") is not None]
-    controls = [e["control_balanced_accuracy"] for e in explained.values()
-                if e.get("control_balanced_accuracy") is not None]
+    # Fuzzing's figures appear only when it ran, so a detection-only summary reads as before.
+    fuzz = {"mean_fuzz_score": _mean(explained, "fuzz_balanced_accuracy"),
+            "mean_fuzz_control_score": _mean(explained, "fuzz_control_balanced_accuracy")
+            } if "fuzzing" in scorers else {}
     return {"sae": ctx.lineage.sae.ref, "hook": ctx.lineage.hook, "harvest": ctx.harvest.ref,
             "n_features": len(fired), "n_tokens": n_tokens,
             "dead_fraction": float((fired == 0).mean()) if len(fired) else 0.0,
             "mean_density": float((fired / max(n_tokens, 1)).mean()) if len(fired) else 0.0,
             "n_explained": sum(1 for e in explained.values() if e.get("explanation")),
-            "mean_score": float(np.mean(scores)) if scores else None,
-            "mean_control_score": float(np.mean(controls)) if controls else None,
+            "mean_score": _mean(explained, "balanced_accuracy"),
+            "mean_control_score": _mean(explained, "control_balanced_accuracy"), **fuzz,
             "dashboard": f"{layout.REPORT}/{layout.DASHBOARD}"}
 
 
@@ -307,6 +337,9 @@ def _page(ctx: Context, arch: str, n_tokens: int, s: dict, rows: list[dict]) -> 
             "architecture": arch, "d_sae": lin.d_sae, "tokens scanned": n_tokens,
             "explained": s["n_explained"], "mean score": s["mean_score"],
             "mean control score": s["mean_control_score"]}
+    if "mean_fuzz_score" in s:
+        meta.update({"mean fuzz score": s["mean_fuzz_score"],
+                     "mean fuzz control score": s["mean_fuzz_control_score"]})
     return {"title": f"saectl · {lin.sae.ref[:18]} · {lin.hook}", "meta": meta,
             "features": rows}
 
@@ -320,5 +353,5 @@ def report(cfg: InterpretConfig, art: store.Artifact) -> None:
 
 
 STAGE = Stage(NAME, InterpretConfig, "Explain an SAE's features: statistics, examples, logit "
-              "lens, explanations with detection scores, and a dashboard (report/index.html).",
+              "lens, explanations with detection (and fuzzing) scores, and a dashboard (report/index.html).",
               plan, build, positional=("sae",), figures=FIGURES, report=report)

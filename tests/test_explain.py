@@ -1,4 +1,4 @@
-"""Explanations and detection scoring (saectl/explain.py).
+"""Explanations, detection and fuzzing scores (saectl/explain.py, saectl/fuzzing.py).
 
 The HTTP client is tested against real OpenAI-compatible servers started on 127.0.0.1 inside
 the tests (http.server, port 0), whose answers are computed from the request; the client code
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import random
 import re
 import socket
 import threading
@@ -37,6 +38,7 @@ from saectl.explain import (
     parse_detection,
     parse_explanation,
 )
+from saectl.fuzzing import FUZZ_SYSTEM, first_fit, fuzz_prompt, fuzz_score, mismark
 from tests.conftest import packaged_smollm2_available
 from tests.helpers import tried
 
@@ -464,3 +466,122 @@ def test_retry_after_is_honoured():
                 [[{"role": "user", "content": "x"}]], 4)
         assert len(seen) == 1 and time.monotonic() - start < 5 and "\n" not in str(err.value)
     tried("interpret", "secrets")
+
+
+# ---------------------------------------------------------------- fuzzing (saectl/fuzzing.py)
+
+
+def fuzz_model(body: dict, n: int) -> str:
+    """A 'model' that tells the truth: the marks of an example fit iff every marked run holds
+    a word (5+ letters) of the explanation; anything else is keyword_model's."""
+    if body["messages"][0]["content"] != FUZZ_SYSTEM:
+        return keyword_model(body, n)
+    user = body["messages"][-1]["content"]
+    expl = re.search(r"^Feature explanation: (.*)$", user, re.MULTILINE).group(1)
+    words = {w.strip('.,"').lower() for w in expl.split() if len(w.strip('.,"')) >= 5}
+    votes = [all(words & set(re.findall(r"\w+", run.lower()))
+                 for run in re.findall(r"<<(.*?)>>", text))
+             for text in re.findall(r"^Example \d+: (.*)$", user, re.MULTILINE)]
+    return "[" + ", ".join(str(int(v)) for v in votes) + "]"
+
+
+def coin_model(body: dict, n: int) -> str:
+    """A 'model' that answers each example at random (seeded by the prompt, so repeatable)."""
+    user = body["messages"][-1]["content"]
+    rng = random.Random(user)
+    return str([rng.randint(0, 1) for _ in re.findall(r"^Example \d+: ", user, re.MULTILINE)])
+
+
+def test_mismark_moves_the_marks_off_the_activating_tokens():
+    rng = random.Random(0)
+    e = Example(["a", " b", " c", " d", " e", " f"], [0, 4.0, 3.0, 0, 0, 0.5])
+    assert format_example(e) == "a<< b c>> d e f"
+    seen = {mismark(e, rng) for _ in range(50)}
+    # The run of two, shifted to every place it covers no activating token, and only there.
+    assert seen == {"a b c<< d e>> f", "a b c d<< e f>>"}
+    # No room for the shifted run: as many tokens below the threshold, at random.
+    tight = Example(["a", " b", " c", " d"], [3.0, 0, 3.0, 0])
+    assert {mismark(tight, rng) for _ in range(50)} == {"a<< b>> c<< d>>"}
+    # One inactive token for two marks: it alone is marked; nothing inactive: None.
+    assert mismark(Example(["a", " b", " c"], [3.0, 0, 3.0]), rng) == "a<< b>> c"
+    assert mismark(Example(["a", " b"], [3.0, 2.0]), rng) is None
+
+
+def test_first_fit_never_shows_a_context_twice_in_a_prompt():
+    items = [(c, f"text {c} {ok}", ok) for c in range(7) for ok in (True, False)]
+    random.Random(1).shuffle(items)
+    items.sort(key=lambda it: it[0])  # the worst order: both markings of a context adjacent
+    prompts = first_fit(items, 5)
+    assert sorted(t for p in prompts for t, _ in p) == sorted(t for _, t, _ in items)
+    assert all(len(p) <= 5 for p in prompts) and len(prompts) <= 4  # 3 at best
+    for p in prompts:
+        ctx = [t.split()[1] for t, _ in p]
+        assert len(set(ctx)) == len(ctx)
+
+
+def test_fuzz_prompt_shows_the_marks():
+    msgs = fuzz_prompt("Volcanoes.", ["the<< volcano>> erupts", "a<< quiet>> volcano"])
+    assert msgs[0]["content"] == FUZZ_SYSTEM and "<< and >>" in FUZZ_SYSTEM
+    assert [m["role"] for m in msgs[1:]] == ["user", "assistant", "user", "assistant", "user"]
+    assert msgs[-1]["content"] == ("Feature explanation: Volcanoes.\n\nText examples:\n\n"
+                                   "Example 1: the<< volcano>> erupts\n"
+                                   "Example 2: a<< quiet>> volcano\n")
+
+
+def test_fuzzing_told_the_truth_scores_1_over_http_with_cache(tmp_path):
+    with serve(fuzz_model) as (url, requests):
+        client = OpenAIClient(url, "truthful")
+        score = fuzz_score(client, 'The word "volcano".', POSITIVES, seed=3,
+                           control="Names of rivers in Europe.",
+                           cache=ResponseCache(tmp_path / "answers.json"))
+        # Each of the 10 contexts marked right and wrong; the control fits no marking.
+        assert score == {"balanced_accuracy": 1.0, "control_balanced_accuracy": 0.5, "n": 20,
+                         "invalid_answers": 0}
+        assert len(requests) == 2 * 4  # (explanation, control) × 20 marked texts / 5 a prompt
+        prompts = [re.findall(r"^Example \d+: (.*)$", r["messages"][-1]["content"], re.MULTILINE)
+                   for r in requests[:4]]
+        shown = [t for p in prompts for t in p]
+        assert sum("<< volcano>>" in t for t in shown) == 10  # each context once marked right
+        assert all(t.count("<<") == 1 for t in shown)  # and once elsewhere, one token as well
+        for p in prompts:  # never both markings of one context in a prompt
+            numbers = [t.rsplit(" ", 1)[1] for t in p]
+            assert len(set(numbers)) == len(numbers)
+        first = ["<< volcano>>" in t for t in prompts[0]]
+        assert 0 < sum(first) < len(first)  # shuffled: a mix in a prompt
+
+        requests.clear()  # the fuzz prompts are in the answer cache: a re-run asks nothing
+        again = fuzz_score(client, 'The word "volcano".', POSITIVES, seed=3,
+                           control="Names of rivers in Europe.",
+                           cache=ResponseCache(tmp_path / "answers.json"))
+        assert again == score and requests == []
+
+
+def test_fuzzing_answered_at_random_scores_near_half():
+    many = [ex(f"the {w} volcano near town number {i}", "volcano")
+            for i in range(100) for w in ["old"]]
+    with serve(coin_model) as (url, requests):
+        score = fuzz_score(OpenAIClient(url, "coin"), 'The word "volcano".', many, seed=0)
+    assert score["n"] == 200 and score["invalid_answers"] == 0 and len(requests) == 40
+    assert abs(score["balanced_accuracy"] - 0.5) < 0.1  # 4 standard errors at n = 200
+    assert score["control_balanced_accuracy"] is None
+
+
+def test_fuzzing_endpoint_failure_keeps_the_answers_received(tmp_path):
+    state = {"fail": True}
+
+    def answer(body, n):
+        return (503, {"error": "down"}) if state["fail"] and n > 70 else fuzz_model(body, n)
+
+    many = [ex(f"the {w} volcano near town number {i}", "volcano") for i in range(200)
+            for w in ["red"]]  # 400 marked texts: 80 prompts in chunks of 64, 16 prompts
+    with serve(answer) as (url, requests):
+        client = OpenAIClient(url, "truthful", backoff=0.01)
+        with pytest.raises(ExplainerError, match="HTTP 503"):
+            fuzz_score(client, 'The word "volcano".', many, cache=ResponseCache(tmp_path / "a.json"))
+        kept = ResponseCache(tmp_path / "a.json").entries
+        assert len(kept) == 64  # the first chunk of answers was saved before the failure
+        state["fail"] = False
+        requests.clear()
+        score = fuzz_score(client, 'The word "volcano".', many,
+                           cache=ResponseCache(tmp_path / "a.json"))
+        assert score["balanced_accuracy"] == 1.0 and len(requests) == 80 - 64
