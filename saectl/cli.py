@@ -23,6 +23,7 @@ from saectl.config import stage_command
 from saectl.console import console, info, short_ref
 from saectl.errors import SaectlError
 from saectl.export import export as export_sae
+from stages import eval as eval_stage
 from stages import harvest, import_acts, interpret, shuffle, steer, sweep, train
 
 app = typer.Typer(name="saectl", no_args_is_help=True, add_completion=False,
@@ -55,7 +56,7 @@ def add_stage(st: contract.Stage) -> None:
 
 
 for _st in (harvest.STAGE, shuffle.STAGE, train.STAGE, sweep.STAGE, interpret.STAGE,
-            steer.STAGE, import_acts.STAGE):
+            steer.STAGE, import_acts.STAGE, eval_stage.STAGE):
     add_stage(_st)
 
 StoreOpt = Annotated[str | None, typer.Option("--store", help="Artifact store "

@@ -5,6 +5,15 @@ Reconstruction (on activations, streamed, exact accumulators):
 - `fvu`: Σ‖x − x̂‖² / Σ‖x − x̄‖², variance relative to the mean of the evaluated tokens;
   `explained_variance` = 1 − fvu
 - `cossim`: mean over tokens of cos(x, x̂); `l2_ratio`: mean of ‖x̂‖ / ‖x‖
+- `relative_reconstruction_bias` = E‖x̂‖² / E⟨x, x̂⟩ (Rajamanoharan et al. 2024, eq. 10, as
+  SAEBench computes it): 1 is unbiased, below 1 is shrinkage
+Figures that show when a few tokens dominate (massive activations; issue 16). FVU divides
+summed errors by summed variance, so a handful of huge-norm tokens can carry it:
+- `explained_variance_per_token`: mean over tokens of 1 − ‖x − x̂‖² / ‖x − x̄‖², SAEBench's
+  per-token formula (its `explained_variance_legacy`), with x̄ the mean of the evaluated tokens
+  (SAEBench takes the mean of each batch; a one-shot iterable of batches here does the same)
+- `worst_error_share`: the share of Σ‖x − x̂‖² carried by the worst 0.1% of tokens (at least
+  one); `top_variance_share`: the share of Σ‖x − x̄‖² carried by the top 0.1%
 - `l0`: mean active latents per token; `dead_fraction`: latents that never fired;
   `dense_fraction`: latents firing on more than 10% of tokens; the per-latent log10 firing
   density and its histogram.
@@ -16,6 +25,7 @@ Downstream (the SAE spliced into the model at its hook, on held-out sequences):
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable
 
 import numpy as np
@@ -23,29 +33,75 @@ import torch
 import torch.nn.functional as F
 
 DENSE_THRESHOLD = 0.1
+TOP_FRACTION = 0.001  # the "worst 0.1% of tokens" of worst_error_share and top_variance_share
 HIST_EDGES = np.linspace(-8, 0, 33)  # log10 firing density, 0.25 decade bins
 
 
+def top_share(values: np.ndarray, fraction: float = TOP_FRACTION) -> float:
+    """Share of Σ values carried by the largest ⌈fraction · n⌉ of them (at least one)."""
+    values = np.asarray(values, dtype=np.float64)
+    total = float(values.sum())
+    if values.size == 0 or total <= 0:
+        return float("nan")
+    m = max(1, math.ceil(fraction * values.size))
+    return float(np.partition(values, values.size - m)[values.size - m:].sum()) / total
+
+
+def per_token_explained_variance(sq_err: np.ndarray, sq_dev: np.ndarray) -> float:
+    """Mean over tokens of 1 − ‖x − x̂‖² / ‖x − x̄‖² (tokens exactly at the mean are skipped:
+    their ratio has no value)."""
+    sq_err, sq_dev = np.asarray(sq_err, np.float64), np.asarray(sq_dev, np.float64)
+    ok = sq_dev > 0
+    return float(np.mean(1 - sq_err[ok] / sq_dev[ok])) if ok.any() else float("nan")
+
+
+def _check_width(sae, x: torch.Tensor) -> None:
+    if x.shape[-1] != sae.d_in:
+        from saectl.errors import ConfigError
+
+        raise ConfigError(f"the SAE reads d_in={sae.d_in} but the activations have "
+                          f"d={x.shape[-1]}; pair the SAE with activations from its own hook")
+
+
+def _mean(batches: Iterable[torch.Tensor]) -> torch.Tensor | None:
+    total, n = None, 0
+    for x in batches:
+        s = x.double().sum(0)
+        total = s if total is None else total + s
+        n += x.shape[0]
+    return total / n if n else None
+
+
 @torch.no_grad()
-def reconstruction(sae, batches: Iterable[torch.Tensor]) -> tuple[dict, np.ndarray]:
-    """(figures, per-latent log10 firing density) of `sae` on raw activation batches."""
+def reconstruction(sae, batches: Iterable[torch.Tensor] | Callable[[], Iterable[torch.Tensor]],
+                   ) -> tuple[dict, np.ndarray]:
+    """(figures, per-latent log10 firing density) of `sae` on raw activation batches.
+
+    `batches` is an iterable, or a callable returning a fresh iterator over the same tokens:
+    then a first pass (reading only) finds the tokens' mean for the per-token explained
+    variance, which otherwise uses each batch's own mean, as SAEBench does."""
+    mean = _mean(batches()) if callable(batches) else None
     n = 0
-    sq_err = sum_sq = cos = ratio = l0 = 0.0
+    sq_err = sum_sq = cos = ratio = l0 = hat_sq = dot = 0.0
     sum_x = None
     fired = torch.zeros(sae.d_sae, dtype=torch.float64)
-    for x in batches:
-        if x.shape[-1] != sae.d_in:
-            from saectl.errors import ConfigError
-
-            raise ConfigError(f"the SAE reads d_in={sae.d_in} but the activations have "
-                              f"d={x.shape[-1]}; pair the SAE with activations from its own hook")
+    tok_err, tok_dev = [], []  # per token: ‖x − x̂‖², ‖x − x̄‖² (n floats each)
+    for x in (batches() if callable(batches) else batches):
+        _check_width(sae, x)
         x = x.to(sae.device, torch.float32)
         acts = sae.encode(x)
         x_hat = sae.decode(acts)
         x64, err = x.double(), (x - x_hat).double()
-        sq_err += float(err.square().sum())
+        err_tok = err.square().sum(-1)
+        sq_err += float(err_tok.sum())
         sum_sq += float(x64.square().sum())
         sum_x = x64.sum(0) if sum_x is None else sum_x + x64.sum(0)
+        centre = x64.mean(0) if mean is None else mean.to(x64.device)
+        tok_err.append(err_tok.cpu().numpy())
+        tok_dev.append((x64 - centre).square().sum(-1).cpu().numpy())
+        hat64 = x_hat.double()
+        hat_sq += float(hat64.square().sum())
+        dot += float((x64 * hat64).sum())
         cos += float(F.cosine_similarity(x_hat, x, dim=-1).double().sum())
         ratio += float((x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).double().sum())
         active = acts > 0
@@ -61,9 +117,14 @@ def reconstruction(sae, batches: Iterable[torch.Tensor]) -> tuple[dict, np.ndarr
         log_density = np.where(density > 0, np.log10(np.maximum(density, 1e-300)), -np.inf)
     hist, _ = np.histogram(log_density[np.isfinite(log_density)], bins=HIST_EDGES)
     fvu = sq_err / total_var if total_var > 0 else float("nan")
+    tok_err, tok_dev = np.concatenate(tok_err), np.concatenate(tok_dev)
     figures = {
         "n_tokens": n, "mse": sq_err / (n * d), "mse_per_token": sq_err / n,
-        "fvu": fvu, "explained_variance": 1 - fvu, "cossim": cos / n, "l2_ratio": ratio / n,
+        "fvu": fvu, "explained_variance": 1 - fvu,
+        "explained_variance_per_token": per_token_explained_variance(tok_err, tok_dev),
+        "worst_error_share": top_share(tok_err), "top_variance_share": top_share(tok_dev),
+        "cossim": cos / n, "l2_ratio": ratio / n,
+        "relative_reconstruction_bias": hat_sq / dot if dot != 0 else float("nan"),
         "l0": l0 / n, "dead_fraction": float((density == 0).mean()),
         "dense_fraction": float((density > DENSE_THRESHOLD).mean()),
         "log_density_histogram": {"edges": HIST_EDGES.tolist(), "counts": hist.tolist()},

@@ -1,0 +1,269 @@
+"""Evaluating a trained SAE on any activations of its model and hook: the work of `saectl eval`
+(stages/eval.py), and of `saectl sweep --eval` on every point.
+
+What it evaluates on (`--harvest REF`, the config's `harvest`):
+- nothing given: the SAE's own shuffle's eval split, exactly the tokens train evaluated on and
+  the sweep computes description lengths on (same reader, same batches, so the same figures);
+- a shuffle: its eval split (its train split is what some SAE was fitted to);
+- a harvest: all its tokens but BOS (kept where the SAE's own shuffle kept it), token order;
+- an import: all its rows (no model, so no CE-loss/KL scores and no probing).
+A harvest, shuffle or import of another model, hook or width is one line (`check_activations`).
+
+What it writes: the figures of `saectl.metrics` (reconstruction, and the CE-loss and KL scores
+spliced into the model on held-out sequences), the description length at `--tolerance` from
+`saectl.mdl`, and k-sparse probing (`saectl.probing`, on `saectl.probe_data`'s texts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+
+from saectl import arrays, layout, lineage, probe_data, store
+from saectl import stage as contract
+from saectl.config import address_params, opt
+from saectl.console import info
+from saectl.errors import ConfigError
+from saectl.stage import DeviceOptions, Plan, Stage
+
+NAME = "eval"
+BATCH = 8192  # tokens per batch: the sweep's, so description lengths match it bit for bit
+PROBE_BATCH = 16  # texts per model pass while probing
+PROBE_PNG = "probe_k.png"
+
+
+@dataclass(frozen=True)
+class EvalConfig(DeviceOptions):
+    sae: str | None = opt(None, "The train artifact whose SAE to evaluate")
+    harvest: str | None = opt(None, "Harvest, shuffle or import to evaluate on (default: the "
+                                    "eval split of the SAE's own shuffle)")
+    tolerance: float = opt(0.1, "FVU tolerance ε of the description length (as in sweep)")
+    lm_eval: bool = opt(True, "Splice the SAE into the model for CE-loss/KL scores")
+    lm_eval_seqs: int = opt(16, "Held-out sequences for the CE-loss/KL scores")
+    probe: bool = opt(True, "k-sparse probing on labelled texts (--no-probe to skip)")
+    probe_data: str | None = opt(None, "Labelled texts: .jsonl/.json/.parquet or a hub id "
+                                       "(default: the packaged Wikipedia summaries' topics)")
+    probe_text_column: str | None = opt(None, "Column of the texts (default: extract for "
+                                              "the packaged summaries, else text)")
+    label_column: str | None = opt(None, "Column of the labels (default: topic for the "
+                                         "packaged summaries, else label)")
+    probe_exclude: str | None = opt(None, "Comma-separated labels to leave out (default: "
+                                          "Uncategorized for the packaged summaries)")
+    probe_texts: int = opt(100, "Texts per class at most (80% train, 20% test)")
+    probe_context: int = opt(128, "Tokens per probe text, BOS included (SAEBench: 128)")
+    probe_seed: int = opt(0, "Seed of the texts drawn, the negatives and the random latents")
+    model: str | None = opt(None, "Where to load the model if it moved (checked against the "
+                                  "harvest's content hash)", address=False)
+
+    def __post_init__(self):
+        if not self.sae:
+            raise ConfigError("give the SAE to evaluate: saectl eval TRAIN_REF")
+        if not 0 < self.tolerance < 1:
+            raise ConfigError(f"--tolerance must be in (0, 1), got {self.tolerance}")
+        for name in ("lm_eval_seqs", "probe_texts"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.probe_context < 2:
+            raise ConfigError("--probe-context must be at least 2 (BOS and one token)")
+
+    def excluded(self) -> tuple[str, ...] | None:
+        if self.probe_exclude is None:
+            return None
+        return tuple(s.strip() for s in self.probe_exclude.split(",") if s.strip())
+
+
+@dataclass
+class Target:
+    """What planning opened, for build."""
+
+    lin: lineage.Lineage
+    data: store.Artifact
+    """The shuffle, harvest or import evaluated on."""
+    harvest: store.Artifact
+    """The harvest (or import) behind `data`."""
+    keep_bos: bool
+    model: object = None
+    """The model's spec, found in prepare (None for imported activations)."""
+    probe: object = None
+    """probe_data.ProbeTexts, read in prepare."""
+
+
+def plan(cfg: EvalConfig) -> Plan:
+    root = store.store_root(cfg.store)
+    lin = lineage.sae_lineage(root, cfg.sae)
+    keep_bos = bool(lin.shuffle.manifest()["params"].get("keep_bos"))
+    data = lin.shuffle if cfg.harvest is None else store.open_complete(root, cfg.harvest)
+    if data.stage == "shuffle":
+        harvest = store.open_complete(root, data.manifest()["inputs"]["harvest"])
+        lineage.check_activations(lin, harvest)
+        if layout.eval_rows(lin.hook) not in data.group() or \
+                data.manifest()["summary"]["n_eval"] == 0:
+            raise ConfigError(f"{data.ref} has no eval split at {lin.hook}; re-run shuffle "
+                              "with --eval-fraction > 0, or pass a harvest")
+        keep_bos = bool(data.manifest()["params"].get("keep_bos"))
+    else:
+        lineage.check_activations(lin, data)
+        harvest = data
+    params = address_params(cfg)
+    del params["sae"], params["harvest"]
+    if cfg.probe:
+        text_col, label_col = probe_data.columns(cfg.probe_data, cfg.probe_text_column,
+                                                 cfg.label_column)
+        params["probe_identity"] = probe_data.identity(cfg.probe_data, text_col, label_col)
+    else:
+        params = {k: v for k, v in params.items() if not k.startswith("probe")}
+    inputs = {"sae": lin.sae, "data": data}
+    return Plan(store.artifact_for(root, NAME, params, inputs), params, inputs,
+                context=Target(lin, data, harvest, keep_bos))
+
+
+def prepare(cfg: EvalConfig, plan: Plan) -> None:
+    """Before the lock: find the model (by content hash) and read the probe texts, so a missing
+    model or a bad probe dataset is one line and leaves no artifact."""
+    t: Target = plan.context
+    if t.harvest.stage == "harvest" and (cfg.lm_eval or cfg.probe):
+        t.model = lineage.harvest_model(t.harvest, cfg.model)
+    if cfg.probe and t.model is not None:
+        t.probe = probe_data.load(cfg.probe_data, cfg.probe_text_column, cfg.label_column,
+                                  cfg.excluded(), cfg.probe_texts, cfg.probe_seed)
+
+
+def batches(t: Target):
+    """A callable giving a fresh iterator over the evaluated activations (module docstring)."""
+    from saectl.reader import BatchReader  # deferred: imports torch
+
+    hook = t.lin.hook
+    if t.data.stage == "shuffle":
+        ev = t.data.group()[layout.eval_rows(hook)]
+        return BatchReader(ev, min(BATCH, int(ev.shape[0])), 0, t.data.ref).once
+    arr = t.data.group()[layout.acts(hook)]
+    context = (t.data.manifest()["params"]["context_size"]
+               if t.data.stage == "harvest" and not t.keep_bos else None)
+    return partial(_rows, arr, t.data.ref, context)
+
+
+def _rows(arr, ref: str, context: int | None):
+    """Batches of `arr`'s rows in order, leaving out each context's first (BOS) row."""
+    import torch  # deferred: torch is heavy
+
+    n = int(arr.shape[0])
+    for a in range(0, n, BATCH):
+        x = arrays.read(arr, slice(a, min(a + BATCH, n)), artifact=ref)
+        if context:
+            x = x[np.arange(a, a + len(x)) % context != 0]
+        yield torch.from_numpy(np.ascontiguousarray(x))
+
+
+def build(cfg: EvalConfig, plan: Plan, writer: store.Writing) -> None:
+    import torch  # deferred, with the modules below that import it: torch is heavy
+
+    from saectl import mdl, metrics
+    from saectl.fitting import _device, _load_lm  # train's model cache, shared in a sweep
+    from saectl.sae import load_sae
+
+    t: Target = plan.context
+    device = _device(cfg)
+    sae = load_sae(layout.sae_dir(t.lin.sae.path)).to(device)
+    rows = batches(t)
+    figures, log_density = metrics.reconstruction(sae, rows)
+    dl = mdl.description_length(sae, rows, cfg.tolerance)
+    summary = {"sae": t.lin.sae.ref, "data": t.data.ref, "data_stage": t.data.stage,
+               "hook": t.lin.hook, "d_in": t.lin.d_in, "d_sae": t.lin.d_sae,
+               "arch": t.lin.sae.manifest()["summary"].get("arch"),
+               **figures, "tolerance": cfg.tolerance, "dl": dl.bits_per_token,
+               "dl_bins": dl.bins, "quantised_fvu": dl.quantised_fvu,
+               "naive_bound": dl.naive_bound, "probing": None}
+    model = hook = None
+    if t.model is not None:
+        from saectl import hooks
+
+        model = _load_lm(t.model, device)
+        hook = hooks.parse_hooks(model, [t.lin.hook])[0]
+    else:
+        info(f"eval: {t.harvest.ref} holds imported activations, so there is no model: no "
+             "CE-loss/KL scores and no probing")
+    if model is not None and cfg.lm_eval:
+        ids = torch.from_numpy(np.asarray(_lm_tokens(t, cfg.lm_eval_seqs))).long().to(device)
+        summary.update(metrics.downstream(
+            model, hook, lambda a: sae.decode(sae.encode(a.float())),
+            [ids[i:i + 4] for i in range(0, len(ids), 4)], 0 if t.keep_bos else 1))
+    if model is not None and t.probe is not None:
+        summary["probing"] = _probe(cfg, t, sae, model, hook)
+    out = plan.art.group("r+")
+    out.create_array(layout.LOG_DENSITY, data=log_density.astype(np.float32), overwrite=True)
+    if summary["probing"]:
+        probe_plot(layout.report(plan.art.path, PROBE_PNG), {"this SAE": summary["probing"]})
+    store.mark_complete(plan.art, summary)
+    info(f"eval: wrote {plan.art.ref}")
+
+
+def _lm_tokens(t: Target, n: int) -> np.ndarray:
+    tokens = t.harvest.group()[layout.TOKENS]
+    if t.data.stage == "shuffle":
+        seqs = t.data.group()[layout.EVAL_SEQUENCES][:][:n]
+        return tokens.get_orthogonal_selection((seqs, slice(None)))
+    return tokens[:n]
+
+
+_PROBE_ACTS: dict = {}  # one entry: a sweep evaluates many SAEs on the same model pass
+
+
+def _probe(cfg: EvalConfig, t: Target, sae, model, hook) -> dict:
+    import torch  # deferred: torch is heavy
+
+    from saectl import probing
+    from saectl.models import load_tokenizer
+
+    p = t.probe
+    key = (t.model, hook.name, cfg.probe_data, cfg.probe_text_column, cfg.label_column,
+           cfg.probe_exclude, cfg.probe_texts, cfg.probe_context, cfg.probe_seed, str(sae.device))
+    if key not in _PROBE_ACTS:
+        _PROBE_ACTS.clear()
+        ids = probe_data.tokenize(load_tokenizer(t.model), p.texts, cfg.probe_context)
+        info(f"eval: running the model over {len(ids):,} probe texts "
+             f"({sum(map(len, ids)):,} tokens)")
+        _PROBE_ACTS[key] = probe_data.capture(model, hook, ids, PROBE_BATCH)
+    acts, index = _PROBE_ACTS[key]
+    with torch.no_grad():
+        lat = torch.cat([sae.encode(a.to(sae.device)).float().cpu()
+                         for a in torch.split(acts, BATCH)])
+    n = len(p.texts)
+    split = probing.Split(probing.mean_pool(lat, index, n), probing.mean_pool(acts, index, n),
+                          p.labels, p.train)
+    res = probing.sparse_probing(split, seed=cfg.probe_seed)
+    text_col, label_col = probe_data.columns(cfg.probe_data, cfg.probe_text_column,
+                                             cfg.label_column)
+    return {"dataset": cfg.probe_data or "wiki-offline", "text_column": text_col,
+            "label_column": label_col, "class_counts": p.counts,
+            "texts": probe_data.class_counts(p.labels), "n_train": int(p.train.sum()),
+            "n_test": int((~p.train).sum()), "context": cfg.probe_context, **res}
+
+
+def probe_plot(path, results: dict[str, dict]) -> None:
+    """Accuracy against k: each SAE's top-k latents, random k latents, the full activations."""
+    from saectl.plots import plt, save_figure  # matplotlib, only when a figure is drawn
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for name, r in results.items():
+        ks = [int(k) for k in r["sae_top_k"]]
+        line, = ax.plot(ks, list(r["sae_top_k"].values()), "o-", label=f"{name}: top-k latents")
+        if len(results) == 1:
+            ax.plot([int(k) for k in r["random_k"]], list(r["random_k"].values()), "s:",
+                    color="grey", label="random k latents")
+            ax.plot([int(k) for k in r["model_top_k"]], list(r["model_top_k"].values()), "^--",
+                    color="tab:orange", label="top-k model dimensions")
+    first = next(iter(results.values()))
+    ax.axhline(first["model_full"], color="black", lw=1, ls="--",
+               label=f"all model activations ({first['model_full']:.3f})")
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set(xscale="log", xlabel="k (latents the probe reads)", ylabel="test accuracy",
+           title=f"k-sparse probing ({len(first['tasks'])} one-vs-rest tasks)")
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def evaluate(cfg: EvalConfig) -> store.Artifact:
+    """The lifecycle `saectl eval` has (cache hit, lock, build), for the sweep's points."""
+    return contract.run(Stage(NAME, EvalConfig, "", plan, build, prepare=prepare), cfg)
