@@ -12,7 +12,8 @@ Data model (what the interpret stage writes; every field except `index` may be n
         "index": int,                      # latent number in the SAE
         "density": float,                  # firing rate, fraction of tokens with act > 0
         "max_act": float, "mean_act": float,   # mean over the tokens where it fired
-        "score": float|null, "control_score": float|null,   # explanation score, and control
+        "score": float|null, "control_score": float|null,   # detection score, and control
+        "fuzz_score": float|null, "fuzz_control_score": float|null,  # fuzzing's (if it ran)
         "explanation": str|null,
         "top": [{"tokens": [str], "acts": [float]}],          # top-activating contexts
         "quantiles": [{"label": str, "examples": [{"tokens": [...], "acts": [...]}]}],
@@ -205,6 +206,9 @@ def feature_rows(stats, hist_edges: np.ndarray, windows: Windows, strings: dict 
         e = explained.get(j, {})
         row.update(explanation=e.get("explanation") or None, score=e.get("balanced_accuracy"),
                    control_score=e.get("control_balanced_accuracy"))
+        if "fuzz_balanced_accuracy" in e:  # only where fuzzing ran: the page shows its column
+            row.update(fuzz_score=e["fuzz_balanced_accuracy"],
+                       fuzz_control_score=e.get("fuzz_control_balanced_accuracy"))
         h = stats.hist[j]
         nz = np.flatnonzero(h)
         if len(nz):

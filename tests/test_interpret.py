@@ -1,6 +1,7 @@
 """Interpret stage: streaming statistics equal a full computation, a planted feature is found
 (its token's contexts on top, its token first in the logit lens), explanations over a live
-local HTTP server with caching and a failing endpoint, the dashboard in Chromium, bad input."""
+local HTTP server with caching and a failing endpoint (detection and fuzzing), the dashboard in
+Chromium, bad input."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ import pytest
 import torch
 
 from saectl import store
-from saectl.scan import HIST_EDGES, NO_SEQ, hash_keys, scan, windows
+from saectl.errors import ConfigError
+from saectl.fuzzing import FUZZ_SYSTEM
 from saectl.sae import load_sae
+from saectl.scan import HIST_EDGES, NO_SEQ, hash_keys, scan, windows
+from stages import interpret
 from tests.helpers import assert_one_line_error, run_cli
 from tests.test_dashboard import devtools, needs_chromium  # noqa: F401  (a fixture)
 from tests.test_explain import keyword_model, serve
@@ -363,3 +367,132 @@ def test_imported_images(tmp_path, capsys):
     assert live and all(np.array(f["image"]).shape == (4, 4) for f in data["features"])
     assert live[0]["top"][0]["tokens"][0].startswith("row ")
     assert "logits_pos" not in live[0]
+    # Fuzzing marks tokens: imported rows have none, which is one line before anything runs.
+    assert_one_line_error(run_cli(capsys, "interpret", tr.out.strip(), "--explainer",
+                                  "http://127.0.0.1:9/v1", "--explainer-model", "m", "--scorers",
+                                  "detection,fuzzing", *st), "imported activations have none",
+                          "--scorers detection")
+
+
+# ------------------------------------------------------------------- fuzzing (saectl/fuzzing.py)
+
+
+def _truthful(body, n):
+    """Detection: a context has the feature iff it holds the quoted text of the explanation;
+    fuzzing: the marks fit iff every marked run is that text, repeated; explanations are
+    keyword_model's ('The word "X".', X the most marked token)."""
+    user = body["messages"][-1]["content"]
+    m = re.search(r'^Feature explanation: .*"(.+)"', user, re.MULTILINE)
+    if not m:
+        return keyword_model(body, n)
+    word, texts = m.group(1), re.findall(r"^Example \d+: (.*)$", user, re.MULTILINE)
+    if body["messages"][0]["content"] == FUZZ_SYSTEM:
+        return str([int(all(not run.lower().replace(word, "").strip()
+                            for run in re.findall(r"<<(.*?)>>", t))) for t in texts])
+    return str([int(word in t.lower()) for t in texts])
+
+
+def test_scorers_default_keeps_the_address(planted):
+    base = dict(sae=planted["sae"], store=str(planted["root"]), device="cpu",
+                explainer="http://127.0.0.1:9/v1", explainer_model="m")
+    plans = {s: interpret.STAGE.plan(interpret.InterpretConfig(**base, **(
+        {} if s is None else {"scorers": s}))) for s in
+        (None, "detection", " detection ", "detection,fuzzing", "fuzzing , detection", "fuzzing")}
+    assert "scorers" not in plans[None].params  # as before --scorers existed
+    assert plans["detection"].art == plans[" detection "].art == plans[None].art
+    assert plans["detection,fuzzing"].art == plans["fuzzing , detection"].art != plans[None].art
+    assert plans["detection,fuzzing"].params["scorers"] == ["detection", "fuzzing"]
+    assert plans["fuzzing"].art not in (plans[None].art, plans["detection,fuzzing"].art)
+    for bad, why in (("fuzz", "unknown fuzz"), (",", "no scorer")):
+        with pytest.raises(ConfigError, match=why) as err:
+            interpret.InterpretConfig(**base, scorers=bad)
+        assert "detection, fuzzing" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_fuzzing_scores_the_planted_feature_and_resumes_after_a_failing_endpoint(planted, capsys):
+    """Fuzzing beside detection through the CLI: the endpoint fails once the first feature's
+    fuzz prompts are answered; statistics, dashboard and that feature's scores are written,
+    the error is one line, and the same command resumes, asking again no prompt it had
+    answered. A truthful scorer ranks the planted feature's explanation at 1."""
+    state = {"fail": True, "fuzz": 0}
+    answered: list[str] = []
+
+    def answer(body, n):
+        key = json.dumps(body["messages"])
+        if body["messages"][0]["content"] == FUZZ_SYSTEM:
+            state["fuzz"] += 1
+            if state["fail"] and state["fuzz"] > 8:  # the first feature's 8 fuzz prompts pass
+                return 503, {"error": "overloaded"}
+        answered.append(key)
+        return _truthful(body, n)
+
+    with serve(answer) as (url, requests):
+        args = _interpret(planted, "--features", "4-6", "--explainer", url, "--explainer-model",
+                          "kw", "--detection", "8", "--scorers", "detection,fuzzing")
+        res = run_cli(capsys, *args)
+        assert_one_line_error(res, "HTTP 503", "2 of 3 features left unexplained", "re-run")
+        art = store.resolve(planted["root"], "interpret/" + res.err.split("interpret/")[1][:8])
+        assert not art.is_complete() and (art.path / "report" / "index.html").is_file()
+        first = json.loads((art.path / "explanations.json").read_text())
+        assert list(first) == ["4"] and first["4"]["fuzz_n"] > 0
+        before = set(answered)
+        answered.clear()
+        state["fail"] = False
+        ok = run_cli(capsys, *args)
+        assert ok.code == 0, ok.err
+        assert "scanning" not in ok.err and answered
+        # Asked again: only fuzz prompts of the feature that failed (in flight together).
+        again = [json.loads(k) for k in set(answered) & before]
+        assert all(m[0]["content"] == FUZZ_SYSTEM for m in again) and len(again) < 8
+        n = len(requests)
+        assert run_cli(capsys, *args).out == ok.out and len(requests) == n  # all cached
+    done = store.open_complete(planted["root"], ok.out.strip())
+    assert done == art
+    expl = json.loads((art.path / "explanations.json").read_text())
+    e = expl["5"]
+    assert _decode(planted, planted["token"]).strip().lower() in e["explanation"].lower()
+    assert e["balanced_accuracy"] >= 0.9 and e["fuzz_balanced_accuracy"] == 1.0
+    assert e["fuzz_n"] >= 12 and e["fuzz_invalid_answers"] == 0
+    assert e["fuzz_control_balanced_accuracy"] <= 0.75
+    s = done.manifest()["summary"]
+    assert s["mean_fuzz_score"] == pytest.approx(np.mean(
+        [v["fuzz_balanced_accuracy"] for v in expl.values()]))
+    assert s["mean_fuzz_control_score"] is not None
+    page = _embedded(art.path / "report" / "index.html")
+    row = next(f for f in page["features"] if f["index"] == 5)
+    assert row["fuzz_score"] == 1.0 and row["fuzz_control_score"] == pytest.approx(
+        e["fuzz_control_balanced_accuracy"], rel=1e-3)
+    assert page["meta"]["mean fuzz score"] == pytest.approx(s["mean_fuzz_score"], rel=1e-3)
+    # A detection-only run shows no fuzz figures at all.
+    with serve(_truthful) as (url, _):
+        plain = run_cli(capsys, *_interpret(planted, "--features", "5", "--explainer", url,
+                                            "--explainer-model", "kw", "--detection", "8"))
+    pa = store.open_complete(planted["root"], plain.out.strip())
+    assert "mean_fuzz_score" not in pa.manifest()["summary"]
+    assert "fuzz_score" not in _embedded(pa.path / "report" / "index.html")["features"][0]
+
+
+@needs_chromium
+def test_dashboard_fuzz_column_in_chromium(planted, capsys, devtools):  # noqa: F811
+    with serve(_truthful) as (url, _):
+        res = run_cli(capsys, *_interpret(planted, "--features", "4-6", "--explainer", url,
+                                          "--explainer-model", "kw", "--detection", "8",
+                                          "--scorers", "detection,fuzzing"))
+        plain = run_cli(capsys, *_interpret(planted, "--features", "4-6", "--explainer", url,
+                                            "--explainer-model", "kw", "--detection", "8"))
+    js = devtools.js
+    for out, fuzz in ((res.out, True), (plain.out, False)):
+        page = store.open_complete(planted["root"], out.strip()).path / "report" / "index.html"
+        devtools.load(page.as_uri())
+        assert devtools.errors() == []
+        heads = js("[...document.querySelectorAll('th')].map(t => t.textContent)")
+        assert ("fuzz" in heads) == fuzz
+        cells = js("document.querySelector('#rows tr').children.length")
+        assert cells == len(heads)
+        stats = js("[...document.querySelectorAll('#panel .stats div')].map(d => d.textContent)")
+        assert any(t.startswith("fuzz score") for t in stats) == fuzz
+    devtools.load(store.open_complete(planted["root"], res.out.strip()).path.joinpath(
+        "report", "index.html").as_uri() + "#f=5")
+    js("new Promise(r => setTimeout(r, 50))")
+    stats = js("[...document.querySelectorAll('#panel .stats div')].map(d => d.textContent)")
+    assert "fuzz score1" in stats
