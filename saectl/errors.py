@@ -17,5 +17,10 @@ class NotFoundError(SaectlError, FileNotFoundError):
     """A model, dataset, artifact or file does not exist."""
 
 
+class HubUnreachableError(NotFoundError):
+    """The hub cannot be reached and what it names is not in the local cache: the address (which
+    pins the commit) is unknown until it can be (`saectl run --dry-run` says "will run")."""
+
+
 class ArtifactError(SaectlError):
     """An artifact is incomplete, locked, damaged, or not one of saectl's."""

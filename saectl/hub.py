@@ -15,7 +15,7 @@ import os
 import re
 from pathlib import Path
 
-from saectl.errors import NotFoundError, SaectlError
+from saectl.errors import HubUnreachableError, NotFoundError, SaectlError
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 TIMEOUT_S = 10.0
@@ -85,7 +85,7 @@ def resolve_revision(repo: str, revision: str | None, kind: str) -> str:
             go_offline()
     sha = cached_revision(repo, revision, kind)
     if sha is None:
-        raise NotFoundError(f"the Hugging Face hub is not reachable (or HF_HUB_OFFLINE is set) "
+        raise HubUnreachableError(f"the Hugging Face hub is not reachable (or HF_HUB_OFFLINE is set) "
                             f"and {what} is not in the local hub cache; connect once to "
                             "download it, or pass a local folder")
     return sha

@@ -17,7 +17,7 @@ from pathlib import Path
 from saectl import stage as contract
 from saectl import store
 from saectl.console import info
-from saectl.errors import ConfigError, SaectlError
+from saectl.errors import ConfigError, HubUnreachableError, SaectlError
 from saectl.pipeline_spec import Pipeline, Step, config
 from saectl.pipeline_view import duration
 from saectl.stage import Stage
@@ -75,6 +75,9 @@ def plan(p: Pipeline, root: Path, chosen: list[Step]) -> list[Planned]:
         cfg = config(p, step, refs, root)
         try:
             art = step.stage.address(cfg)
+        except HubUnreachableError:  # its commit pins the address; a run would ask the hub
+            rows.append(Planned(step.name, step.stage.name, "run", None, None))
+            continue
         except SaectlError as e:
             raise _step_error(step, e) from e
         if art.is_complete():
