@@ -10,6 +10,7 @@ and non-activating contexts, without markers, a few per prompt, and asks for a P
 0/1; the score is balanced accuracy. As delphi's `random_explanation_loader`, a control scores
 another feature's explanation on the same contexts, so a score can be read against chance
 *for this scorer model*. The prompt wording and few-shot examples here are our own.
+`classify` is the part detection shares with fuzzing (`saectl/fuzzing.py`).
 
 Clients share one method, `complete(batch, max_tokens) -> list[str]` (greedy, so a re-run gives
 the same answers): `HFClient` runs a local Hugging Face instruct model, `OpenAIClient` any

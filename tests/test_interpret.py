@@ -393,8 +393,8 @@ def _truthful(body, n):
 
 
 def test_scorers_default_keeps_the_address(planted):
-    base = dict(sae=planted["sae"], store=str(planted["root"]), device="cpu",
-                explainer="http://127.0.0.1:9/v1", explainer_model="m")
+    base = {"sae": planted["sae"], "store": str(planted["root"]), "device": "cpu",
+            "explainer": "http://127.0.0.1:9/v1", "explainer_model": "m"}
     plans = {s: interpret.STAGE.plan(interpret.InterpretConfig(**base, **(
         {} if s is None else {"scorers": s}))) for s in
         (None, "detection", " detection ", "detection,fuzzing", "fuzzing , detection", "fuzzing")}
