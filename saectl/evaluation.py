@@ -31,7 +31,6 @@ from saectl.stage import DeviceOptions, Plan, Stage
 NAME = "eval"
 BATCH = 8192  # tokens per batch: the sweep's, so description lengths match it bit for bit
 PROBE_BATCH = 16  # texts per model pass while probing
-PROBE_PNG = "probe_k.png"
 
 
 @dataclass(frozen=True)
@@ -194,7 +193,7 @@ def build(cfg: EvalConfig, plan: Plan, writer: store.Writing) -> None:
     out = plan.art.group("r+")
     out.create_array(layout.LOG_DENSITY, data=log_density.astype(np.float32), overwrite=True)
     if summary["probing"]:
-        probe_plot(layout.report(plan.art.path, PROBE_PNG), {"this SAE": summary["probing"]})
+        probe_plot(layout.report(plan.art.path, layout.PROBE_K_PNG), {"this SAE": summary["probing"]})
     store.mark_complete(plan.art, summary)
     info(f"eval: wrote {plan.art.ref}")
 

@@ -13,6 +13,8 @@ artifact by hand. Each stage's layout, in the artifact's Zarr group:
                       eval/<hook>, eval/log_density, log/<figure> (the training log),
                       checkpoint.pt (while training)
     sweep             report/table.csv, report/*.png, work/ (executor files)
+    eval              eval/log_density       per-latent log10 firing density on the data
+                      report/probe_k.png     k-sparse probing accuracy against k
     interpret         features, stats/...    each row's latent; per-feature statistics
                       top/, pool/, lens/     top contexts, the sampled pool, the logit lens
                       windows/...            the example windows (saectl.examples)
@@ -140,6 +142,10 @@ DECODER_PNG = "decoder.png"
 def member(group: str, name: str) -> str:
     """`top/seq`, `windows/acts`: an array of one of interpret's groups."""
     return f"{group}/{name}"
+
+
+# Eval's figure (its figures are in the manifest's summary; its array is LOG_DENSITY).
+PROBE_K_PNG = "probe_k.png"
 
 
 # Steer's arrays and its figure.

@@ -29,7 +29,7 @@ import torch
 
 K_VALUES = (1, 2, 5, 10, 20, 50)
 C = 1.0  # inverse regularisation strength, scikit-learn's default, as SAEBench uses it
-MAX_ITER = 200
+MAX_ITER = 100
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def fit_logistic(X: torch.Tensor, y: torch.Tensor, c: float = C, max_iter: int =
     t = y.double().cpu()
     w = torch.zeros(X.shape[1] + 1, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w], lr=1, max_iter=max_iter, tolerance_grad=1e-9,
-                            tolerance_change=1e-12, history_size=20,
+                            tolerance_change=1e-9, history_size=20,
                             line_search_fn="strong_wolfe")
 
     def closure():

@@ -50,7 +50,7 @@ def report(cfg: EvalConfig, art: store.Artifact) -> None:
                       _fmt(p["model_top_k"].get(k)))
     probe.add_row("all", _fmt(p["sae_full"]), "", _fmt(p["model_full"]))
     console.print(probe)
-    info(f"eval: plot in {layout.report(art.path, evaluation.PROBE_PNG)}")
+    info(f"eval: plot in {layout.report(art.path, layout.PROBE_K_PNG)}")
 
 
 def _fmt(v) -> str:
