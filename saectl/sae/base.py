@@ -200,12 +200,7 @@ class SAE(nn.Module, metaclass=abc.ABCMeta):
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:
         """Raise ConfigError for settings this architecture cannot train with."""
-        if cls.takes_k:
-            cls._check_k(cfg)
-
-    @staticmethod
-    def _check_k(cfg: SAEConfig) -> None:
-        if cfg.k >= cfg.d_sae:
+        if cls.takes_k and cfg.k >= cfg.d_sae:
             raise ConfigError(f"k={cfg.k} must be smaller than the width {cfg.d_sae}; "
                               f"lower --k or raise --expansion")
 
