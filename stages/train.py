@@ -25,6 +25,8 @@ class Opened:
     manifest: dict
     harvest: store.Artifact
     point: fitting.Point
+    lm: dict | None = None
+    """{ref: model spec} for the CE-loss splice, found by `prepare`."""
 
 
 def plan(cfg: TrainStageConfig) -> Plan:
@@ -35,11 +37,18 @@ def plan(cfg: TrainStageConfig) -> Plan:
                 context=Opened(src, manifest, harvest, point))
 
 
+def prepare(cfg: TrainStageConfig, plan: Plan) -> None:
+    """Find (and check by content hash) the model the SAE is spliced into before anything is
+    written, so a missing model fails fast and leaves no artifact behind."""
+    o: Opened = plan.context
+    o.lm = fitting.find_models(o.harvest, [o.point])
+
+
 def build(cfg: TrainStageConfig, plan: Plan, writer: store.Writing) -> None:
     o: Opened = plan.context
-    fitting.fit(o.src, o.manifest, o.harvest, [o.point], fitting.find_models(o.harvest, [o.point]))
+    fitting.fit(o.src, o.manifest, o.harvest, [o.point], o.lm or {})
 
 
 STAGE = Stage(NAME, TrainStageConfig,
               "Train an SAE on a shuffle's train split and evaluate it on the eval split.",
-              plan, build, ("shuffle",), FIGURES)
+              plan, build, ("shuffle",), FIGURES, prepare=prepare)
