@@ -9,6 +9,7 @@ artifact by hand. Each stage's layout, in the artifact's Zarr group:
                       eval/sequences         which sequences are in the eval split
                       rows/train, rows/eval  source row of each shuffled row
                       stats/<hook>/...       normalisation statistics
+                      outliers/<hook>        [n, 2] (sequence, position) left out as outliers
     train             sae/                   the SAE in SAELens's layout (cfg.json, weights)
                       eval/<hook>, eval/log_density, log/<figure> (the training log),
                       checkpoint.pt (while training)
@@ -24,7 +25,7 @@ artifact by hand. Each stage's layout, in the artifact's Zarr group:
                       steered/tokens         [n_runs, n_prompts, n] steered ids
                       report/strength_sweep.png  effect against fluency (--strengths)
 
-Files outside Zarr: `progress/<writer>.json` (resume), `scratch/` (shuffle's buckets),
+Files outside Zarr: `progress/<writer>.json` (resume), `scratch/` (shuffle's buckets and norms),
 `work/` (executors), `report/` (what a person opens), `sae/` (what other tools load).
 """
 
@@ -44,6 +45,7 @@ EVAL_SEQUENCES = "eval/sequences"
 ROWS_TRAIN = "rows/train"
 ROWS_EVAL = "rows/eval"
 STATS = "stats"
+OUTLIERS = "outliers"
 LOG_DENSITY = "eval/log_density"
 TRAIN_LOG = "log"
 
@@ -67,6 +69,11 @@ def train_rows(hook: str) -> str:
 
 def eval_rows(hook: str) -> str:
     return f"{EVAL}/{hook}"
+
+
+def outliers(hook: str) -> str:
+    """`outliers/<hook>`: [n, 2] (sequence, position) of the tokens the shuffle left out."""
+    return f"{OUTLIERS}/{hook}"
 
 
 def train_log(figure: str) -> str:
@@ -93,6 +100,11 @@ def work(art_path: Path, *parts: str) -> Path:
 
 def scratch(art_path: Path, *parts: str) -> Path:
     return art_path.joinpath(SCRATCH, *parts)
+
+
+def norms_scratch(art_path: Path, hook: str) -> Path:
+    """Shuffle's per-row norms of one hook (float32, row order), while it measures outliers."""
+    return scratch(art_path, hook, "norms.f32")
 
 
 def checkpoint(art_path: Path) -> Path:

@@ -9,10 +9,15 @@ Two passes per hook, each within `--memory`:
   2. load one bucket at a time, place its rows at their destinations, write the output chunks.
 Progress is recorded after every flush (rows read, bucket file lengths) and every finished
 bucket, so a killed shuffle resumes where it stopped and ends bit-identical.
+
+Before them, unless `--max-activation-norm-multiple 0`, one read of every hook measures token
+norms and finds the massive-activation tokens, which both splits then leave out
+(`saectl/outliers.py`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -21,13 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-from saectl import arrays, faults, layout, store
+from saectl import arrays, faults, layout, outliers, store
 from saectl.config import address_params, opt, parse_bytes
 from saectl.console import info, progress
 from saectl.errors import ConfigError
 from saectl.stage import Plan, RunnerOptions, Stage
 
 NAME = "shuffle"
+OUTLIER_MULTIPLE = 8.0  # measured on SmolLM2 and the tiny test models: README, "Outliers"
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,9 @@ class ShuffleConfig(RunnerOptions):
     eval_fraction: float = opt(0.05, "Fraction of sequences held out for evaluation")
     seed: int = opt(0, "Seed of the split and the permutation")
     keep_bos: bool = opt(False, "Keep BOS positions (their activations are outliers)")
+    max_activation_norm_multiple: float = opt(
+        OUTLIER_MULTIPLE, "Leave out of train and eval the tokens whose activation norm exceeds "
+        "this multiple of the median norm (massive activations); 0 keeps every token")
     memory: str = opt("2GiB", "Memory budget for buffers, e.g. 512MiB, 2GiB", address=False)
 
     def __post_init__(self):
@@ -45,6 +54,9 @@ class ShuffleConfig(RunnerOptions):
             raise ConfigError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
         if self.budget <= 0:
             raise ConfigError(f"--memory {self.memory} must be positive, e.g. --memory 2GiB")
+        if not (self.max_activation_norm_multiple == 0 or self.max_activation_norm_multiple > 1):
+            raise ConfigError(f"--max-activation-norm-multiple must be above 1 (or 0 to keep "
+                              f"every token), got {self.max_activation_norm_multiple}")
 
     @property
     def budget(self) -> int:
@@ -104,14 +116,20 @@ class Split:
     C: int
     is_eval: np.ndarray  # (n_seq,) bool
     first: int           # first position kept in each sequence (1 drops BOS)
+    # Sorted harvest rows (at positions ≥ first) left out of both splits: the outliers.
+    excluded: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int64))
 
     @property
     def per_seq(self) -> int:
         return self.C - self.first
 
+    def _excluded(self, want_eval: bool) -> np.ndarray:
+        return self.excluded[self.is_eval[self.excluded // self.C] == want_eval]
+
     def counts(self) -> tuple[int, int]:
         n_eval = int(self.is_eval.sum())
-        return (len(self.is_eval) - n_eval) * self.per_seq, n_eval * self.per_seq
+        return ((len(self.is_eval) - n_eval) * self.per_seq - len(self._excluded(False)),
+                n_eval * self.per_seq - len(self._excluded(True)))
 
     def index(self, rows: np.ndarray, want_eval: bool) -> tuple[np.ndarray, np.ndarray]:
         """(mask over rows, index of each selected row within its split, in harvest order)."""
@@ -119,12 +137,19 @@ class Split:
         sel = self.is_eval[seq] == want_eval
         before = np.concatenate([[0], np.cumsum(self.is_eval == want_eval)])[seq]
         mask = sel & (pos >= self.first)
-        return mask, (before * self.per_seq + pos - self.first)[mask]
+        index = before * self.per_seq + pos - self.first
+        out = self._excluded(want_eval)
+        if len(out):  # each left-out row shifts the later rows of its split down by one
+            mask &= ~np.isin(rows, out)
+            index = index - np.searchsorted(out, rows)
+        return mask, index[mask]
 
     def rows(self, want_eval: bool) -> np.ndarray:
         """The harvest row of every row in the split, in harvest order."""
         seqs = np.flatnonzero(self.is_eval == want_eval)
         rows = (seqs[:, None] * self.C + np.arange(self.first, self.C)[None]).reshape(-1)
+        if len(self.excluded):
+            rows = rows[~np.isin(rows, self.excluded)]
         return rows.astype(np.int64)
 
 
@@ -152,6 +177,10 @@ def plan(cfg: ShuffleConfig) -> Plan:
         raise ConfigError(f"{src.ref} is a {src.stage} artifact; shuffle takes a harvest or import")
     params = address_params(cfg)
     del params["harvest"]  # it is an input, addressed by its digest
+    if cfg.max_activation_norm_multiple == 0:
+        # Keeping every token is the shuffle as it was before outliers were measured: same
+        # arrays, so the same address as then.
+        del params["max_activation_norm_multiple"]
     return Plan(store.artifact_for(root, NAME, params, {"harvest": src}), params,
                 {"harvest": src})
 
@@ -164,6 +193,13 @@ def build(cfg: ShuffleConfig, plan: Plan, writer) -> None:
     made = src.manifest()["summary"]
     n_seq, C = made["n_seq"], made["context_size"]
     split = make_split(n_seq, C, cfg, has_bos=made.get("bos", True))
+    measured = {}
+    if cfg.max_activation_norm_multiple > 0:
+        # BOS stays --keep-bos's to decide: outliers are sought among the other positions.
+        excluded, measured = outliers.find(
+            art, {h: hin[layout.acts(h)] for h in hooks}, C, 1 if made.get("bos", True) else 0,
+            cfg.max_activation_norm_multiple, lambda a: _read_step(cfg.budget, a), src.ref)
+        split = dataclasses.replace(split, excluded=excluded)
     n_train, n_eval = split.counts()
     out = art.group("r+")
     out.create_array(layout.EVAL_SEQUENCES, data=np.flatnonzero(split.is_eval).astype(np.int64),
@@ -173,12 +209,24 @@ def build(cfg: ShuffleConfig, plan: Plan, writer) -> None:
     for i, hook in enumerate(hooks):
         stats[hook] = _shuffle_hook(art, out, hin[layout.acts(hook)], hook, split, n_train,
                                     n_eval, cfg, src.ref, write_rows=i == 0)
+        shares = stats[hook].pop("shares")
+        if hook in measured:
+            stats[hook]["outliers"] = {**measured[hook], **shares,
+                                       **outliers.listed(hin, split.excluded, C)}
     shutil.rmtree(layout.scratch(art.path), ignore_errors=True)
     summary = {"n_train": n_train, "n_eval": n_eval,
                "n_eval_sequences": int(split.is_eval.sum()), "context_size": C,
-               "keep_bos": cfg.keep_bos, "hooks": stats}
+               "keep_bos": cfg.keep_bos,
+               "max_activation_norm_multiple": cfg.max_activation_norm_multiple,
+               "n_outliers": int(len(split.excluded)), "hooks": stats}
     store.mark_complete(art, summary)
     info(f"shuffle: wrote {art.ref} ({n_train:,} train rows, {n_eval:,} eval rows)")
+
+
+def _read_step(budget: int, src_arr) -> int:
+    """Rows per read: whole source chunks, a 64th of --memory (see _pass1)."""
+    chunk, d = src_arr.chunks[0], src_arr.shape[1]
+    return chunk * max(1, (budget // 64) // (chunk * d * src_arr.dtype.itemsize))
 
 
 def _check_budget(cfg: ShuffleConfig, srcs) -> None:
@@ -262,8 +310,10 @@ def _shuffle_hook(art, out, src_arr, hook, split: Split, n_train: int, n_eval: i
     n = max(n_train, 1)
     mean = np.asarray(state["sum"]) / n
     out.create_array(layout.stat("mean", hook), data=mean.astype(np.float32), overwrite=True)
+    shares = outliers.Shares(d, state.get("shares")).shares(
+        (n_train, np.asarray(state["sum"]), state["sq_sum"]))
     return {"d": d, "mean_norm": state["norm_sum"] / n, "mean_sq_norm": state["sq_sum"] / n,
-            "n_buckets": n_buckets}
+            "n_buckets": n_buckets, "shares": shares}
 
 
 def _pass1(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, scratch, state,
@@ -288,7 +338,8 @@ def _pass1(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, sc
     # Half of --memory for our buffers (see _shuffle_hook): a read, its float32 view and its
     # records are ~4 raw copies, so a read is 1/64 of it; pending records (and their sorted
     # copy at a flush) a sixteenth each.
-    step = chunk * max(1, (budget // 64) // (chunk * d * src_arr.dtype.itemsize))
+    step = _read_step(budget, src_arr)
+    shares = outliers.Shares(d, state.get("shares")) if len(split.excluded) else None
     pending: list[np.ndarray] = []
     pending_bytes = 0
 
@@ -306,7 +357,8 @@ def _pass1(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, sc
                 lengths[b] += int(bounds[b + 1] - bounds[b])
             del allrec
         _save_state(art, hook, {"rows_read": rows_read, "lengths": lengths,
-                                "sum": acc_sum.tolist(), "norm_sum": norm_sum, "sq_sum": sq_sum})
+                                "sum": acc_sum.tolist(), "norm_sum": norm_sum, "sq_sum": sq_sum,
+                                **({"shares": shares.state()} if shares else {})})
         faults.point("shuffle.flushed")
 
     with progress(f"shuffle {hook}: scatter", n_rows, "rows", done=start) as bar:
@@ -325,6 +377,9 @@ def _pass1(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, sc
                 norm_sum += float(np.sqrt(sq).sum())
                 sq_sum += float(sq.sum())
                 del x
+                if shares:
+                    shares.add_chunk(raw[c0:c0 + chunk], idx[c0:c0 + chunk],
+                                     emask[c0:c0 + chunk], split, storage)
             recs = np.empty(len(t), dtype=rec)
             recs["dest"], recs["src"], recs["row"] = perm(t), idx[mask], raw[mask]
             del raw

@@ -171,3 +171,152 @@ def test_bad_input(tmp_path, capsys):
     art = store.resolve(Path(tmp_path), ref)
     (art.path / store.COMPLETE).unlink()
     assert_one_line_error(run_cli(capsys, "shuffle", ref, "--store", tmp_path), "incomplete")
+
+
+# ---------------------------------------------------------------------------------------------
+# Massive-activation tokens (issue 16)
+
+PLANTED = [(0, 3), (7, 0), (7, 19), (41, 10), (150, 5), (299, 12)]  # (sequence, position)
+
+
+def make_outlier_import(tmp_path, capsys, store_dir=None, n=6000, d=24, C=20):
+    """An import of normal rows with six planted at 500× the typical norm."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    planted = np.array([s * C + p for s, p in PLANTED])
+    x[planted] *= 500
+    np.save(tmp_path / "x.npy", x)
+    res = run_cli(capsys, "import", tmp_path / "x.npy", "--hook", "h", "--context-size", C,
+                  "--store", store_dir or tmp_path)
+    assert res.code == 0, res.err
+    return res.out.strip(), x, planted
+
+
+def _variance_share(x, rows, dropped):
+    """By hand: share of the variance of x[rows] about its mean carried by x[dropped]."""
+    x = x.astype(np.float64)
+    mu = x[rows].mean(0)
+    dev = ((x - mu) ** 2).sum(1)
+    return dev[dropped].sum() / dev[rows].sum()
+
+
+def test_outliers_are_left_out_by_default_and_kept_with_the_flag(tmp_path, capsys):
+    ref, x, planted = make_outlier_import(tmp_path, capsys)
+    res = run_cli(capsys, "shuffle", ref, "--store", tmp_path, "--eval-fraction", "0.1")
+    assert res.code == 0, res.err
+    art = store.open_complete(tmp_path, res.out.strip())
+    g = art.group()
+    train, evl = g["rows/train"][:], g["rows/eval"][:]
+    assert np.array_equal(np.sort(np.concatenate([train, evl])),
+                          np.setdiff1d(np.arange(len(x)), planted))
+    assert np.array_equal(arrays.read(g["train/h"]), x[train])
+    assert np.array_equal(arrays.read(g["eval/h"]), x[evl])
+    assert np.all(np.diff(evl) > 0)
+    assert np.array_equal(g["outliers/h"][:], np.array(PLANTED))
+    s = art.manifest()["summary"]
+    assert s["n_outliers"] == 6 and s["max_activation_norm_multiple"] == 8.0
+    assert s["n_train"] == len(train) and s["n_eval"] == len(evl)
+    np.testing.assert_allclose(g["stats/h/mean"][:], x[train].mean(0), rtol=1e-5, atol=1e-5)
+    o = s["hooks"]["h"]["outliers"]
+    norms = np.linalg.norm(x, axis=1).astype(np.float32)
+    assert o["median_norm"] == np.sort(norms)[(len(x) - 1) // 2]  # exact (lower) median
+    assert o["threshold"] == pytest.approx(8 * o["median_norm"])
+    assert o["max_norm"] == pytest.approx(norms.max())
+    assert o["n_exceeding"] == 6 and o["positions"] == [list(p) for p in PLANTED]
+    assert o["token_ids"] is None  # an import has no token ids
+    eval_seq = np.isin(planted // 20, g["eval/sequences"][:])
+    assert o["n_dropped_eval"] == eval_seq.sum() and o["n_dropped_train"] == 6 - eval_seq.sum()
+    assert 0 < eval_seq.sum() < 6  # both splits lose some
+    for split, rows, drop in (("train", train, planted[~eval_seq]),
+                              ("eval", evl, planted[eval_seq])):
+        whole = np.concatenate([rows, drop])
+        assert o[f"variance_share_{split}"] == pytest.approx(_variance_share(x, whole, drop),
+                                                             rel=1e-6)
+        assert o[f"variance_share_{split}"] > 0.9  # 6 rows at 500×: nearly all of it
+    # --max-activation-norm-multiple 0 keeps them: the shuffle as it was, at its old address.
+    keep = run_cli(capsys, "shuffle", ref, "--store", tmp_path, "--eval-fraction", "0.1",
+                   "--max-activation-norm-multiple", "0")
+    kart = store.open_complete(tmp_path, keep.out.strip())
+    assert "max_activation_norm_multiple" not in kart.manifest()["params"]
+    assert kart.ref != art.ref and "outliers" not in kart.group()
+    kg = kart.group()
+    assert np.array_equal(np.sort(np.concatenate([kg["rows/train"][:], kg["rows/eval"][:]])),
+                          np.arange(len(x)))
+    assert np.array_equal(kg["rows/eval"][:],
+                          (kg["eval/sequences"][:][:, None] * 20 + np.arange(20)).ravel())
+    # A higher multiple than the planted ratio keeps them too, at another address.
+    high = run_cli(capsys, "shuffle", ref, "--store", tmp_path, "--eval-fraction", "0.1",
+                   "--max-activation-norm-multiple", "1000")
+    hs = store.open_complete(tmp_path, high.out.strip()).manifest()["summary"]
+    assert hs["n_outliers"] == 0 and high.out not in (res.out, keep.out)
+
+
+def test_keep_reproduces_the_old_shuffle(tmp_path, capsys):
+    """With every token kept, the address is the one the shuffle had before outliers were
+    measured (its params without the new field), and the split is the plain one."""
+    from saectl.artifact import artifact_for
+
+    ref, x, _ = make_outlier_import(tmp_path, capsys)
+    keep = run_cli(capsys, "shuffle", ref, "--store", tmp_path, "--max-activation-norm-multiple",
+                   "0").out.strip()
+    src = store.open_complete(tmp_path, ref)
+    old = {"eval_fraction": 0.05, "seed": 0, "keep_bos": False}
+    assert keep == artifact_for(Path(tmp_path), "shuffle", old, {"harvest": src}).ref
+
+
+def test_outliers_of_a_harvest_name_their_tokens(tiny_model_dirs, tiny_corpus, tmp_path, capsys):
+    """Planted in a real harvest: the token ids come from its `tokens`; BOS stays --keep-bos's;
+    the CE-loss splice reads back which positions of its sequences were left out."""
+    from saectl import outliers
+
+    res = run_cli(capsys, "harvest", "--model", tiny_model_dirs["gpt2"], "--dataset", tiny_corpus,
+                  "--hooks", "resid_post.0", "--tokens", 40 * 16, "--context-size", 16,
+                  "--store", tmp_path, "--device", "cpu")
+    h = store.open_complete(tmp_path, res.out.strip())
+    acts = h.group("r+")["acts/resid_post.0"]
+    planted = [(2, 1), (9, 15), (30, 7)]
+    for seq, pos in planted:
+        acts[seq * 16 + pos] = arrays.read(acts, slice(seq * 16 + pos, seq * 16 + pos + 1))[0] * 100
+    tokens = h.group()["tokens"][:]
+    for keep_bos, per_seq in ((False, 15), (True, 16)):
+        out = run_cli(capsys, "shuffle", h.ref, "--store", tmp_path, "--eval-fraction", "0.25",
+                      *(["--keep-bos"] if keep_bos else []))
+        art = store.open_complete(tmp_path, out.out.strip())
+        g = art.group()
+        rows = np.concatenate([g["rows/train"][:], g["rows/eval"][:]])
+        assert len(rows) == 40 * per_seq - 3
+        assert not np.isin(rows, [s * 16 + p for s, p in planted]).any()
+        assert (rows % 16 == 0).any() == keep_bos  # BOS is never measured as an outlier
+        o = art.manifest()["summary"]["hooks"]["resid_post.0"]["outliers"]
+        assert o["positions"] == [list(p) for p in planted]
+        assert o["token_ids"] == [int(tokens[s, p]) for s, p in planted]
+        seqs = g["eval/sequences"][:]
+        mask = outliers.left_out(art, "resid_post.0", seqs, 16)
+        want = np.zeros((len(seqs), 16), bool)
+        for s, p in planted:
+            if s in seqs:
+                want[list(seqs).index(s), p] = True
+        assert np.array_equal(mask, want)
+
+
+@pytest.mark.parametrize("fault", ["shuffle.norms:2", "shuffle.flushed:3",
+                                   "shuffle.bucket_placed:2", "store.before_complete"])
+def test_resume_with_outliers_equals_uninterrupted(fault, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(arrays, "CHUNK_BYTES", 4096)
+    ref, _, _ = make_outlier_import(tmp_path, capsys, store_dir=tmp_path / "a", n=20000, d=16)
+    make_outlier_import(tmp_path, capsys, store_dir=tmp_path / "b", n=20000, d=16)
+    env = {"SAECTL_CHUNK_BYTES": "4096"}
+    args = ["shuffle", ref, "--memory", "256KiB", "--seed", "1", "--eval-fraction", "0.2"]
+    killed = run_subprocess(*args, "--store", tmp_path / "a", env={**env, "SAECTL_FAULTS": fault})
+    assert killed.code == -9, killed.err
+    resumed = run_subprocess(*args, "--store", tmp_path / "a", env=env)
+    whole = run_subprocess(*args, "--store", tmp_path / "b", env=env)
+    assert resumed.code == whole.code == 0, resumed.err + whole.err
+    assert resumed.out == whole.out
+    a = store.open_complete(tmp_path / "a", resumed.out.strip())
+    b = store.open_complete(tmp_path / "b", whole.out.strip())
+    for name in ("train/h", "eval/h", "rows/train", "rows/eval", "stats/h/mean", "outliers/h"):
+        assert np.array_equal(a.group()[name][:], b.group()[name][:]), name
+    assert a.manifest()["summary"] == b.manifest()["summary"]
+    assert a.manifest()["summary"]["n_outliers"] == 6
+    tried("shuffle", "kill")
