@@ -105,17 +105,22 @@ def plan(cfg: EvalConfig) -> Plan:
     else:
         lineage.check_activations(lin, data)
         harvest = data
-    params = address_params(cfg)
-    del params["sae"], params["harvest"]
-    if cfg.probe:
-        text_col, label_col = probe_data.columns(cfg.probe_data, cfg.probe_text_column,
-                                                 cfg.label_column)
-        params["probe_identity"] = probe_data.identity(cfg.probe_data, text_col, label_col)
-    else:
-        params = {k: v for k, v in params.items() if not k.startswith("probe")}
+    params = settings(cfg)
     inputs = {"sae": lin.sae, "data": data}
     return Plan(store.artifact_for(root, NAME, params, inputs), params, inputs,
                 context=Target(lin, data, harvest, keep_bos))
+
+
+def settings(cfg: EvalConfig) -> dict:
+    """The address params: every setting but the inputs, and what the probe texts are (their
+    files by content); the probe's settings only where it runs."""
+    params = address_params(cfg)
+    del params["sae"], params["harvest"]
+    if not cfg.probe:
+        return {k: v for k, v in params.items() if not k.startswith("probe")}
+    text_col, label_col = probe_data.columns(cfg.probe_data, cfg.probe_text_column,
+                                             cfg.label_column)
+    return {**params, "probe_identity": probe_data.identity(cfg.probe_data, text_col, label_col)}
 
 
 def prepare(cfg: EvalConfig, plan: Plan) -> None:
@@ -247,7 +252,7 @@ def probe_plot(path, results: dict[str, dict]) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for name, r in results.items():
         ks = [int(k) for k in r["sae_top_k"]]
-        line, = ax.plot(ks, list(r["sae_top_k"].values()), "o-", label=f"{name}: top-k latents")
+        ax.plot(ks, list(r["sae_top_k"].values()), "o-", label=f"{name}: top-k latents")
         if len(results) == 1:
             ax.plot([int(k) for k in r["random_k"]], list(r["random_k"].values()), "s:",
                     color="grey", label="random k latents")

@@ -26,7 +26,7 @@ Downstream (the SAE spliced into the model at its hook, on held-out sequences):
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch

@@ -9,6 +9,11 @@ a sweep run again trains only what is missing. Executors:
 - `slurm`: one array task per missing point; completion is followed through the store (not
   sacct), `--no-wait` submits and exits, and a later run collects, resubmitting only failures.
 
+With `--eval`, every point is also evaluated by `saectl eval`'s work (saectl.evaluation, in
+this process, after training, with eval's defaults and the sweep's tolerance): the table gains
+k-sparse probing accuracies and `report/probe_k.png` plots them against k. Each point's eval is
+an ordinary eval artifact, so `saectl eval POINT_REF` afterwards is a cache hit.
+
 The sweep artifact holds the table (also `report/table.csv`), the plots (`report/*.png`) and the
 chosen point; the chosen point's train ref is the one line on stdout (`output`), and the table
 is shown on stderr after every run or cache hit (`report`).
@@ -21,17 +26,20 @@ import io
 import itertools
 import json
 import math
-from dataclasses import dataclass, fields as dc_fields
+from dataclasses import dataclass
+from dataclasses import fields as dc_fields
 from pathlib import Path
 
 import yaml
 from rich.table import Table
 
-from saectl import executors, layout, store
-from saectl.config import build as build_config, load_yaml, opt
+from saectl import evaluation, executors, layout, store
+from saectl.config import build as build_config
+from saectl.config import load_yaml, opt
 from saectl.console import console, info
 from saectl.errors import ConfigError, SaectlError
-from saectl.fitting import Point, TrainStageConfig, open_shuffle, plan as plan_point, train_points
+from saectl.fitting import Point, TrainStageConfig, open_shuffle, train_points
+from saectl.fitting import plan as plan_point
 from saectl.sbatch import SlurmOptions
 from saectl.stage import RUNNER_FIELDS, DeviceOptions, Plan, Stage
 
@@ -44,6 +52,9 @@ SLURM_KEYS = ("partition", "time", "gres", "cpus_per_task", "mem", "extra")
 FIGURES = ("chosen", "tolerance")  # summary figures `saectl run` shows (and the chosen SAE's)
 TABLE = "table.csv"  # in report/, beside the plots
 PLOTS = ("l0_fvu.png", "dl_width.png", "ce_l0.png")
+PROBE_PLOT = "probe_k.png"  # with --eval
+SHARES = ("explained_variance_per_token", "worst_error_share")  # in points' summaries, if there
+PROBE_SHOWN = ("1", "5")  # probing accuracies at these k on the terminal (all k in the CSV)
 POINTS = "points"  # work/points/<digest>.yaml: each point's train config, for the executors
 
 
@@ -52,6 +63,8 @@ class SweepConfig(DeviceOptions):
     shuffle: str | None = opt(None, "The shuffle artifact every point trains on")
     grid: str | None = opt(None, "YAML grid: train params as lists (a product) and/or `points:`")
     tolerance: float = opt(0.1, "FVU tolerance ε of the MDL choice (quantised reconstruction)")
+    eval: bool = opt(False, "Also run `saectl eval` on every point (k-sparse probing in the "
+                            "table and report/probe_k.png); the grid's `eval:` sets its flags")
     executor: str = opt("local", "local, processes or slurm", address=False)
     jobs: int = opt(2, "Concurrent processes (--executor processes)", address=False)
     no_wait: bool = opt(False, "slurm: submit and exit, run again to collect; any executor: "
@@ -89,15 +102,26 @@ class Grid:
     """In grid order."""
     slurm: SlurmOptions | None
     """--executor slurm's options (flags over the grid's `slurm:`), checked while planning."""
+    eval: dict | None = None
+    """With --eval (or an `eval:` section): eval's flags from the grid; None: no eval."""
 
 
-def grid_points(path: str, base: dict) -> tuple[list[dict], dict]:
-    """The grid file → (one dict of train params per point, slurm options from the YAML).
+def grid_points(path: str, base: dict) -> tuple[list[dict], dict, dict | None]:
+    """The grid file → (one dict of train params per point, slurm options from the YAML, eval
+    flags from the YAML or None).
 
     Keys with list values form a product; scalar keys apply to every point; `points:` adds
     explicit points (each with the scalar keys under it)."""
     spec = load_yaml(path)
     slurm = spec.pop("slurm", {}) or {}
+    eval_opts = spec.pop("eval", None)
+    if eval_opts is not None and not isinstance(eval_opts, dict):
+        raise ConfigError(f"{path}: `eval` must be a mapping of eval's flags, e.g. "
+                          "{probe_texts: 50}")
+    bad_eval = sorted(set(eval_opts or {}) & {*RUNNER_FIELDS, "sae", "tolerance"})
+    if bad_eval:
+        raise ConfigError(f"{path}: eval keys {', '.join(bad_eval)} come from the sweep itself "
+                          "(its flags and points); leave them out of `eval:`")
     explicit = spec.pop("points", []) or []
     valid = sorted(f.name for f in dc_fields(TrainStageConfig) if f.name not in NOT_GRID)
     bad = sorted(set(spec) - set(valid)) + sorted(
@@ -122,7 +146,7 @@ def grid_points(path: str, base: dict) -> tuple[list[dict], dict]:
     points += [dict(p) for p in explicit]
     if not points:
         raise ConfigError(f"{path}: the grid is empty; give lists (k: [8, 16]) or `points:`")
-    return [{**base, **fixed, **p} for p in points], slurm
+    return [{**base, **fixed, **p} for p in points], slurm, eval_opts
 
 
 def slurm_options(cfg: SweepConfig, from_grid: dict) -> SlurmOptions:
@@ -138,7 +162,9 @@ def plan(cfg: SweepConfig) -> Plan:
     root = store.store_root(cfg.store)
     src, manifest, harvest = open_shuffle(root, cfg.shuffle)
     base = {"shuffle": src.ref, "store": str(root), "device": cfg.device}
-    values, slurm_yaml = grid_points(cfg.grid, base)
+    values, slurm_yaml, eval_opts = grid_points(cfg.grid, base)
+    if cfg.eval and eval_opts is None:
+        eval_opts = {}
     points = []
     for i, v in enumerate(values):
         tcfg = build_config(TrainStageConfig, v, f"{cfg.grid} point {i}")
@@ -151,9 +177,11 @@ def plan(cfg: SweepConfig) -> Plan:
         seen[p.art.digest] = i
     slurm = slurm_options(cfg, slurm_yaml) if cfg.executor == "slurm" else None
     params = {"points": sorted(p.art.ref for p in points), "tolerance": cfg.tolerance}
+    if eval_opts is not None:  # only then, so a sweep without --eval keeps its address
+        params["eval"] = evaluation.settings(_eval_config(cfg, eval_opts, "-"))
     inputs = {"shuffle": src}
     return Plan(store.artifact_for(root, NAME, params, inputs), params, inputs,
-                context=Grid(src, manifest, harvest, values, points, slurm))
+                context=Grid(src, manifest, harvest, values, points, slurm, eval_opts))
 
 
 def build(cfg: SweepConfig, plan: Plan, writer: store.Writing) -> None:
@@ -164,7 +192,19 @@ def build(cfg: SweepConfig, plan: Plan, writer: store.Writing) -> None:
          f"{len(missing)} to train ({cfg.executor})")
     if missing and not _train(cfg, plan.art, grid, missing):
         return  # --no-wait: submitted; nothing chosen yet
-    _finish(plan.art, grid, cfg.tolerance)
+    evals = None
+    if grid.eval is not None:
+        evals = [evaluation.evaluate(_eval_config(cfg, grid.eval, p.art.ref))
+                 for p in grid.points]
+    _finish(plan.art, grid, cfg.tolerance, evals)
+
+
+def _eval_config(cfg: SweepConfig, opts: dict, ref: str) -> evaluation.EvalConfig:
+    """eval's flags from the grid, with the sweep's store, device, tolerance and --no-wait."""
+    return build_config(evaluation.EvalConfig,
+                        {**opts, "sae": ref, "store": cfg.store, "device": cfg.device,
+                         "no_wait": cfg.no_wait, "tolerance": cfg.tolerance},
+                        f"{cfg.grid}: eval")
 
 
 def _train(cfg: SweepConfig, art: store.Artifact, grid: Grid, missing: list[Point]) -> bool:
@@ -205,13 +245,15 @@ def _eval_batches(src: store.Artifact, hook: str):
     return BatchReader(ev, min(8192, int(ev.shape[0])), 0, src.ref).once
 
 
-def _finish(art: store.Artifact, grid: Grid, tolerance: float) -> None:
+def _finish(art: store.Artifact, grid: Grid, tolerance: float,
+            evals: list[store.Artifact] | None = None) -> None:
     """Description length of every point, the table, the plots, the choice."""
     from saectl import mdl  # torch
     from saectl.sae import load_sae  # torch
 
-    rows, dls = [], {}
+    rows, dls, probes = [], {}, {}
     values = grid.values
+    shares = [k for k in SHARES if any(k in p.art.manifest()["summary"] for p in grid.points)]
     varying = sorted({k for v in values for k in v if len({json.dumps(w.get(k)) for w in values}) > 1})
     for i, (p, v) in enumerate(zip(grid.points, values)):
         s = p.art.manifest()["summary"]
@@ -222,18 +264,29 @@ def _finish(art: store.Artifact, grid: Grid, tolerance: float) -> None:
         rows.append({"point": name, **{k: v.get(k) for k in varying}, "arch": p.sae_cfg.arch,
                      "width": p.sae_cfg.d_sae, "k": p.sae_cfg.k, "ref": p.art.ref,
                      "mse": s["mse"], "fvu": s["fvu"], "l0": s["l0"],
+                     **{k: s.get(k) for k in shares},
                      "dead_fraction": s["dead_fraction"], "ce_loss_score": s.get("ce_loss_score"),
                      "dl": dl.bits_per_token, "naive_bound": dl.naive_bound, "bins": dl.bins,
                      "quantised_fvu": dl.quantised_fvu})
+        if evals is not None:
+            rows[-1]["eval_ref"] = evals[i].ref
+            probe = evals[i].manifest()["summary"].get("probing")
+            if probe:
+                probes[name] = probe
+                rows[-1].update({f"probe_top_{k}": v for k, v in probe["sae_top_k"].items()})
+                rows[-1]["probe_model_full"] = probe["model_full"]
     chosen, message = mdl.choose(dls, tolerance)
     chosen_ref = next((r["ref"] for r in rows if r["point"] == chosen), None)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    columns = list(dict.fromkeys(c for r in rows for c in r))  # a point without probing lacks some
+    writer = csv.DictWriter(buf, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
     store.atomic_write(layout.report(art.path, TABLE), buf.getvalue().encode())
     _plots(layout.report(art.path), rows, tolerance, chosen)
-    store.mark_complete(art, {"table": rows, "columns": list(rows[0]), "chosen": chosen,
+    if probes:
+        evaluation.probe_plot(layout.report(art.path, PROBE_PLOT), probes)
+    store.mark_complete(art, {"table": rows, "columns": columns, "chosen": chosen,
                               "chosen_ref": chosen_ref,
                               "tolerance": tolerance, "message": message,
                               "by_bins": {k: dl.by_bins for k, dl in dls.items()}})
@@ -251,15 +304,18 @@ def report(cfg: SweepConfig, art: store.Artifact) -> None:
         return
     s = art.manifest()["summary"]
     table = Table(title=f"sweep {art.ref[:18]} (ε = {s['tolerance']})")
-    shown = {"mse", "ref", "naive_bound", "quantised_fvu"}  # in the CSV; kept off the terminal
-    cols = [c for c in s["columns"] if c not in shown]
+    shown = {"mse", "ref", "naive_bound", "quantised_fvu", "eval_ref", "probe_model_full"}
+    cols = [c for c in s["columns"] if c not in shown and not (
+        c.startswith("probe_top_") and c.removeprefix("probe_top_") not in PROBE_SHOWN)]
     names = {"dead_fraction": "dead", "ce_loss_score": "CE score", "dl": "DL bits/tok",
-             "bins": "B"}
+             "bins": "B", "explained_variance_per_token": "EV/token",
+             "worst_error_share": "worst 0.1% err",
+             **{f"probe_top_{k}": f"probe@{k}" for k in PROBE_SHOWN}}
     for c in cols:
         table.add_column(names.get(c, c), justify="right", no_wrap=True)
     for r in s["table"]:
         style = "bold green" if r["point"] == s["chosen"] else None
-        table.add_row(*[_fmt(r[c]) for c in cols], style=style)
+        table.add_row(*[_fmt(r.get(c)) for c in cols], style=style)
     console.print(table)
     info(f"sweep: {s['message']}; table and plots in {layout.report(art.path)}")
     if s["chosen_ref"] is None:

@@ -183,7 +183,7 @@ def test_eval_default_probe_task_is_the_packaged_topics(trained, capsys):
 
 
 def test_bad_input(trained, tiny_model_dirs, tmp_path, capsys):
-    root, h, _, sae = trained
+    root, _, _, sae = trained
     base = ["eval", sae, "--store", root, "--device", "cpu", "--no-lm-eval"]
     res = run_cli(capsys, *base, "--probe-data", probe_file(tmp_path / "a.jsonl", column="y"))
     assert_one_line_error(res, "no column 'label'", "--label-column")

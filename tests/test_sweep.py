@@ -191,3 +191,59 @@ def test_a_damaged_slurm_record_is_one_line(split, monkeypatch, capsys):
     res = run_cli(capsys, *args)
     assert_one_line_error(res, str(record), "damaged", "delete it")
     tried("sweep", "corruption")
+
+
+def test_table_shows_per_token_figures_and_eval_keeps_addresses(split, tmp_path, capsys,
+                                                                 tiny_model_dirs):
+    """The table carries the per-token figures from each point's summary; --eval evaluates every
+    point (probing in the table and probe_k.png) and only then changes the sweep's address."""
+    import json
+
+    from stages import sweep as sweep_stage
+
+    root, sh, grid = split
+    plain = sweep_stage.STAGE.plan(sweep_stage.SweepConfig(shuffle=sh, grid=str(grid),
+                                                           store=str(root), tolerance=0.6))
+    assert set(plain.params) == {"points", "tolerance"}  # as before --eval existed
+    res = run_cli(capsys, "sweep", sh, "--grid", grid, "--store", root, "--tolerance", "0.6",
+                  "--device", "cpu")
+    assert res.code == 0, res.err
+    sweep = store.list_artifacts(root, "sweep")[0]
+    assert sweep.digest == plain.art.digest and "EV/token" in res.err
+    with open(sweep.report_dir / "table.csv") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        assert 0 < float(r["worst_error_share"]) <= 1
+        assert np.isfinite(float(r["explained_variance_per_token"]))
+
+    # --eval on a tiny model's harvest, with eval's flags from the grid's `eval:`.
+    from tests.conftest import corpus_texts
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts()))
+    h = run_cli(capsys, "harvest", "--model", tiny_model_dirs["gpt_neox"], "--dataset", corpus,
+                "--hooks", "resid_post.1", "--tokens", 64 * 16, "--context-size", 16,
+                "--store", root, "--device", "cpu")
+    lm_sh = run_cli(capsys, "shuffle", h.out.strip(), "--store", root, "--eval-fraction", "0.2")
+    probes = tmp_path / "probes.jsonl"
+    words = {"sport": "The team won the match", "music": "The band played a song"}
+    probes.write_text("".join(json.dumps({"text": f"{w} {i}.", "label": c})
+                              + "\n" for c, w in words.items() for i in range(12)))
+    lm_grid = tmp_path / "lm_grid.yaml"
+    lm_grid.write_text("arch: topk\nk: [2, 4]\nexpansion: 2\ntokens: 2048\nbatch_size: 256\n"
+                       "lm_eval_seqs: 2\n"
+                       f"eval: {{probe_data: {probes}, lm_eval_seqs: 2}}\n")
+    args = ["sweep", lm_sh.out.strip(), "--grid", lm_grid, "--store", root, "--tolerance",
+            "0.9", "--device", "cpu"]
+    res = run_cli(capsys, *args)
+    assert res.code == 0, res.err
+    lm_sweep = next(a for a in store.list_artifacts(root, "sweep") if a.digest != sweep.digest)
+    s = lm_sweep.manifest()["summary"]
+    assert "eval" in lm_sweep.manifest()["params"] and "probe@1" in res.err
+    assert all(0 <= r["probe_top_1"] <= 1 and r["eval_ref"].startswith("eval/")
+               for r in s["table"])
+    assert (lm_sweep.report_dir / "probe_k.png").stat().st_size > 0
+    # Each point's eval is an ordinary eval artifact: the same flags are a cache hit.
+    again = run_cli(capsys, "eval", s["table"][0]["ref"], "--store", root, "--probe-data",
+                    probes, "--lm-eval-seqs", "2", "--tolerance", "0.9", "--device", "cpu")
+    assert again.out.strip() == s["table"][0]["eval_ref"] and "cache hit" in again.err
