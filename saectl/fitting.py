@@ -349,7 +349,7 @@ def _evaluate(art, src, harvest, hook, sae, lm_spec, cfg) -> dict:
     if n_eval == 0:
         raise ConfigError(f"{src.ref} has no eval split; re-run shuffle with --eval-fraction > 0")
     reader = BatchReader(ev, min(cfg.batch_size, n_eval), 0, src.ref)
-    figures, log_density = metrics.reconstruction(sae, reader.once())
+    figures, log_density = metrics.reconstruction(sae, reader.once)
     out = art.group("r+")
     out.create_array(layout.LOG_DENSITY, data=log_density.astype(np.float32), overwrite=True)
     sae_dir = layout.sae_dir(art.path)
