@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from saectl import arrays, checkpoints, faults, layout, store
+from saectl import arrays, checkpoints, faults, layout, outliers, store
 from saectl.config import address_params, fields, opt
 from saectl.console import info, progress
 from saectl.errors import ConfigError
@@ -366,8 +366,12 @@ def _evaluate(art, src, harvest, hook, sae, lm_spec, cfg) -> dict:
         tokens = harvest.group()[layout.TOKENS].get_orthogonal_selection((seqs, slice(None)))
         ids = torch.from_numpy(np.asarray(tokens)).long().to(device)
         skip = 0 if src.manifest()["params"].get("keep_bos") else 1
+        # The outliers the shuffle left out of training keep their clean activation, as BOS does.
+        keep = torch.from_numpy(outliers.left_out(src, hook, seqs, ids.shape[1]))
         sae_dev = sae.to(device)
         batches = [ids[i:i + 4] for i in range(0, len(ids), 4)]
         figures.update(metrics.downstream(
-            model, hp, lambda a: sae_dev.decode(sae_dev.encode(a.float())), batches, skip))
+            model, hp, lambda a: sae_dev.decode(sae_dev.encode(a.float())), batches, skip,
+            [keep[i:i + 4] for i in range(0, len(ids), 4)]))
+        figures["outliers_passed_through"] = int(keep.sum())
     return figures

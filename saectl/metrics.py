@@ -134,31 +134,37 @@ def reconstruction(sae, batches: Iterable[torch.Tensor] | Callable[[], Iterable[
 
 @torch.no_grad()
 def downstream(model, hook, reconstruct: Callable[[torch.Tensor], torch.Tensor],
-               token_batches: Iterable[torch.Tensor], skip_first: int = 1) -> dict:
+               token_batches: Iterable[torch.Tensor], skip_first: int = 1,
+               passthrough: Iterable[torch.Tensor] | None = None) -> dict:
     """CE-loss score, KL score and ΔLM loss of splicing `reconstruct` in at `hook`.
 
     Positions before `skip_first` (the BOS, which training leaves out) keep their clean
-    activation in both the SAE and the zero-ablation runs, as SAEBench does for special tokens."""
+    activation in both the SAE and the zero-ablation runs, as SAEBench does for special tokens;
+    so do the positions `passthrough` marks (one [batch, context] bool tensor per batch: the
+    outliers the shuffle left out, saectl/outliers.py)."""
     from saectl.hooks import run_with_replacement
 
-    def splice(fn):
+    def splice(fn, keep):
         def replace(act):
             out = act.clone()
             out[:, skip_first:] = fn(act[:, skip_first:].reshape(-1, act.shape[-1])).reshape(
                 act[:, skip_first:].shape).to(act.dtype)
+            if keep is not None:
+                out[keep] = act[keep]
             return out
         return replace
 
-    zero = splice(torch.zeros_like)
-    sae = splice(reconstruct)
+    masks = iter(passthrough) if passthrough is not None else None
     ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
     kl = {"sae": 0.0, "zero": 0.0}
     n = 0
     for ids in token_batches:
+        keep = next(masks).to(ids.device) if masks is not None else None
         labels = ids[:, 1:]
         clean_logits = model(input_ids=ids).logits[:, :-1].float()
         clean_logp = clean_logits.log_softmax(-1)
-        for name, fn in (("sae", sae), ("zero", zero)):
+        for name, fn in (("sae", splice(reconstruct, keep)),
+                         ("zero", splice(torch.zeros_like, keep))):
             logp = run_with_replacement(model, hook, fn, ids)[:, :-1].float().log_softmax(-1)
             ce[name] += float(F.nll_loss(logp.flatten(0, 1), labels.flatten(), reduction="sum"))
             kl[name] += float((clean_logp.exp() * (clean_logp - logp)).sum())

@@ -29,7 +29,6 @@ from saectl.console import progress
 from saectl.errors import ConfigError
 
 WRITER = "shuffle.outliers"  # its progress file; hooks' own are `shuffle-<hook>`
-BLOCK = 1 << 20              # norms read per scan step: 4 MiB
 MAX_SHARE = 0.01             # more than this is not a few outliers but a cut of the data
 LISTED = 100                 # positions listed in the manifest; `outliers/<hook>` holds all
 
@@ -73,20 +72,21 @@ def stream_norms(art, src_arr, hook: str, step: int, src_ref: str) -> Path:
     return path
 
 
-def _scan(path: Path, C: int, first: int):
-    """(rows, norms) of the rows a split can hold (position ≥ `first`), a block at a time."""
-    n = path.stat().st_size // 4
-    for lo in range(0, n, BLOCK):
-        v = np.fromfile(path, dtype="<f4", count=min(BLOCK, n - lo), offset=4 * lo)
+def _scan(path: Path, C: int, first: int, budget: int):
+    """(rows, norms) of the rows a split can hold (position ≥ `first`), a block at a time: its
+    temporaries take ~32 bytes a row, a 64th of --memory as a read of the shuffle does."""
+    n, block = path.stat().st_size // 4, max(4096, budget // 64 // 32)
+    for lo in range(0, n, block):
+        v = np.fromfile(path, dtype="<f4", count=min(block, n - lo), offset=4 * lo)
         rows = np.arange(lo, lo + len(v), dtype=np.int64)
         keep = rows % C >= first
         yield rows[keep], v[keep]
 
 
-def exact_median(path: Path, C: int, first: int) -> float:
+def exact_median(path: Path, C: int, first: int, budget: int) -> float:
     """The lower median (as torch.median) of the norms of rows at position ≥ `first`."""
     top = np.zeros(1 << 16, np.int64)
-    for _, v in _scan(path, C, first):
+    for _, v in _scan(path, C, first, budget):
         top += np.bincount(v.view(np.uint32) >> 16, minlength=1 << 16)
     total = int(top.sum())
     if total == 0:
@@ -96,23 +96,24 @@ def exact_median(path: Path, C: int, first: int) -> float:
     hi = int(np.searchsorted(cum, k, side="right"))
     below = int(cum[hi - 1]) if hi else 0
     low = np.zeros(1 << 16, np.int64)
-    for _, v in _scan(path, C, first):
+    for _, v in _scan(path, C, first, budget):
         bits = v.view(np.uint32)
         low += np.bincount(bits[(bits >> 16) == hi] & 0xFFFF, minlength=1 << 16)
     lo = int(np.searchsorted(np.cumsum(low), k - below, side="right"))
     return float(np.array([(hi << 16) | lo], np.uint32).view(np.float32)[0])
 
 
-def exceeding(path: Path, C: int, first: int, threshold: float) -> tuple[np.ndarray, float]:
+def exceeding(path: Path, C: int, first: int, threshold: float,
+              budget: int) -> tuple[np.ndarray, float]:
     """(sorted rows whose norm exceeds `threshold`, the largest norm)."""
     found, top = [], 0.0
-    for rows, v in _scan(path, C, first):
+    for rows, v in _scan(path, C, first, budget):
         found.append(rows[v > threshold])
         top = max(top, float(v.max(initial=0.0)))
     return (np.concatenate(found) if found else np.empty(0, np.int64)), top
 
 
-def find(art, sources: dict, C: int, first: int, multiple: float, step_of,
+def find(art, sources: dict, C: int, first: int, multiple: float, budget: int, step_of,
          src_ref: str) -> tuple[np.ndarray, dict]:
     """(sorted harvest rows to leave out, {hook: what was measured}).
 
@@ -123,16 +124,16 @@ def find(art, sources: dict, C: int, first: int, multiple: float, step_of,
     state = _state(art)
     group = art.group("r+")
     if state.get("done"):
-        pairs = group[layout.outliers(sorted(sources)[0])][:]
+        pairs = group[layout.outliers(min(sources))][:]
         return (pairs[:, 0] * C + pairs[:, 1]).astype(np.int64), state["hooks"]
     found, measured = [], {}
     for hook, arr in sorted(sources.items()):
         path = stream_norms(art, arr, hook, step_of(arr), src_ref)
-        median = exact_median(path, C, first)
+        median = exact_median(path, C, first, budget)
         threshold = multiple * median
-        rows, top = exceeding(path, C, first, threshold)
+        rows, top = exceeding(path, C, first, threshold, budget)
         measured[hook] = {"median_norm": median, "threshold": threshold, "max_norm": top,
-                          "n_exceeding": int(len(rows))}
+                          "n_exceeding": len(rows)}
         found.append(rows)
     rows = np.unique(np.concatenate(found)) if found else np.empty(0, np.int64)
     n_rows = next(iter(sources.values())).shape[0] // C * (C - first)
@@ -185,7 +186,7 @@ def listed(harvest_group, rows: np.ndarray, C: int) -> dict:
         ids = (np.asarray(harvest_group[layout.TOKENS].get_coordinate_selection((seq, pos)))
                .tolist() if len(head) else [])
     return {"positions": np.stack([seq, pos], axis=1).tolist(), "token_ids": ids,
-            "listed": int(len(head))}
+            "listed": len(head)}
 
 
 class Shares:

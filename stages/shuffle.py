@@ -198,7 +198,8 @@ def build(cfg: ShuffleConfig, plan: Plan, writer) -> None:
         # BOS stays --keep-bos's to decide: outliers are sought among the other positions.
         excluded, measured = outliers.find(
             art, {h: hin[layout.acts(h)] for h in hooks}, C, 1 if made.get("bos", True) else 0,
-            cfg.max_activation_norm_multiple, lambda a: _read_step(cfg.budget, a), src.ref)
+            cfg.max_activation_norm_multiple, cfg.budget, lambda a: _read_step(cfg.budget, a),
+            src.ref)
         split = dataclasses.replace(split, excluded=excluded)
     n_train, n_eval = split.counts()
     out = art.group("r+")
@@ -218,7 +219,7 @@ def build(cfg: ShuffleConfig, plan: Plan, writer) -> None:
                "n_eval_sequences": int(split.is_eval.sum()), "context_size": C,
                "keep_bos": cfg.keep_bos,
                "max_activation_norm_multiple": cfg.max_activation_norm_multiple,
-               "n_outliers": int(len(split.excluded)), "hooks": stats}
+               "n_outliers": len(split.excluded), "hooks": stats}
     store.mark_complete(art, summary)
     info(f"shuffle: wrote {art.ref} ({n_train:,} train rows, {n_eval:,} eval rows)")
 

@@ -256,7 +256,7 @@ def test_keep_reproduces_the_old_shuffle(tmp_path, capsys):
     measured (its params without the new field), and the split is the plain one."""
     from saectl.artifact import artifact_for
 
-    ref, x, _ = make_outlier_import(tmp_path, capsys)
+    ref, _, _ = make_outlier_import(tmp_path, capsys)
     keep = run_cli(capsys, "shuffle", ref, "--store", tmp_path, "--max-activation-norm-multiple",
                    "0").out.strip()
     src = store.open_complete(tmp_path, ref)
@@ -320,3 +320,43 @@ def test_resume_with_outliers_equals_uninterrupted(fault, tmp_path, capsys, monk
     assert a.manifest()["summary"] == b.manifest()["summary"]
     assert a.manifest()["summary"]["n_outliers"] == 6
     tried("shuffle", "kill")
+
+
+def test_the_splice_passes_left_out_positions_through(tiny_model_dirs, tiny_corpus, tmp_path,
+                                                      capsys):
+    """Train on a shuffle that left planted outliers out: its CE-loss splice keeps them clean
+    (counted in the summary), in the SAE and the zero-ablation run alike."""
+    import torch
+
+    from saectl import hooks, metrics, models
+    from stages.shuffle import ShuffleConfig, make_split
+
+    res = run_cli(capsys, "harvest", "--model", tiny_model_dirs["gpt2"], "--dataset", tiny_corpus,
+                  "--hooks", "resid_post.0", "--tokens", 40 * 16, "--context-size", 16,
+                  "--store", tmp_path, "--device", "cpu")
+    h = store.open_complete(tmp_path, res.out.strip())
+    cfg = ShuffleConfig(harvest=h.ref, eval_fraction=0.25)
+    evals = np.flatnonzero(make_split(40, 16, cfg).is_eval)
+    trains = np.setdiff1d(np.arange(40), evals)
+    planted = [(int(evals[0]), 4), (int(evals[1]), 9), (int(trains[0]), 2)]
+    acts = h.group("r+")["acts/resid_post.0"]
+    for seq, pos in planted:
+        acts[seq * 16 + pos] = arrays.read(acts, slice(seq * 16 + pos, seq * 16 + pos + 1))[0] * 100
+    sh = run_cli(capsys, "shuffle", h.ref, "--store", tmp_path, "--eval-fraction", "0.25")
+    tr = run_cli(capsys, "train", sh.out.strip(), "--store", tmp_path, "--device", "cpu",
+                 "--k", "4", "--expansion", "2", "--tokens", "512", "--batch-size", "64")
+    assert tr.code == 0, tr.err
+    s = store.open_complete(tmp_path, tr.out.strip()).manifest()["summary"]
+    assert s["outliers_passed_through"] == 2 and "ce_loss_score" in s
+    # What passing through means: a marked position keeps its clean activation in both runs.
+    model = models.load_model(models.resolve_model(str(tiny_model_dirs["gpt2"])))
+    hook = hooks.parse_hooks(model, ["resid_post.0"])[0]
+    ids = [torch.from_numpy(np.asarray(h.group()["tokens"][:4])).long()]
+    every = [torch.ones(4, 16, dtype=torch.bool)]
+    kept = metrics.downstream(model, hook, torch.zeros_like, ids, passthrough=every)
+    assert kept["ce_sae"] == kept["ce_zero"] == kept["ce_clean"] and kept["kl_sae"] == 0
+    some = [torch.zeros(4, 16, dtype=torch.bool)]
+    some[0][:, 5] = True
+    part = metrics.downstream(model, hook, torch.zeros_like, ids, passthrough=some)
+    plain = metrics.downstream(model, hook, torch.zeros_like, ids)
+    assert part["ce_zero"] == part["ce_sae"] != plain["ce_zero"]
