@@ -23,7 +23,8 @@ from rich.table import Table
 
 from benchmarks.common import load_average, machine
 
-SUITES = ["harvest", "codecs", "shuffle", "train", "sweep", "interpret", "scaling"]
+SUITES = ["harvest", "codecs", "shuffle", "train", "sweep", "interpret", "scaling",
+          "groundtruth"]
 
 # Issue 8's table of goals: (suite, what, words that the names of the rows answering it hold).
 # After a run, each goal of a suite that ran must have at least one row with a goal and a
@@ -44,6 +45,9 @@ GOALS = [
     ("scaling", "harvest time and disk linear in tokens", ("scaling: harvest",)),
     ("scaling", "shuffle peak memory flat at the budget", ("scaling: shuffle",)),
     ("scaling", "train time and memory against width and k", ("scaling: train",)),
+    # Issue 16: feature recovery on SAELens's synthetic ground truth, each tool at its best LR.
+    *[("groundtruth", f"{arch} recovers features >= SAELens's (F1)",
+       (f"ground truth F1 {arch} ",)) for arch in ("topk", "batchtopk", "matryoshka")],
 ]
 
 
