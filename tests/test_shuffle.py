@@ -360,3 +360,17 @@ def test_the_splice_passes_left_out_positions_through(tiny_model_dirs, tiny_corp
     part = metrics.downstream(model, hook, torch.zeros_like, ids, passthrough=some)
     plain = metrics.downstream(model, hook, torch.zeros_like, ids)
     assert part["ce_zero"] == part["ce_sae"] != plain["ce_zero"]
+
+
+def test_bad_outlier_multiples(tmp_path, capsys):
+    ref, x, _ = make_outlier_import(tmp_path, capsys)
+    for bad in ("0.5", "1", "-2"):
+        assert_one_line_error(run_cli(capsys, "shuffle", ref, "--store", tmp_path,
+                                      "--max-activation-norm-multiple", bad), "above 1")
+    x[::10] *= 100  # a tenth of the rows is not a few outliers
+    np.save(tmp_path / "y.npy", x)
+    many = run_cli(capsys, "import", tmp_path / "y.npy", "--hook", "h", "--context-size", 20,
+                   "--store", tmp_path).out.strip()
+    assert_one_line_error(run_cli(capsys, "shuffle", many, "--store", tmp_path),
+                          "cuts the data", "give 0 to keep")
+    tried("shuffle", "bad input", 4)
