@@ -250,19 +250,24 @@ def probe_plot(path, results: dict[str, dict]) -> None:
     from saectl.plots import plt, save_figure  # matplotlib, only when a figure is drawn
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
+    def curve(by_k: dict):  # a manifest's keys are sorted as strings: "1", "10", "2", ...
+        ks = sorted(int(k) for k in by_k)
+        return ks, [by_k[str(k)] for k in ks]
+
     for name, r in results.items():
-        ks = [int(k) for k in r["sae_top_k"]]
-        ax.plot(ks, list(r["sae_top_k"].values()), "o-", label=f"{name}: top-k latents")
+        ax.plot(*curve(r["sae_top_k"]), "o-", label=f"{name}: top-k latents")
         if len(results) == 1:
-            ax.plot([int(k) for k in r["random_k"]], list(r["random_k"].values()), "s:",
-                    color="grey", label="random k latents")
-            ax.plot([int(k) for k in r["model_top_k"]], list(r["model_top_k"].values()), "^--",
-                    color="tab:orange", label="top-k model dimensions")
+            ax.plot(*curve(r["random_k"]), "s:", color="grey", label="random k latents")
+            ax.plot(*curve(r["model_top_k"]), "^--", color="tab:orange",
+                    label="top-k model dimensions")
     first = next(iter(results.values()))
     ax.axhline(first["model_full"], color="black", lw=1, ls="--",
                label=f"all model activations ({first['model_full']:.3f})")
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-    ax.set(xscale="log", xlabel="k (latents the probe reads)", ylabel="test accuracy",
+    ks = sorted({int(k) for r in results.values() for k in r["sae_top_k"]})
+    ax.set_xscale("log")
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set(xlabel="k (latents the probe reads)", ylabel="test accuracy",
            title=f"k-sparse probing ({len(first['tasks'])} one-vs-rest tasks)")
     ax.legend(fontsize=7)
     save_figure(fig, path)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from saectl import data
+from saectl.console import progress
 from saectl.errors import ConfigError, SaectlError
 
 PACKAGED = {"text": "extract", "label": "topic", "exclude": ("Uncategorized",)}
@@ -194,14 +195,16 @@ def capture(model, hook, ids: list[list[int]], batch_size: int = 16):
     from saectl.hooks import run_with_hooks
 
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    acts, index = [None] * len(ids), []
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        width = max(len(ids[i]) for i in batch)
-        x = torch.tensor([ids[i] + [ids[i][0]] * (width - len(ids[i])) for i in batch])
-        out = run_with_hooks(model, [hook], x)[hook.name].float().cpu()
-        for row, i in enumerate(batch):
-            acts[i] = out[row, 1:len(ids[i])].clone()
+    acts = [None] * len(ids)
+    with progress("eval: probe texts", len(ids), "texts") as bar:
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            width = max(len(ids[i]) for i in batch)
+            x = torch.tensor([ids[i] + [ids[i][0]] * (width - len(ids[i])) for i in batch])
+            out = run_with_hooks(model, [hook], x)[hook.name].float().cpu()
+            for row, i in enumerate(batch):
+                acts[i] = out[row, 1:len(ids[i])].clone()
+            bar.advance(len(batch))
     index = torch.cat([torch.full((len(a),), i, dtype=torch.long) for i, a in enumerate(acts)])
     return torch.cat(acts), index
 

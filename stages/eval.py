@@ -45,8 +45,8 @@ def report(cfg: EvalConfig, art: store.Artifact) -> None:
                         f"{p['n_test']} test texts)")
     for col in ("k", "top-k latents", "random k latents", "top-k model dims"):
         probe.add_column(col, justify="right")
-    for k in p["sae_top_k"]:
-        probe.add_row(k, _fmt(p["sae_top_k"][k]), _fmt(p["random_k"].get(k)),
+    for k in map(str, p["k"]):  # the manifest's keys are sorted as strings; k is in order
+        probe.add_row(k, _fmt(p["sae_top_k"].get(k)), _fmt(p["random_k"].get(k)),
                       _fmt(p["model_top_k"].get(k)))
     probe.add_row("all", _fmt(p["sae_full"]), "", _fmt(p["model_full"]))
     console.print(probe)

@@ -273,7 +273,8 @@ def _finish(art: store.Artifact, grid: Grid, tolerance: float,
             probe = evals[i].manifest()["summary"].get("probing")
             if probe:
                 probes[name] = probe
-                rows[-1].update({f"probe_top_{k}": v for k, v in probe["sae_top_k"].items()})
+                rows[-1].update({f"probe_top_{k}": probe["sae_top_k"].get(str(k))
+                                 for k in probe["k"]})
                 rows[-1]["probe_model_full"] = probe["model_full"]
     chosen, message = mdl.choose(dls, tolerance)
     chosen_ref = next((r["ref"] for r in rows if r["point"] == chosen), None)
