@@ -59,7 +59,7 @@ def create(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[i
 def to_storage(x, storage: str) -> np.ndarray:
     """A torch tensor → the NumPy array that is written. Non-finite values are refused by the
     caller (an overflow to inf in float16 is a wrong number, not a rounding)."""
-    import torch
+    import torch  # deferred: the store and the CLI never need it
 
     if storage == "bfloat16":
         return x.to(torch.bfloat16).contiguous().view(torch.uint16).cpu().numpy()

@@ -231,7 +231,7 @@ def _iter_json(path: str, column: str) -> Iterator[str | None]:
 
 def _iter_parquet(path: str, column: str) -> Iterator[str | None]:
     try:
-        import pyarrow as pa
+        import pyarrow as pa  # deferred: an optional extra, only for .parquet
         import pyarrow.parquet as pq
     except ImportError:
         raise SaectlError(
@@ -276,7 +276,7 @@ def _iter_file(path: str, column: str) -> Iterator[str | None]:
 
 def _iter_hf(spec: DataSpec) -> Iterator[str | None]:
     try:
-        import datasets
+        import datasets  # deferred: an optional extra (heavy), only for hub datasets
     except ImportError:
         raise SaectlError(
             f"dataset {spec.name!r} is a Hugging Face id; that needs "

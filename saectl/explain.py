@@ -35,6 +35,7 @@ from typing import Protocol
 from .endpoint import ExplainerError, OpenAIClient, redact  # noqa: F401 (explain.OpenAIClient)
 from .errors import ConfigError
 from .hashing import canonical_json
+from .store import atomic_write
 
 EXPLANATION_MAX_TOKENS = 64
 DETECTION_MAX_TOKENS = 32
@@ -286,7 +287,7 @@ class HFClient:
 
     def __init__(self, model: str | None = None, device: str = "cpu", batch_size: int = 8):
         # Imported here: saectl.models pulls in torch, which an endpoint-only run never needs.
-        from .models import model_identity, resolve_model
+        from .models import model_identity, resolve_model  # torch: deferred to the local client
 
         self.spec = resolve_model(model)
         self.device, self.batch_size = device, batch_size
@@ -294,7 +295,7 @@ class HFClient:
         self._model = self._tok = None
 
     def _load(self):
-        from .models import load_model, load_tokenizer
+        from .models import load_model, load_tokenizer  # torch, transformers: deferred
 
         if self._model is None:
             self._tok = load_tokenizer(self.spec)
@@ -319,7 +320,7 @@ class HFClient:
                                            tokenize=False)
 
     def complete(self, batch: list[list[dict]], max_tokens: int) -> list[str]:
-        import torch
+        import torch  # deferred: only the local client needs it
 
         model, tok = self._load()
         texts = [self._render(tok, m) for m in batch]
@@ -379,8 +380,6 @@ class ResponseCache:
         return hashlib.sha256(canonical_json(doc).encode()).hexdigest()
 
     def save(self) -> None:
-        from .store import atomic_write
-
         if self.path is not None:
             atomic_write(self.path, json.dumps(self.entries, sort_keys=True, indent=0).encode())
 

@@ -101,7 +101,7 @@ def logit_lens(W_dec, model, k: int = 10):
     Returns (pos_ids, pos_vals, neg_ids, neg_vals), each (n, k)."""
     import torch  # deferred, as in harvest_model
 
-    from saectl.models import unembed
+    from saectl.models import unembed  # torch: deferred, as above
 
     W_U, scale = unembed(model)
     W_U = W_U.float()

@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saectl.errors import ConfigError
+
 BINS = (2, 4, 8, 16, 32, 64, 128, 256)
 _FINEST = BINS[-1]
 _SHIFT = {b: int(math.log2(_FINEST // b)) for b in BINS}
@@ -141,8 +143,6 @@ def description_length(sae, batches: Callable[[], Iterable[Tensor]],
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        from saectl.errors import ConfigError
-
         raise ConfigError(f"tolerance={tolerance!r} must be a number >= 0 (an FVU, e.g. 0.1)")
     dev, F = sae.device, sae.d_sae
     f64 = dict(dtype=torch.float64, device=dev)
@@ -228,9 +228,7 @@ def _encoded(sae, batches: Iterable[Tensor]):
     """(x float32 on the SAE's device, dense acts float32) per batch."""
     for x in batches:
         if x.shape[-1] != sae.d_in:
-            from saectl.errors import ConfigError
-
-            raise ConfigError(f"the SAE reads d_in={sae.d_in} but the activations have "
+                raise ConfigError(f"the SAE reads d_in={sae.d_in} but the activations have "
                               f"d={x.shape[-1]}; pair the SAE with activations from its own hook")
         x = x.reshape(-1, sae.d_in).to(sae.device, torch.float32)
         if x.shape[0] == 0:

@@ -207,7 +207,7 @@ def _from_pretrained(loader, spec: ModelSpec, **kwargs):
 
 def load_tokenizer(spec: ModelSpec):
     """The model's tokenizer (from its folder, hub repo, or GGUF metadata)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: heavy (seconds), only when loading
 
     return _from_pretrained(AutoTokenizer, spec)
 
@@ -215,7 +215,7 @@ def load_tokenizer(spec: ModelSpec):
 def load_config(spec: ModelSpec):
     """The model's transformers config (config.json, or the GGUF's metadata): its shape,
     without reading its weights."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # deferred: heavy, only when loading
 
     return _from_pretrained(AutoConfig, spec)
 
@@ -224,7 +224,7 @@ def skeleton(spec: ModelSpec) -> nn.Module:
     """The model's modules on the meta device, built from its config: every module path and
     block a hook may name, without allocating or reading a weight (so bad hooks fail before the
     weights load)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # deferred: heavy, only when loading
 
     config = load_config(spec)
     try:
@@ -257,7 +257,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
 def load_model(spec: ModelSpec, device: str | torch.device = "cpu",
                dtype: torch.dtype | str = torch.float32) -> nn.Module:
     """The causal LM in eval mode with gradients off, weights on `device` in `dtype`."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # deferred: heavy, only when loading
 
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
