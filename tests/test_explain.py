@@ -538,16 +538,20 @@ def test_fuzzing_told_the_truth_scores_1_over_http_with_cache(tmp_path):
         assert score == {"balanced_accuracy": 1.0, "control_balanced_accuracy": 0.5, "n": 20,
                          "invalid_answers": 0}
         assert len(requests) == 2 * 4  # (explanation, control) × 20 marked texts / 5 a prompt
+        # the explanation's own prompts (requests run concurrently: the control's interleave)
+        own = [r for r in requests if 'explanation: The word "volcano".' in
+               r["messages"][-1]["content"]]
+        assert len(own) == 4
         prompts = [re.findall(r"^Example \d+: (.*)$", r["messages"][-1]["content"], re.MULTILINE)
-                   for r in requests[:4]]
+                   for r in own]
         shown = [t for p in prompts for t in p]
         assert sum("<< volcano>>" in t for t in shown) == 10  # each context once marked right
         assert all(t.count("<<") == 1 for t in shown)  # and once elsewhere, one token as well
         for p in prompts:  # never both markings of one context in a prompt
             numbers = [t.rsplit(" ", 1)[1] for t in p]
             assert len(set(numbers)) == len(numbers)
-        first = ["<< volcano>>" in t for t in prompts[0]]
-        assert 0 < sum(first) < len(first)  # shuffled: a mix in a prompt
+        right = [["<< volcano>>" in t for t in p] for p in prompts]
+        assert any(0 < sum(r) < len(r) for r in right)  # shuffled: a mix in a prompt
 
         requests.clear()  # the fuzz prompts are in the answer cache: a re-run asks nothing
         again = fuzz_score(client, 'The word "volcano".', POSITIVES, seed=3,
