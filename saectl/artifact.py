@@ -14,8 +14,10 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import zarr
 
@@ -88,11 +90,16 @@ def artifact_for(store: Path, stage: str, params: dict,
 def atomic_write(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename into place (zarr's
     `_atomic_write`): a reader sees the old content or the new, never half of it."""
+    write_atomically(path, lambda f: f.write(data))
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """`atomic_write` for content streamed by `write(file)` (a checkpoint too big to hold)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; reports must be readable on a shared cluster

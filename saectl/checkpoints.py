@@ -17,27 +17,17 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import warnings
 from pathlib import Path
 
+from saectl.artifact import write_atomically
 from saectl.errors import SaectlError
 
 
 def save(path: Path, state: dict) -> None:
     import torch  # deferred: torch is heavy, and this module is imported without it
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; as readable as the rest of the store
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda f: torch.save(state, f))
     _fsync_dir(path.parent)
 
 
