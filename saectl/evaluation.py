@@ -164,11 +164,11 @@ def build(cfg: EvalConfig, plan: Plan, writer: store.Writing) -> None:
     import torch  # deferred, with the modules below that import it: torch is heavy
 
     from saectl import mdl, metrics
-    from saectl.fitting import _device, _load_lm  # train's model cache, shared in a sweep
+    from saectl.fitting import device_for, load_lm  # train's model cache, shared in a sweep
     from saectl.sae import load_sae
 
     t: Target = plan.context
-    device = _device(cfg)
+    device = device_for(cfg)
     sae = load_sae(layout.sae_dir(t.lin.sae.path)).to(device)
     rows = batches(t)
     figures, log_density = metrics.reconstruction(sae, rows)
@@ -183,7 +183,7 @@ def build(cfg: EvalConfig, plan: Plan, writer: store.Writing) -> None:
     if t.model is not None:
         from saectl import hooks
 
-        model = _load_lm(t.model, device)
+        model = load_lm(t.model, device)
         hook = hooks.parse_hooks(model, [t.lin.hook])[0]
     else:
         info(f"eval: {t.harvest.ref} holds imported activations, so there is no model: no "

@@ -244,7 +244,7 @@ def fit(src, manifest, harvest, points: list[Point], lm: dict) -> None:
             _finish(src, manifest, harvest, p, lm.get(p.art.ref))
 
 
-def _device(cfg):
+def device_for(cfg):
     from saectl.models import resolve_device  # deferred: imports torch
 
     return resolve_device(cfg.device)
@@ -263,10 +263,10 @@ def _train_group(src, group: list[Point]) -> None:
     sample = torch.from_numpy(arrays.read(data, slice(0, min(reader.n, 16384)), artifact=src.ref))
     for p in group:
         torch.manual_seed(p.cfg.seed)
-        p.trainer = Trainer(p.sae_cfg, p.train_cfg, sample, device=_device(p.cfg))
+        p.trainer = Trainer(p.sae_cfg, p.train_cfg, sample, device=device_for(p.cfg))
         ckpt = layout.checkpoint(p.art.path)
         if ckpt.exists():
-            state = checkpoints.load(ckpt, _device(p.cfg), ("trainer", "log", "window"))
+            state = checkpoints.load(ckpt, device_for(p.cfg), ("trainer", "log", "window"))
             p.trainer.load_state_dict(state["trainer"])
             p.log, p.window, p.start = state["log"], state["window"], state["trainer"]["step"]
             info(f"train: {p.art.ref[:18]} resuming at step {p.start:,} of {p.steps:,}")
@@ -330,7 +330,7 @@ def _lm_setup(cfg, harvest):
 
 
 @functools.lru_cache(maxsize=1)
-def _load_lm(spec, device):
+def load_lm(spec, device):
     """The model for downstream evaluation, loaded once for all the points of a sweep."""
     from saectl import models  # deferred: imports torch and transformers
 
@@ -359,8 +359,8 @@ def _evaluate(art, src, harvest, hook, sae, lm_spec, cfg) -> dict:
                        "model_name": harvest.manifest().get("origin", {}).get("model", {})
                        .get("name"), "context_size": harvest.manifest()["params"]["context_size"]})
     if lm_spec is not None:
-        device = _device(cfg)
-        model = _load_lm(lm_spec, device)
+        device = device_for(cfg)
+        model = load_lm(lm_spec, device)
         hp = hooks.parse_hooks(model, [hook])[0]
         seqs = group[layout.EVAL_SEQUENCES][:][: cfg.lm_eval_seqs]
         tokens = harvest.group()[layout.TOKENS].get_orthogonal_selection((seqs, slice(None)))

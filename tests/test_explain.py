@@ -46,6 +46,21 @@ from tests.helpers import tried
 
 
 @contextmanager
+def listening(handler):
+    """A threaded HTTP server on a free port of 127.0.0.1 running `handler`; yields its base
+    URL and shuts it down after."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextmanager
 def serve(answer):
     """An OpenAI-compatible server on 127.0.0.1: `answer(body, n)` (the parsed request and its
     1-based number) returns a reply string, or (status, payload) for anything else. Yields
@@ -73,15 +88,8 @@ def serve(answer):
         def log_message(self, *args):  # keep the test output clean
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1", requests
-    finally:
-        server.shutdown()
-        server.server_close()
+    with listening(Handler) as base:
+        yield f"{base}/v1", requests
 
 
 def _completion(text: str) -> dict:
@@ -351,15 +359,8 @@ def raw_server(reply):
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    finally:
-        server.shutdown()
-        server.server_close()
+    with listening(Handler) as base:
+        yield base, seen
 
 
 def _answer(method, path):
