@@ -21,10 +21,11 @@ from saectl import pipeline_view as view
 from saectl import stage as contract
 from saectl.config import stage_command
 from saectl.console import console, info, short_ref
-from saectl.errors import SaectlError
+from saectl.errors import ConfigError, SaectlError
+from saectl.lineage import SAE_STAGES
 from saectl.export import export as export_sae
 from stages import eval as eval_stage
-from stages import harvest, import_acts, interpret, shuffle, steer, sweep, train
+from stages import harvest, import_acts, import_sae, interpret, shuffle, steer, sweep, train
 
 app = typer.Typer(name="saectl", no_args_is_help=True, add_completion=False,
                   help="Sparse autoencoders for language models: harvest → shuffle → train → "
@@ -56,7 +57,7 @@ def add_stage(st: contract.Stage) -> None:
 
 
 for _st in (harvest.STAGE, shuffle.STAGE, train.STAGE, sweep.STAGE, interpret.STAGE,
-            steer.STAGE, import_acts.STAGE, eval_stage.STAGE):
+            steer.STAGE, import_acts.STAGE, eval_stage.STAGE, import_sae.STAGE):
     add_stage(_st)
 
 StoreOpt = Annotated[str | None, typer.Option("--store", help="Artifact store "
@@ -178,7 +179,10 @@ def export(ref: Annotated[str, typer.Argument(help="A train artifact")],
                                                "in --out")] = False):
     """Write a trained SAE in another tool's layout (SAELens: cfg.json, sae_weights.safetensors,
     sparsity.safetensors, loadable with sae_lens.SAE.load_from_disk), whole or not at all."""
-    art = store.open_complete(store.store_root(store_), ref, stage="train")
+    art = store.open_complete(store.store_root(store_), ref)
+    if art.stage not in SAE_STAGES:
+        raise ConfigError(f"{art.ref} is a {art.stage} artifact; export takes an SAE (a train "
+                          "or import-sae ref)")
     export_sae(art, out, fmt, force)
     print(out)
 

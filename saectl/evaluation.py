@@ -92,8 +92,9 @@ class Target:
 def plan(cfg: EvalConfig) -> Plan:
     root = store.store_root(cfg.store)
     lin = lineage.sae_lineage(root, cfg.sae)
-    keep_bos = bool(lin.shuffle.manifest()["params"].get("keep_bos"))
-    data = lin.shuffle if cfg.harvest is None else store.open_complete(root, cfg.harvest)
+    given = store.open_complete(root, cfg.harvest) if cfg.harvest else None
+    data = given or lin.shuffle or lin.harvest_or(None)  # an imported SAE needs --harvest
+    keep_bos = bool(lin.shuffle.manifest()["params"].get("keep_bos")) if lin.shuffle else False
     if data.stage == "shuffle":
         harvest = store.open_complete(root, data.manifest()["inputs"]["harvest"])
         lineage.check_activations(lin, harvest)

@@ -4,8 +4,13 @@ inside a Hugging Face causal LM, and the capture, splice and generate passes ove
 Hook names follow TransformerLens (`hook_resid_pre`, `hook_resid_post`, `hook_mlp_out`,
 `hook_attn_out`): `resid_post.L` is the output of block L, so for the last block it is the
 residual stream *before* the final norm (HF's `hidden_states[-1]` is after it), and
-`resid_pre.L` is the input of block L. As TransformerLens's `stop_at_layer`, a capture pass
-stops once the deepest hook point has been read.
+`resid_pre.L` is the input of block L. `resid_mid.L` (TransformerLens `hook_resid_mid`) is
+the residual stream between attention and MLP, read as the input of the MLP's norm, and `ln2.L`
+(`ln2.hook_normalized` without folding) is that norm's output, what the MLP reads. Both exist
+only in sequential blocks (not GPT-NeoX's parallel residual), and `resid_mid` can be read but
+not replaced: the block adds the value it holds, not the norm's input, back to the stream. As
+TransformerLens's `stop_at_layer`, a capture pass stops once the deepest hook point has been
+read.
 """
 
 from __future__ import annotations
@@ -24,8 +29,12 @@ from .errors import ConfigError
 from .layout import normalize_hook
 from .models import Family, find_blocks
 
-SITES = ("resid_pre", "resid_post", "mlp_out", "attn_out")
-_SITE = re.compile(r"^(resid_pre|resid_post|mlp_out|attn_out)(?:\.(.*))?$")
+SITES = ("resid_pre", "resid_post", "mlp_out", "attn_out", "resid_mid", "ln2")
+_SITE = re.compile(r"^(resid_pre|resid_post|mlp_out|attn_out|resid_mid|ln2)(?:\.(.*))?$")
+# The norm in front of the MLP, by attribute name: Gemma-2/3 first (their
+# post_attention_layernorm norms the attention output, not the MLP input).
+_MLP_NORMS = ("pre_feedforward_layernorm", "post_attention_layernorm", "ln_2")
+READ_ONLY_SITES = ("resid_mid",)
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,13 @@ class HookPoint:
 
 def _site_module(lay: Family, block: nn.Module, site: str, layer: int) -> tuple[str, str]:
     path = f"{lay.blocks}.{layer}"
+    if site in ("resid_mid", "ln2"):
+        norm = next((n for n in _MLP_NORMS if isinstance(getattr(block, n, None), nn.Module)), None)
+        if norm is None or getattr(block, "use_parallel_residual", False):
+            raise ConfigError(f"{site}.{layer}: this model's blocks have no norm between "
+                              "attention and MLP on the residual stream (parallel attention, or "
+                              "norms after the sublayers only); use resid_pre or resid_post")
+        return f"{path}.{norm}", "input" if site == "resid_mid" else "output"
     if site in ("resid_pre", "resid_post"):
         return path, "input" if site == "resid_pre" else "output"
     # Gemma-2/3 and OLMo-2 norm the attention and MLP outputs before adding them to the
@@ -194,6 +210,10 @@ def run_with_hooks(model: nn.Module, hooks: list[HookPoint],
 def replacing(model: nn.Module, hook: HookPoint, fn: Callable[[torch.Tensor], torch.Tensor]):
     """While the block runs, every forward pass of `model` has the activation at `hook`
     replaced by fn(activation), which must keep its shape."""
+
+    if hook.name.split(".")[0] in READ_ONLY_SITES:
+        raise ConfigError(f"{hook.name} can be read but not replaced: the block adds its own "
+                          "copy back to the residual stream; splice at resid_pre or resid_post")
 
     def replace(act: torch.Tensor) -> torch.Tensor:
         new = fn(act)

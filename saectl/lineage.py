@@ -1,6 +1,8 @@
-"""Where a trained SAE came from, and what it means in the model's vocabulary.
+"""Where an SAE came from, and what it means in the model's vocabulary.
 
-`sae_lineage` walks a train artifact's inputs back to its shuffle and harvest (or import);
+`sae_lineage` walks a train artifact's inputs back to its shuffle and harvest (or import); an
+imported SAE (import-sae) has neither, only the model and hook it names, and each stage takes
+the activations it needs from `--harvest`;
 `harvest_model` finds the model a harvest ran, checked by content hash; `logit_lens` reads a
 decoder direction through the model's unembedding. Interpret, steer and train's downstream
 evaluation share them.
@@ -15,32 +17,75 @@ from saectl import store
 from saectl.errors import ArtifactError, ConfigError
 
 
+SAE_STAGES = ("train", "import-sae")
+"""Stages whose artifacts hold an SAE (`sae/`) that interpret, steer, eval and export take."""
+
+
 @dataclass(frozen=True)
 class Lineage:
     sae: store.Artifact
-    shuffle: store.Artifact
-    harvest: store.Artifact
-    """The harvest (or import) the shuffle was made from."""
+    shuffle: store.Artifact | None
+    """None for an imported SAE."""
+    harvest: store.Artifact | None
+    """The harvest (or import) the shuffle was made from; None for an imported SAE."""
     hook: str
     d_in: int
     d_sae: int
+    model: dict | None = None
+    """An imported SAE's model: {"name"} as it names it, plus the identity --model bound."""
 
     @property
     def imported(self) -> bool:
-        return self.harvest.stage == "import"
+        return self.harvest is not None and self.harvest.stage == "import"
+
+    @property
+    def published(self) -> bool:
+        return self.harvest is None
+
+    def harvest_or(self, given: store.Artifact | None, flag: str = "--harvest") -> store.Artifact:
+        """`given`, else the SAE's own harvest; an imported SAE has none to fall back on."""
+        if given is not None:
+            return given
+        if self.harvest is None:
+            raise ConfigError(f"{self.sae.ref} was imported, so it has no activations of its own; "
+                              f"pass {flag}, a harvest of {self.model_name} at {self.hook}")
+        return self.harvest
+
+    @property
+    def model_name(self) -> str:
+        return (self.model or {}).get("name") or "its model"
 
 
 def sae_lineage(root: Path, ref: str) -> Lineage:
-    """The complete train artifact `ref` and the artifacts it was made from."""
+    """The complete SAE artifact `ref` and the artifacts it was made from."""
     sae = store.open_complete(root, ref)
-    if sae.stage != "train":
-        raise ConfigError(f"{sae.ref} is a {sae.stage} artifact; give a trained SAE (a train "
-                          "ref, e.g. the one `saectl sweep` prints)")
+    if sae.stage not in SAE_STAGES:
+        raise ConfigError(f"{sae.ref} is a {sae.stage} artifact; give an SAE (a train ref, e.g. "
+                          "the one `saectl sweep` prints, or an import-sae ref)")
     m = sae.manifest()
+    s = m["summary"]
+    if sae.stage == "import-sae":
+        return Lineage(sae, None, None, s["hook"], int(s["d_in"]), int(s["d_sae"]),
+                       m["params"]["model"])
     shuffle = store.open_complete(root, m["inputs"]["shuffle"])
     harvest = store.open_complete(root, shuffle.manifest()["inputs"]["harvest"])
-    s = m["summary"]
     return Lineage(sae, shuffle, harvest, s["hook"], int(s["d_in"]), int(s["d_sae"]))
+
+
+def _same_model(sae_model: dict, harvest_manifest: dict) -> bool:
+    """An imported SAE bound to a model (--model) must match the harvest's model exactly; one
+    that only names its model matches a harvest of a model with that name (org optional,
+    case-insensitive)."""
+    want = harvest_manifest["params"]["model"]
+    if "sha256" in sae_model:  # bound to a local copy: by content
+        return want.get("sha256") == sae_model["sha256"]
+    if "revision" in sae_model:  # bound to a hub model: by id, and by commit once pinned
+        return want.get("model") == sae_model["model"] and \
+            sae_model["revision"] in ("main", want.get("revision"))
+    origin = harvest_manifest.get("origin", {}).get("model", {})
+    names = {str(n).lower().rstrip("/").split("/")[-1]
+             for n in (origin.get("name"), origin.get("source"), want.get("model")) if n}
+    return str(sae_model.get("name") or "").lower().split("/")[-1] in names
 
 
 def check_activations(lin: Lineage, harvest: store.Artifact) -> None:
@@ -49,7 +94,14 @@ def check_activations(lin: Lineage, harvest: store.Artifact) -> None:
         raise ConfigError(f"{harvest.ref} is a {harvest.stage} artifact; give a harvest "
                           "(or import) ref")
     hm = harvest.manifest()
-    if harvest.stage == "harvest" and lin.harvest.stage == "harvest":
+    if lin.published and harvest.stage == "harvest" and lin.model and lin.model.get("name"):
+        if not _same_model(lin.model, hm):
+            raise ConfigError(f"{harvest.ref} was harvested from {_model_name(hm)}, but the SAE "
+                              f"reads {lin.model_name}; pass a harvest of that model, or bind "
+                              "the SAE to the harvest's model with `saectl import-sae --model`")
+    elif lin.published and harvest.stage == "import":
+        pass  # imported activations name no model: the width check below is all there is
+    elif harvest.stage == "harvest" and lin.harvest is not None and lin.harvest.stage == "harvest":
         want = lin.harvest.manifest()["params"]["model"]
         if hm["params"]["model"] != want:
             raise ConfigError(f"{harvest.ref} was harvested from another model than the SAE's "

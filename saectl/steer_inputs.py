@@ -42,6 +42,18 @@ def model_spec(lin: Lineage, model: str | None):
     --model for an SAE of imported activations."""
     from saectl import models  # deferred: torch and transformers
 
+    if lin.published:  # an imported SAE: --model, else the model it was bound to or names
+        named = model or _bound_source(lin.model or {})
+        if not named:
+            raise ConfigError(f"{lin.sae.ref} does not name its model; pass --model (it must "
+                              f"have the hook {lin.hook} with width {lin.d_in})")
+        spec = models.resolve_model(named)
+        have, bound = models.model_identity(spec), lin.model or {}
+        if "sha256" in bound and have.get("sha256") != bound["sha256"]:
+            raise ConfigError(f"--model {named} is not the copy the SAE was bound to at import "
+                              "(its content differs); pass that folder, or re-import with "
+                              f"--model {named}")
+        return spec
     if lin.imported:
         if not model:
             raise ConfigError(f"{lin.sae.ref} was trained on imported activations, so saectl "
@@ -56,6 +68,11 @@ def model_spec(lin: Lineage, model: str | None):
                           f"({want.get('model')}); pass --model {want.get('model')} or leave it "
                           "out")
     return spec
+
+
+def _bound_source(model: dict) -> str | None:
+    """The model an imported SAE names: the hub id it was bound to, else its own name."""
+    return model.get("model") if "revision" in model else model.get("name")
 
 
 def interpret_units(root: Path, lin: Lineage, features: list[int]):

@@ -158,7 +158,7 @@ def plan(cfg: InterpretConfig) -> Plan:
     """Everything `cfg` resolves to, and the artifact it names; writes nothing."""
     root = store.store_root(cfg.store)
     lin = sae_lineage(root, cfg.sae)
-    harvest = store.open_complete(root, cfg.harvest) if cfg.harvest else lin.harvest
+    harvest = lin.harvest_or(store.open_complete(root, cfg.harvest) if cfg.harvest else None)
     check_activations(lin, harvest)
     feats = select_features(cfg, lin.d_sae)
     client = None
