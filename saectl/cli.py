@@ -171,14 +171,15 @@ def run_pipeline(
 
 
 @app.command("export")
-def export(ref: Annotated[str, typer.Argument(help="A train artifact")],
+def export(ref: Annotated[str, typer.Argument(help="A train or import-sae artifact")],
            out: Annotated[Path, typer.Option("--out", help="Folder to write")],
-           fmt: Annotated[str, typer.Option("--format", help="saelens")] = "saelens",
+           fmt: Annotated[str, typer.Option("--format", help="saelens or sparsify")] = "saelens",
            store_: StoreOpt = None,
            force: Annotated[bool, typer.Option("--force", help="Replace an earlier export "
                                                "in --out")] = False):
-    """Write a trained SAE in another tool's layout (SAELens: cfg.json, sae_weights.safetensors,
-    sparsity.safetensors, loadable with sae_lens.SAE.load_from_disk), whole or not at all."""
+    """Write an SAE in another tool's layout, whole or not at all: SAELens (cfg.json,
+    sae_weights.safetensors, sparsity.safetensors; sae_lens.SAE.load_from_disk) or, for TopK
+    SAEs, sparsify (cfg.json, sae.safetensors; sparsify.SparseCoder.load_from_disk)."""
     art = store.open_complete(store.store_root(store_), ref)
     if art.stage not in SAE_STAGES:
         raise ConfigError(f"{art.ref} is a {art.stage} artifact; export takes an SAE (a train "

@@ -24,6 +24,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -321,7 +322,20 @@ class SAE(nn.Module, metaclass=abc.ABCMeta):
         self.load_state_dict(tensors)
 
     def cfg_json(self, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-        """cfg.json: SAELens's keys at the top level, saectl's full config under `saectl`."""
+        """cfg.json: SAELens's keys at the top level, saectl's full config under `saectl`.
+
+        SAELens keeps `metadata` only if it names a SAELens version >= 6 (else it rebuilds it
+        from top-level keys: `handle_config_defaulting`); "6.0.0" is the release that brought
+        the layout written here, and a later one would claim what saectl does not write. The
+        hook is named as TransformerLens does (what SAELens attaches to; ln2 is not, saectl's
+        is after the norm's weight) and read from the model's own activations, which is
+        TransformerLens's `from_pretrained_no_processing` (center_writing_weights false)."""
+        meta = {"sae_lens_version": "6.0.0", **(metadata or {})}
+        site = re.match(r"^(resid_pre|resid_mid|resid_post|mlp_out|attn_out)\.(\d+)$",
+                        str(meta.get("hook_name", "")))
+        if site:
+            meta.update(hook_name=f"blocks.{site[2]}.hook_{site[1]}", saectl_hook=site[0],
+                        model_from_pretrained_kwargs={"center_writing_weights": False})
         d: dict[str, Any] = {
             "architecture": self.saelens_architecture,
             "d_in": self.d_in,
@@ -331,7 +345,7 @@ class SAE(nn.Module, metaclass=abc.ABCMeta):
             "apply_b_dec_to_input": True,
             "normalize_activations": "none",
             "reshape_activations": "none",
-            "metadata": dict(metadata or {}),
+            "metadata": meta,
             "saectl": self.cfg.to_dict(),
         }
         if self.saelens_architecture == "topk":
