@@ -149,6 +149,11 @@ def batches(t: Target):
     return partial(_rows, arr, t.data.ref, context)
 
 
+def _centred(rows):
+    for x in rows():
+        yield x - x.mean(-1, keepdim=True)
+
+
 def _rows(arr, ref: str, context: int | None):
     """Batches of `arr`'s rows in order, leaving out each context's first (BOS) row."""
     import torch  # deferred: torch is heavy
@@ -164,7 +169,7 @@ def _rows(arr, ref: str, context: int | None):
 def build(cfg: EvalConfig, plan: Plan, writer: store.Writing) -> None:
     import torch  # deferred, with the modules below that import it: torch is heavy
 
-    from saectl import mdl, metrics
+    from saectl import hooks, mdl, metrics
     from saectl.fitting import device_for, load_lm  # train's model cache, shared in a sweep
     from saectl.sae import load_sae
 
@@ -172,6 +177,11 @@ def build(cfg: EvalConfig, plan: Plan, writer: store.Writing) -> None:
     device = device_for(cfg)
     sae = load_sae(layout.sae_dir(t.lin.sae.path)).to(device)
     rows = batches(t)
+    # An imported SAE trained on TransformerLens's centred activations reconstructs x - mean(x)
+    # (saectl.basis): measure it on those, and splice its output back with the token's mean.
+    centred = t.lin.sae.manifest()["summary"].get("basis") == "center"
+    if centred:
+        rows = partial(_centred, rows)
     figures, log_density = metrics.reconstruction(sae, rows)
     dl = mdl.description_length(sae, rows, cfg.tolerance)
     summary = {"sae": t.lin.sae.ref, "data": t.data.ref, "data_stage": t.data.stage,
@@ -182,17 +192,23 @@ def build(cfg: EvalConfig, plan: Plan, writer: store.Writing) -> None:
                "naive_bound": dl.naive_bound, "probing": None}
     model = hook = None
     if t.model is not None:
-        from saectl import hooks
-
         model = load_lm(t.model, device)
         hook = hooks.parse_hooks(model, [t.lin.hook])[0]
     else:
         info(f"eval: {t.harvest.ref} holds imported activations, so there is no model: no "
              "CE-loss/KL scores and no probing")
-    if model is not None and cfg.lm_eval:
+    if model is not None and cfg.lm_eval and hook.name.split(".")[0] in hooks.READ_ONLY_SITES:
+        info(f"eval: {hook.name} can be read but not spliced, so no CE-loss/KL scores")
+    elif model is not None and cfg.lm_eval:
         ids = torch.from_numpy(np.asarray(_lm_tokens(t, cfg.lm_eval_seqs))).long().to(device)
+
+        def splice(a):
+            a = a.float()
+            mean = a.mean(-1, keepdim=True) if centred else 0
+            return sae.decode(sae.encode(a)) + mean
+
         summary.update(metrics.downstream(
-            model, hook, lambda a: sae.decode(sae.encode(a.float())),
+            model, hook, splice,
             [ids[i:i + 4] for i in range(0, len(ids), 4)], 0 if t.keep_bos else 1))
     if model is not None and t.probe is not None:
         summary["probing"] = _probe(cfg, t, sae, model, hook)

@@ -1,6 +1,6 @@
 """Other tools' names for a hook point, mapped to saectl's (`saectl.hooks`): TransformerLens
-names (what SAELens records), Hugging Face module paths (what sparsify records), and
-Pure strings: no model needed.
+names (what SAELens records) and Hugging Face module paths (what sparsify records). Pure
+strings: no model needed.
 
     blocks.12.hook_resid_post     resid_post.12        layers.12 / model.layers.12   resid_post.12
     blocks.12.hook_resid_pre      resid_pre.12         layers.12.mlp                 mlp_out.12

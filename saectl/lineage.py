@@ -82,10 +82,14 @@ def _same_model(sae_model: dict, harvest_manifest: dict) -> bool:
     if "revision" in sae_model:  # bound to a hub model: by id, and by commit once pinned
         return want.get("model") == sae_model["model"] and \
             sae_model["revision"] in ("main", want.get("revision"))
+    from saectl.models import ALIASES  # deferred: torch
+
+    def short(name) -> str:  # gpt2-small is TransformerLens's gpt2; org and case aside
+        return str(ALIASES.get(str(name), name)).lower().rstrip("/").split("/")[-1]
+
     origin = harvest_manifest.get("origin", {}).get("model", {})
-    names = {str(n).lower().rstrip("/").split("/")[-1]
-             for n in (origin.get("name"), origin.get("source"), want.get("model")) if n}
-    return str(sae_model.get("name") or "").lower().split("/")[-1] in names
+    names = {short(n) for n in (origin.get("name"), origin.get("source"), want.get("model")) if n}
+    return short(sae_model.get("name") or "") in names
 
 
 def check_activations(lin: Lineage, harvest: store.Artifact) -> None:

@@ -28,6 +28,12 @@ ALIASES = {
     "pythia-160m": "EleutherAI/pythia-160m",
     "gpt2": "openai-community/gpt2",
     "smollm2-135m": PACKAGED_SMOLLM2,
+    # TransformerLens's names, as SAELens's releases record them
+    "gpt2-small": "openai-community/gpt2",
+    "gemma-2-2b": "google/gemma-2-2b",
+    "gemma-2-9b": "google/gemma-2-9b",
+    "gemma-2-2b-it": "google/gemma-2-2b-it",
+    "gemma-2-9b-it": "google/gemma-2-9b-it",
 }
 DEFAULT_MODEL = "smollm2-135m"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from saectl import basis, hook_names, layout, published, sae_hub, store
 from saectl.config import address_params, opt
 from saectl.console import info
-from saectl.errors import ConfigError, HubUnreachableError, SaectlError
+from saectl.errors import ConfigError, SaectlError
 from saectl.hashing import file_sha256
 from saectl.stage import Plan, RunnerOptions, Stage
 
@@ -126,7 +126,7 @@ def _fold(cfg, src, hook: str, model_spec, model_name, tensors: dict) -> tuple[d
                 return tensors, None  # TransformerLens does not centre RMSNorm models
             return basis.fold_center(tensors), what
         model = models.load_model(spec, "cpu")
-    except (HubUnreachableError, ConfigError) as e:
+    except SaectlError as e:  # no model named, not found, hub unreachable
         raise ConfigError(f"the SAE was trained on TransformerLens-processed activations "
                           f"({what}) and saectl needs the model to fold that in ({e}); pass "
                           "--model (a local copy) or --activations hf") from None

@@ -271,3 +271,23 @@ def test_bad_input(acts, tiny_model_dirs, tmp_path, capsys):
     assert store.list_artifacts(root, "interpret") == [] or all(
         a.is_complete() for a in store.list_artifacts(root, "interpret"))
     tried("import-sae", "bad input", 5)
+
+
+def test_transformer_lens_centred_basis_is_folded_in(acts, tiny_model_dirs, tmp_path, capsys):
+    """An SAE that records center_writing_weights saw x - mean(x): saectl's latents on raw HF
+    activations are the SAE's on centred ones; eval measures the centred reconstruction."""
+    root, h, x = acts
+    w = weights(seed=5)
+    kwargs = {"model_from_pretrained_kwargs": {"center_writing_weights": True}}
+    folder = saelens_folder(tmp_path / "centred", "jumprelu", w)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    cfg["metadata"].update(kwargs)
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    model = str(tiny_model_dirs["gpt2"])
+    ref, art, z = imported_latents(capsys, root, folder, x, "--model", model)
+    close(z, saelens_encode(x - x.mean(-1, keepdim=True), "jumprelu", w))
+    assert art.manifest()["summary"]["basis"] == "center"
+    _, _, raw = imported_latents(capsys, root, folder, x, "--model", model, "--activations", "hf")
+    close(raw, saelens_encode(x, "jumprelu", w))
+    no_model = run_cli(capsys, "import-sae", folder, "--store", root)  # "tiny" is on no hub here
+    assert_one_line_error(no_model, "TransformerLens", "--model")
