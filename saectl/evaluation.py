@@ -21,7 +21,7 @@ from functools import partial
 
 import numpy as np
 
-from saectl import arrays, layout, lineage, probe_data, store
+from saectl import arrays, layout, lineage, outliers, probe_data, store
 from saectl import stage as contract
 from saectl.config import address_params, opt
 from saectl.console import info
@@ -53,6 +53,9 @@ class EvalConfig(DeviceOptions):
     probe_texts: int = opt(100, "Texts per class at most (80% train, 20% test)")
     probe_context: int = opt(128, "Tokens per probe text, BOS included (SAEBench: 128)")
     probe_seed: int = opt(0, "Seed of the texts drawn, the negatives and the random latents")
+    max_activation_norm_multiple: float = opt(
+        5.0, "On a harvest: leave out tokens whose norm exceeds this multiple of the median, "
+             "as the shuffle does (a shuffle has left them out already); 0 keeps every token")
     model: str | None = opt(None, "Where to load the model if it moved (checked against the "
                                   "harvest's content hash)", address=False)
 
@@ -66,6 +69,9 @@ class EvalConfig(DeviceOptions):
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.probe_context < 2:
             raise ConfigError("--probe-context must be at least 2 (BOS and one token)")
+        if not (self.max_activation_norm_multiple == 0 or self.max_activation_norm_multiple > 1):
+            raise ConfigError("--max-activation-norm-multiple must be 0 (keep all) or above 1, "
+                              f"got {self.max_activation_norm_multiple}")
 
     def excluded(self) -> tuple[str, ...] | None:
         if self.probe_exclude is None:
@@ -87,6 +93,8 @@ class Target:
     """The model's spec, found in prepare (None for imported activations)."""
     probe: object = None
     """probe_data.ProbeTexts, read in prepare."""
+    threshold: float | None = None
+    """On a harvest: the norm above which a token is left out (set in build)."""
 
 
 def plan(cfg: EvalConfig) -> Plan:
@@ -107,6 +115,8 @@ def plan(cfg: EvalConfig) -> Plan:
         lineage.check_activations(lin, data)
         harvest = data
     params = settings(cfg)
+    if data.stage == "shuffle":  # the shuffle chose its outliers: not this stage's setting
+        del params["max_activation_norm_multiple"]
     inputs = {"sae": lin.sae, "data": data}
     return Plan(store.artifact_for(root, NAME, params, inputs), params, inputs,
                 context=Target(lin, data, harvest, keep_bos))
@@ -146,7 +156,7 @@ def batches(t: Target):
     arr = t.data.group()[layout.acts(hook)]
     context = (t.data.manifest()["params"]["context_size"]
                if t.data.stage == "harvest" and not t.keep_bos else None)
-    return partial(_rows, arr, t.data.ref, context)
+    return partial(_rows, arr, t.data.ref, context, t.threshold)
 
 
 def _centred(rows):
@@ -154,8 +164,9 @@ def _centred(rows):
         yield x - x.mean(-1, keepdim=True)
 
 
-def _rows(arr, ref: str, context: int | None):
-    """Batches of `arr`'s rows in order, leaving out each context's first (BOS) row."""
+def _rows(arr, ref: str, context: int | None, threshold: float | None = None):
+    """Batches of `arr`'s rows in order, leaving out each context's first (BOS) row and the
+    rows whose norm exceeds `threshold`."""
     import torch  # deferred: torch is heavy
 
     n = int(arr.shape[0])
@@ -163,7 +174,32 @@ def _rows(arr, ref: str, context: int | None):
         x = arrays.read(arr, slice(a, min(a + BATCH, n)), artifact=ref)
         if context:
             x = x[np.arange(a, a + len(x)) % context != 0]
+        if threshold is not None:
+            x = x[np.linalg.norm(x.astype(np.float64), axis=1) <= threshold]
         yield torch.from_numpy(np.ascontiguousarray(x))
+
+
+def _outlier_threshold(cfg: EvalConfig, t: Target) -> tuple[float | None, int]:
+    """On a harvest or import: (multiple × the median token norm, tokens above it), BOS aside;
+    the shuffle's rule, so a harvest and its shuffle are measured on the same tokens."""
+    if t.data.stage == "shuffle" or cfg.max_activation_norm_multiple == 0:
+        return None, 0
+    norms = np.concatenate([np.linalg.norm(x.double().numpy(), axis=1) for x in batches(t)()])
+    threshold = float(cfg.max_activation_norm_multiple * np.median(norms)) if len(norms) else 0
+    return threshold, int((norms > threshold).sum())
+
+
+def _passthrough(t: Target, n_seqs: int, C: int) -> np.ndarray | None:
+    """[n_seqs, C] bool: the positions of the CE-loss sequences left out as outliers, which the
+    splice passes through unchanged (as train's own evaluation does)."""
+    if t.data.stage == "shuffle":
+        seqs = t.data.group()[layout.EVAL_SEQUENCES][:][:n_seqs]
+        return outliers.left_out(t.data, t.lin.hook, seqs, C)
+    if t.threshold is None:
+        return None
+    x = arrays.read(t.data.group()[layout.acts(t.lin.hook)], slice(0, n_seqs * C),
+                    artifact=t.data.ref)
+    return (np.linalg.norm(x.astype(np.float64), axis=1) > t.threshold).reshape(n_seqs, C)
 
 
 def build(cfg: EvalConfig, plan: Plan, writer: store.Writing) -> None:
@@ -176,10 +212,11 @@ def build(cfg: EvalConfig, plan: Plan, writer: store.Writing) -> None:
     t: Target = plan.context
     device = device_for(cfg)
     sae = load_sae(layout.sae_dir(t.lin.sae.path)).to(device)
-    rows = batches(t)
     # An imported SAE trained on TransformerLens's centred activations reconstructs x - mean(x)
     # (saectl.basis): measure it on those, and splice its output back with the token's mean.
     centred = t.lin.sae.manifest()["summary"].get("basis") == "center"
+    t.threshold, n_outliers = _outlier_threshold(cfg, t)
+    rows = batches(t)
     if centred:
         rows = partial(_centred, rows)
     figures, log_density = metrics.reconstruction(sae, rows)
@@ -189,7 +226,8 @@ def build(cfg: EvalConfig, plan: Plan, writer: store.Writing) -> None:
                "arch": t.lin.sae.manifest()["summary"].get("arch"),
                **figures, "tolerance": cfg.tolerance, "dl": dl.bits_per_token,
                "dl_bins": dl.bins, "quantised_fvu": dl.quantised_fvu,
-               "naive_bound": dl.naive_bound, "probing": None}
+               "naive_bound": dl.naive_bound, "probing": None,
+               "outliers_left_out": n_outliers, "outlier_threshold": t.threshold}
     model = hook = None
     if t.model is not None:
         model = load_lm(t.model, device)
@@ -201,6 +239,8 @@ def build(cfg: EvalConfig, plan: Plan, writer: store.Writing) -> None:
         info(f"eval: {hook.name} can be read but not spliced, so no CE-loss/KL scores")
     elif model is not None and cfg.lm_eval:
         ids = torch.from_numpy(np.asarray(_lm_tokens(t, cfg.lm_eval_seqs))).long().to(device)
+        keep = _passthrough(t, len(ids), ids.shape[1])
+        keep = torch.from_numpy(keep) if keep is not None else None
 
         def splice(a):
             a = a.float()
@@ -209,7 +249,9 @@ def build(cfg: EvalConfig, plan: Plan, writer: store.Writing) -> None:
 
         summary.update(metrics.downstream(
             model, hook, splice,
-            [ids[i:i + 4] for i in range(0, len(ids), 4)], 0 if t.keep_bos else 1))
+            [ids[i:i + 4] for i in range(0, len(ids), 4)], 0 if t.keep_bos else 1,
+            None if keep is None else [keep[i:i + 4] for i in range(0, len(ids), 4)]))
+        summary["outliers_passed_through"] = int(keep.sum()) if keep is not None else 0
     if model is not None and t.probe is not None:
         summary["probing"] = _probe(cfg, t, sae, model, hook)
     out = plan.art.group("r+")

@@ -291,3 +291,31 @@ def test_transformer_lens_centred_basis_is_folded_in(acts, tiny_model_dirs, tmp_
     close(raw, saelens_encode(x, "jumprelu", w))
     no_model = run_cli(capsys, "import-sae", folder, "--store", root)  # "tiny" is on no hub here
     assert_one_line_error(no_model, "TransformerLens", "--model")
+
+
+def test_eval_on_activations_leaves_out_massive_tokens_as_the_shuffle_does(tmp_path, capsys):
+    """Eval on a harvest or import applies the shuffle's rule (norm > 5 × median) by default;
+    0 keeps every token."""
+    x = np.random.default_rng(0).normal(size=(2000, D_IN)).astype(np.float32)
+    x[[3, 500, 999, 1500, 1999]] *= 100  # five massive-activation tokens
+    np.save(tmp_path / "x.npy", x)
+    root = tmp_path / "s"
+    imp = run_cli(capsys, "import", tmp_path / "x.npy", "--hook", "resid_post.1", "--store", root)
+    eye = torch.eye(D_IN)
+    w = {"W_enc": torch.cat([eye, -eye], 1), "b_enc": torch.zeros(D_SAE),
+         "W_dec": torch.cat([eye, -eye], 0) * 0.5, "b_dec": torch.zeros(D_IN)}
+    sae = run_cli(capsys, "import-sae", saelens_folder(tmp_path / "sae", "standard", w),
+                  "--store", root).out.strip()
+    figures = {}
+    for multiple in ("5", "0"):
+        res = run_cli(capsys, "eval", sae, "--harvest", imp.out.strip(), "--store", root,
+                      "--device", "cpu", "--max-activation-norm-multiple", multiple)
+        assert res.code == 0, res.err
+        figures[multiple] = store.open_complete(root, res.out.strip()).manifest()["summary"]
+    assert figures["5"]["n_tokens"] == 1995 and figures["5"]["outliers_left_out"] == 5
+    assert figures["0"]["n_tokens"] == 2000 and figures["0"]["outliers_left_out"] == 0
+    # The top 0.1% of tokens (two of them) carry half the variance only while the five stay in.
+    assert figures["0"]["top_variance_share"] > 0.3 > 0.05 > figures["5"]["top_variance_share"]
+    bad = run_cli(capsys, "eval", sae, "--harvest", imp.out.strip(), "--store", root,
+                  "--max-activation-norm-multiple", "0.5")
+    assert_one_line_error(bad, "--max-activation-norm-multiple", "above 1")
