@@ -59,9 +59,11 @@ def _saelens(name: str, revision: str | None) -> Located:
                             f"{some})")
     found = _download(info.repo_id, info.saes_map[sae_id], revision)
     found.origin.update(saelens_release=release, saelens_id=sae_id)
+    overrides = info.config_overrides or {}  # what the release's files leave out
     found.registry = {"model": info.model,
                       "norm_scaling_factor": (info.norm_scaling_factor or {}).get(sae_id),
-                      "hook": ((info.config_overrides or {}).get("hook_name"))}
+                      "hook": overrides.get("hook_name"),
+                      "model_from_pretrained_kwargs": overrides.get("model_from_pretrained_kwargs")}
     return found
 
 

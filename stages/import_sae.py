@@ -138,6 +138,8 @@ def plan(cfg: ImportSAEConfig) -> Plan:
     found = sae_hub.locate(cfg.source, cfg.revision)
     scale = cfg.norm_scaling_factor or found.registry.get("norm_scaling_factor")
     src = published.read(found.path, scale)
+    if found.registry.get("model_from_pretrained_kwargs") is not None:  # SAELens's overrides
+        src.model_kwargs = found.registry["model_from_pretrained_kwargs"]
     published.check_config(src)
     hook = _hook(cfg, src, found.origin, found.registry)
     model, spec = _model(cfg, src, found.registry)

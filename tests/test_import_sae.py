@@ -319,3 +319,80 @@ def test_eval_on_activations_leaves_out_massive_tokens_as_the_shuffle_does(tmp_p
     bad = run_cli(capsys, "eval", sae, "--harvest", imp.out.strip(), "--store", root,
                   "--max-activation-norm-multiple", "0.5")
     assert_one_line_error(bad, "--max-activation-norm-multiple", "above 1")
+
+
+SAELENS_PY = __import__("pathlib").Path(__file__).resolve().parents[1] / ".venv-saelens/bin/python"
+REGISTRY = """
+import json
+from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+i = get_pretrained_saes_directory()["gpt2-small-res-jb"]
+print(json.dumps({"release": i.release, "repo_id": i.repo_id, "model": i.model,
+                  "saes_map": {"blocks.1.hook_resid_pre": i.saes_map["blocks.1.hook_resid_pre"]},
+                  "norm_scaling_factor": i.norm_scaling_factor,
+                  "config_overrides": i.config_overrides}))
+"""
+
+
+@pytest.mark.skipif(not SAELENS_PY.exists(), reason=f"sae-lens is not installed at {SAELENS_PY} "
+                    "(`make test` builds it)")
+def test_saelens_release_names_resolve_through_its_registry(acts, tmp_path, capsys, monkeypatch):
+    """saelens:RELEASE/ID: the real registry entry of gpt2-small-res-jb (read with the real
+    sae_lens in its own environment) served to saectl's process, which has no sae_lens, and the
+    release's files from a local hub cache (no hub here)."""
+    import subprocess
+    import sys
+
+    import huggingface_hub.constants as constants
+
+    from saectl import hub
+
+    entry = json.loads(subprocess.run([str(SAELENS_PY), "-c", REGISTRY], capture_output=True,
+                                      text=True, check=True).stdout)
+    assert entry["config_overrides"]["model_from_pretrained_kwargs"] == {
+        "center_writing_weights": True}  # what the release's own cfg.json leaves out
+    pkg = tmp_path / "site" / "sae_lens" / "loading"
+    pkg.mkdir(parents=True)
+    (pkg.parent / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "pretrained_saes_directory.py").write_text(
+        "from types import SimpleNamespace\n"
+        f"ENTRY = {entry!r}\n"
+        "def get_pretrained_saes_directory():\n"
+        "    return {ENTRY['release']: SimpleNamespace(**ENTRY)}\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    for name in [m for m in sys.modules if m.startswith("sae_lens")]:
+        monkeypatch.delitem(sys.modules, name)
+    root, _, x = acts
+    cache = tmp_path / "hub"
+    snap = cache / f"models--{entry['repo_id'].replace('/', '--')}" / "snapshots" / ("3" * 40)
+    snap.mkdir(parents=True)
+    w = weights(seed=9)
+    folder = saelens_folder(snap / entry["saes_map"]["blocks.1.hook_resid_pre"], "standard", w)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    cfg["metadata"] = {"model_name": "gpt2-small", "hook_name": "blocks.1.hook_resid_pre"}
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("3" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub.resolve_revision.cache_clear()
+    try:
+        # Centred by the registry's override, so the model must be at hand: "gpt2-small" is
+        # TransformerLens's name of openai-community/gpt2, which is not in this hub cache.
+        res = run_cli(capsys, "import-sae", "saelens:gpt2-small-res-jb/blocks.1.hook_resid_pre",
+                      "--store", root)
+        assert_one_line_error(res, "TransformerLens", "--model")
+        _, art, z = imported_latents(capsys, root,
+                                     "saelens:gpt2-small-res-jb/blocks.1.hook_resid_pre", x,
+                                     "--activations", "hf")
+        close(z, saelens_encode(x, "standard", w))
+        m = art.manifest()
+        assert m["params"]["source"]["saelens_release"] == "gpt2-small-res-jb"
+        assert m["params"]["source"]["revision"] == "3" * 40
+        assert (m["summary"]["hook"], m["summary"]["model"]) == ("resid_pre.1", "gpt2-small")
+        missing = run_cli(capsys, "import-sae", "saelens:gpt2-small-res-jb/blocks.99.hook_z",
+                          "--store", root)
+        assert_one_line_error(missing, "no SAE", "blocks.99.hook_z")
+    finally:
+        hub.resolve_revision.cache_clear()
