@@ -1,9 +1,11 @@
-"""Export to SAELens, checked with the real sae_lens (in its own environment, `.venv-saelens`,
-which `make test` builds): the exported SAE loads with `SAE.load_from_disk` and encodes and
-decodes as saectl does."""
+"""Export to SAELens and sparsify, checked with the real sae_lens and sparsify (in their own
+environment, `.venv-saelens`, which `make test` builds): the exported SAE loads with
+`SAE.load_from_disk` / `SparseCoder.load_from_disk` and encodes and decodes as saectl does.
+(tests/test_interop.py does the same for imported SAEs.)"""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -18,12 +20,14 @@ from tests.helpers import REPO, assert_one_line_error, run_cli, tried
 from tests.test_train import synthetic
 
 SAELENS_PY = Path(os.environ.get("SAECTL_SAELENS_PYTHON", REPO / ".venv-saelens/bin/python"))
+HAS_SPARSIFY = any((p / "sparsify").is_dir() for p in
+                   SAELENS_PY.parent.parent.glob("lib/python*/site-packages"))
 
 ARCHS = ("topk", "relu", "jumprelu", "batchtopk", "gated", "matryoshka")
 
 # One sae_lens process loads every exported SAE (importing sae_lens takes seconds).
 LOAD = """
-import sys, numpy as np, torch
+import sys, json, numpy as np, torch
 from pathlib import Path
 from sae_lens import SAE
 x = torch.from_numpy(np.load(sys.argv[1]))
@@ -33,7 +37,7 @@ for folder in sys.argv[2:]:
         acts = sae.encode(x)
         np.save(Path(folder) / "sl_acts.npy", acts.numpy())
         np.save(Path(folder) / "sl_rec.npy", sae.decode(acts).numpy())
-    print(Path(folder).name, type(sae).__name__)
+    print(json.dumps({"folder": Path(folder).name, "metadata": sae.cfg.metadata.to_dict()}))
 """
 
 
@@ -83,6 +87,10 @@ def test_saelens_loads_and_encodes_the_same(trained, tmp_path, capsys):
     p = subprocess.run([str(SAELENS_PY), "-c", LOAD, tmp_path / "x.npy", *folders],
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
+    for line in p.stdout.splitlines():  # the nested metadata survives SAELens's loading
+        if line.startswith("{"):
+            meta = json.loads(line)["metadata"]
+            assert meta["sae_lens_version"] == "6.0.0" and meta["saectl_ref"] in refs.values()
     for out in folders:
         ours = load_sae(out)
         with torch.no_grad():
@@ -93,6 +101,57 @@ def test_saelens_loads_and_encodes_the_same(trained, tmp_path, capsys):
         np.testing.assert_allclose(np.load(out / "sl_rec.npy"), rec.numpy(), rtol=1e-5,
                                    atol=1e-5, err_msg=out.name)
         assert (acts > 0).any(), out.name
+
+
+SPARSIFY_LOAD = """
+import sys, numpy as np, torch
+from sparsify import SparseCoder
+x = torch.from_numpy(np.load(sys.argv[1]))
+sae = SparseCoder.load_from_disk(sys.argv[2])
+with torch.no_grad():
+    enc = sae.encode(x)
+    acts = torch.zeros(x.shape[0], sae.num_latents).scatter_(-1, enc.top_indices, enc.top_acts)
+    np.save(sys.argv[3], acts.numpy())
+    np.save(sys.argv[4], sae.decode(enc.top_acts, enc.top_indices).numpy())
+"""
+
+
+@pytest.mark.skipif(not HAS_SPARSIFY, reason=f"eai-sparsify is not installed beside "
+                    f"{SAELENS_PY} (`make test` installs it)")
+def test_sparsify_loads_a_trained_topk_and_encodes_the_same(trained, tmp_path, capsys):
+    root, refs, x = trained
+    out = tmp_path / "layers.1"
+    res = run_cli(capsys, "export", refs["topk"], "--format", "sparsify", "--out", out,
+                  "--store", root)
+    assert res.code == 0, res.err
+    assert {p.name for p in out.iterdir()} == {"cfg.json", "sae.safetensors"}
+    np.save(tmp_path / "x.npy", x)
+    p = subprocess.run([str(SAELENS_PY), "-c", SPARSIFY_LOAD, tmp_path / "x.npy", out,
+                        tmp_path / "acts.npy", tmp_path / "rec.npy"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    ours = load_sae(store.sae_dir(store.resolve(root, refs["topk"])))
+    with torch.no_grad():
+        acts = ours.encode(torch.from_numpy(x))
+        rec = ours.decode(acts)
+    np.testing.assert_allclose(np.load(tmp_path / "acts.npy"), acts.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "rec.npy"), rec.numpy(), rtol=1e-5, atol=1e-5)
+    assert (acts > 0).any()
+
+
+def test_sparsify_export_refuses_what_sparsify_cannot_run(trained, tmp_path, capsys):
+    """sparsify runs only TopK: every other architecture is refused in one line naming
+    --format saelens, and nothing is written."""
+    root, refs, _ = trained
+    for arch in ARCHS:
+        if arch == "topk":
+            continue
+        res = run_cli(capsys, "export", refs[arch], "--format", "sparsify", "--out",
+                      tmp_path / arch, "--store", root)
+        assert_one_line_error(res, arch, "TopK", "--format saelens")
+        assert not (tmp_path / arch).exists()
+    assert not list(tmp_path.iterdir())  # no temporaries left either
+    tried("export", "bad input", len(ARCHS) - 1)
 
 
 def test_export_bad_input(trained, tmp_path, capsys):
