@@ -44,8 +44,8 @@ def venv(script: str, *args, cwd: Path | None = None) -> str:
     """Run `script` in the libraries' environment, offline; its stdout."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PYTHONWARNINGS": "ignore"}
-    p = subprocess.run([str(SAELENS_PY), "-c", script, *map(str, args)], capture_output=True,
-                       text=True, timeout=300, cwd=cwd, env=env)
+    p = subprocess.run([str(SAELENS_PY), "-c", script, *map(str, args)], check=False,
+                       capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout
 
