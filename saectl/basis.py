@@ -40,18 +40,23 @@ def tl_settings(choice: str, recorded: dict | None, saelens: bool) -> dict | Non
     if choice == "hf" or (choice == "auto" and not saelens):
         return None
     if choice == "transformer-lens":
-        return {"center_writing_weights": True}
-    return {"center_writing_weights": bool((recorded or {}).get("center_writing_weights", False))}
+        return {"center_writing_weights": True, "fold_ln": True}
+    recorded = recorded or {}
+    return {"center_writing_weights": bool(recorded.get("center_writing_weights", False)),
+            "fold_ln": bool(recorded.get("fold_ln", False))}
 
 
 def transform_needed(settings: dict | None, site: str) -> str | None:
     """'center', 'unfold_norm' or None: what saectl must fold for `site`. TransformerLens's
-    `ln2.hook_normalized` is the norm's output before its weight and bias, folded or not."""
+    `ln2.hook_normalized` is the norm's output before its weight and bias, folded or not;
+    `hook_mlp_in` is too once `fold_ln` has moved them into the MLP."""
     if not settings:
         return None
     if site in _CENTRED_SITES and settings["center_writing_weights"]:
         return "center"
-    return "unfold_norm" if site == "ln2" else None
+    if site == "ln2" or (site == "mlp_in" and settings.get("fold_ln")):
+        return "unfold_norm"
+    return None
 
 
 def uses_layernorm(config) -> bool:

@@ -7,7 +7,7 @@ strings: no model needed.
     blocks.12.hook_resid_mid      resid_mid.12         layers.12.self_attn           attn_out.12
     blocks.12.hook_mlp_out        mlp_out.12           transformer.h.12.attn         attn_out.12
     blocks.12.hook_attn_out       attn_out.12          gpt_neox.layers.12.attention  attn_out.12
-    blocks.12.ln2.hook_normalized ln2.12
+    blocks.12.ln2.hook_normalized ln2.12               blocks.12.hook_mlp_in         mlp_in.12
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from saectl.layout import normalize_hook
 
 _TL = {"hook_resid_pre": "resid_pre", "hook_resid_post": "resid_post",
        "hook_resid_mid": "resid_mid", "hook_mlp_out": "mlp_out", "hook_attn_out": "attn_out",
+       "hook_mlp_in": "mlp_in",
        "ln2.hook_normalized": "ln2"}
 _TL_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
 # A block's output is the residual stream after it; its attention and MLP modules' outputs are
@@ -28,7 +29,7 @@ _HF_BLOCK = re.compile(r"^(?:(?:model|gpt_neox|transformer|base_model\.model\.mo
 _HF_SUB = {"mlp": "mlp_out", "self_attn": "attn_out", "attention": "attn_out",
            "attn": "attn_out", "post_attention_layernorm": "ln2", "ln_2": "ln2",
            "pre_feedforward_layernorm": "ln2"}
-_SITE = re.compile(r"^(resid_pre|resid_post|resid_mid|mlp_out|attn_out|ln2)\.\d+$")
+_SITE = re.compile(r"^(resid_pre|resid_post|resid_mid|mlp_in|mlp_out|attn_out|ln2)\.\d+$")
 
 
 def to_saectl(name: str) -> str:

@@ -4,7 +4,8 @@ inside a Hugging Face causal LM, and the capture, splice and generate passes ove
 Hook names follow TransformerLens (`hook_resid_pre`, `hook_resid_post`, `hook_mlp_out`,
 `hook_attn_out`): `resid_post.L` is the output of block L, so for the last block it is the
 residual stream *before* the final norm (HF's `hidden_states[-1]` is after it), and
-`resid_pre.L` is the input of block L. `resid_mid.L` (TransformerLens `hook_resid_mid`) is
+`resid_pre.L` is the input of block L. `mlp_in.L` (`hook_mlp_in`) is the input of the MLP,
+what a transcoder reads and `mlp_out.L` what it writes. `resid_mid.L` (TransformerLens `hook_resid_mid`) is
 the residual stream between attention and MLP, read as the input of the MLP's norm, and `ln2.L`
 (`ln2.hook_normalized` without folding) is that norm's output, what the MLP reads. Both exist
 only in sequential blocks (not GPT-NeoX's parallel residual), and `resid_mid` can be read but
@@ -29,8 +30,8 @@ from .errors import ConfigError
 from .layout import normalize_hook
 from .models import Family, find_blocks
 
-SITES = ("resid_pre", "resid_post", "mlp_out", "attn_out", "resid_mid", "ln2")
-_SITE = re.compile(r"^(resid_pre|resid_post|mlp_out|attn_out|resid_mid|ln2)(?:\.(.*))?$")
+SITES = ("resid_pre", "resid_post", "mlp_in", "mlp_out", "attn_out", "resid_mid", "ln2")
+_SITE = re.compile(r"^(resid_pre|resid_post|mlp_in|mlp_out|attn_out|resid_mid|ln2)(?:\.(.*))?$")
 # The norm in front of the MLP, by attribute name: Gemma-2/3 first (their
 # post_attention_layernorm norms the attention output, not the MLP input).
 _MLP_NORMS = ("pre_feedforward_layernorm", "post_attention_layernorm", "ln_2")
@@ -63,6 +64,8 @@ def _site_module(lay: Family, block: nn.Module, site: str, layer: int) -> tuple[
         return f"{path}.{norm}", "input" if site == "resid_mid" else "output"
     if site in ("resid_pre", "resid_post"):
         return path, "input" if site == "resid_pre" else "output"
+    if site == "mlp_in":  # what the MLP reads, in every family (NeoX's parallel one too)
+        return f"{path}.{lay.mlp}", "input"
     # Gemma-2/3 and OLMo-2 norm the attention and MLP outputs before adding them to the
     # residual stream; what the block writes to the stream is the output of those norms.
     if hasattr(block, "post_feedforward_layernorm") and hasattr(block, "post_attention_layernorm"):

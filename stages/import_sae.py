@@ -130,7 +130,8 @@ def _fold(cfg, src, hook: str, model_spec, model_name, tensors: dict) -> tuple[d
         raise ConfigError(f"the SAE was trained on TransformerLens-processed activations "
                           f"({what}) and saectl needs the model to fold that in ({e}); pass "
                           "--model (a local copy) or --activations hf") from None
-    norm = model.get_submodule(hooks.parse_hooks(model, [hook])[0].module)
+    layer = hook.split(".")[1]  # the MLP's norm, whether the SAE reads its output or the MLP
+    norm = model.get_submodule(hooks.parse_hooks(model, [f"ln2.{layer}"])[0].module)
     return basis.fold_unnorm(tensors, *basis.norm_affine(norm)), what
 
 

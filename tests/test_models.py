@@ -377,3 +377,26 @@ def test_generate_uses_the_current_cache_argument(models, recwarn, capfd):
     assert new.shape == (4,)
     assert not [w for w in recwarn if "past_key_values" in str(w.message)]
     assert "past_key_values" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox"])
+def test_transcoder_sites_read_what_the_block_computes(family, tiny_model_dirs):
+    """mlp_in is what the MLP reads; resid_mid = resid_pre + attn_out and ln2 = norm(resid_mid)
+    in sequential blocks (GPT-NeoX's parallel blocks have neither: one line)."""
+    from saectl import hooks, models
+
+    model = models.load_model(models.resolve_model(str(tiny_model_dirs[family])), "cpu")
+    ids = torch.randint(2, 100, (2, 12))
+    names = ["resid_pre.1", "attn_out.1", "mlp_in.1", "mlp_out.1", "resid_post.1"]
+    if family == "gpt_neox":
+        with pytest.raises(ConfigError, match="parallel attention"):
+            hooks.parse_hooks(model, ["resid_mid.1"])
+    else:
+        names += ["resid_mid.1", "ln2.1"]
+    got = hooks.run_with_hooks(model, hooks.parse_hooks(model, names), ids)
+    mlp = model.get_submodule(hooks.parse_hooks(model, ["mlp_out.1"])[0].module)
+    torch.testing.assert_close(mlp(got["mlp_in.1"]), got["mlp_out.1"])
+    if family != "gpt_neox":
+        torch.testing.assert_close(got["resid_pre.1"] + got["attn_out.1"], got["resid_mid.1"])
+        torch.testing.assert_close(got["ln2.1"], got["mlp_in.1"])
+        torch.testing.assert_close(got["resid_mid.1"] + got["mlp_out.1"], got["resid_post.1"])

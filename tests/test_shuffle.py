@@ -374,3 +374,25 @@ def test_bad_outlier_multiples(tmp_path, capsys):
     assert_one_line_error(run_cli(capsys, "shuffle", many, "--store", tmp_path),
                           "cuts the data", "give 0 to keep")
     tried("shuffle", "bad input", 4)
+
+
+def test_every_hook_is_shuffled_alike(tiny_model_dirs, tiny_corpus, tmp_path, capsys):
+    """A transcoder pairs an MLP's input with its output: one harvest holds both, and the
+    shuffle gives every hook the same permutation and split (row i of each is the same token),
+    outliers included (a token massive at one hook leaves every hook's split)."""
+    res = run_cli(capsys, "harvest", "--model", tiny_model_dirs["llama"], "--dataset", tiny_corpus,
+                  "--hooks", "mlp_in.1,mlp_out.1,resid_mid.1", "--tokens", 30 * 16,
+                  "--context-size", 16, "--store", tmp_path, "--device", "cpu")
+    assert res.code == 0, res.err
+    h = store.open_complete(tmp_path, res.out.strip())
+    acts = h.group("r+")["acts/mlp_out.1"]
+    acts[5 * 16 + 3] = arrays.read(acts, slice(5 * 16 + 3, 5 * 16 + 4))[0] * 1000
+    out = run_cli(capsys, "shuffle", h.ref, "--store", tmp_path, "--eval-fraction", "0.2")
+    assert out.code == 0, out.err
+    g = store.open_complete(tmp_path, out.out.strip()).group()
+    for split in ("train", "eval"):
+        rows = g[f"rows/{split}"][:]
+        assert 5 * 16 + 3 not in rows
+        for hook in ("mlp_in.1", "mlp_out.1", "resid_mid.1"):
+            src = arrays.read(h.group()[f"acts/{hook}"])
+            np.testing.assert_array_equal(arrays.read(g[f"{split}/{hook}"]), src[rows])
