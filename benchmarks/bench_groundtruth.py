@@ -19,6 +19,7 @@ decoder norm). saectl trains through `saectl.trainer.Trainer` with the defaults 
 resolves (warm-up min(1000, 5% of steps)), on batches of the same size.
 
     python benchmarks/bench_groundtruth.py --samples 300000 --archs batchtopk --lrs 3e-4,8e-4
+    python benchmarks/bench_groundtruth.py --tools saelens --set saelens.decoder_init_norm=1 ...
     python benchmarks/bench_groundtruth.py --tools saectl --set auxk_coefficient=1 ...
 
 Cache: $SAECTL_GT_CACHE or <tmp>/saectl-groundtruth (about 1 GB per million samples).
@@ -43,7 +44,7 @@ WIDTH, K, BATCH = 1024, 12, 1024
 PREFIXES = (64, 256, 1024)  # saectl's default for matryoshka at this width and k
 SAMPLES = 3_000_000
 EVAL_SAMPLES = 50_000
-LRS = (3e-4, 8e-4, 2e-3)
+LRS = (3e-3, 8e-3, 2e-2)  # every tool and architecture peaked at 5e-3..8e-3 on 300k samples
 ARCHS = ("topk", "batchtopk", "matryoshka")
 
 
@@ -166,7 +167,8 @@ def batches(x: np.ndarray):
 # -- the two trainers --------------------------------------------------------------------------
 
 
-def train_saelens(arch: str, lr: float, x: np.ndarray, matryoshka_aux: bool = False):
+def train_saelens(arch: str, lr: float, x: np.ndarray, matryoshka_aux: bool = False,
+                  **sae_fields):
     from sae_lens import (
         BatchTopKTrainingSAE,
         BatchTopKTrainingSAEConfig,
@@ -181,13 +183,14 @@ def train_saelens(arch: str, lr: float, x: np.ndarray, matryoshka_aux: bool = Fa
 
     d_in = x.shape[1]
     if arch == "topk":
-        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=WIDTH, k=K))
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=WIDTH, k=K, **sae_fields))
     elif arch == "batchtopk":
-        sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=WIDTH, k=K))
-    else:
+        sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=WIDTH, k=K,
+                                                              **sae_fields))
+    else:  # its default AuxK (coefficient 1) is on; matryoshka_aux makes it per level
         sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
             d_in=d_in, d_sae=WIDTH, k=K, matryoshka_widths=list(PREFIXES),
-            use_matryoshka_aux_loss=matryoshka_aux))
+            use_matryoshka_aux_loss=matryoshka_aux, **sae_fields))
     runner = SyntheticSAERunnerConfig(synthetic_model=str(cache_dir() / "world"), sae=sae.cfg,
                                       training_samples=x.shape[0] // BATCH * BATCH,
                                       batch_size=BATCH, lr=lr, output_path=None,
@@ -264,17 +267,20 @@ def score(tool: str, sae, model, feats: Replay) -> dict:
     return r
 
 
-def one(tool: str, arch: str, lr: float, x, model, feats, overrides: dict) -> dict:
-    torch.manual_seed(0)
+def one(tool: str, arch: str, lr: float, x, model, feats, overrides: dict,
+        seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    if tool == "saectl" and seed:
+        overrides = {"seed": seed, **overrides}
     t0 = time.perf_counter()
     if tool == "saelens":
         sae = train_saelens(arch, lr, x, **overrides)
     else:
         sae = train_saectl(arch, lr, x, **overrides)
-    r = {"tool": tool, "arch": arch, "lr": lr, "samples": x.shape[0],
+    r = {"tool": tool, "arch": arch, "lr": lr, "samples": x.shape[0], "seed": seed,
          "set": ",".join(f"{k}={v}" for k, v in overrides.items()),
          "train_s": round(time.perf_counter() - t0, 1), **score(tool, sae, model, feats)}
-    _log(f"{tool:8} {arch:10} lr {lr:.0e} {r['set']:28} F1 {r['f1']:.3f} MCC {r['mcc']:.3f} "
+    _log(f"{tool:8} {arch:10} lr {lr:<6g} {r['set']:28} F1 {r['f1']:.3f} MCC {r['mcc']:.3f} "
          f"FVU {r['fvu']:.3f} L0 {r['l0']:.1f} dead {r['dead']}"
          + (f" | batch-mode F1 {r['f1_batch']:.3f} FVU {r['fvu_batch']:.3f}" if "f1_batch" in r
             else "") + f" ({r['train_s']}s)")
@@ -294,7 +300,18 @@ def _value(v: str):
     return {"true": True, "false": False}.get(v.lower(), v)
 
 
-def measure(samples: int, archs, lrs, tools, overrides: dict, out: Path | None = None):
+def _own(tool: str, overrides: dict) -> dict:
+    """The overrides meant for `tool`: SAELens takes matryoshka_aux and saelens.FIELD (a field
+    of its training SAE's config, e.g. saelens.decoder_init_norm=1); saectl the rest."""
+    if tool == "saelens":
+        return {k.removeprefix("saelens."): v for k, v in overrides.items()
+                if k == "matryoshka_aux" or k.startswith("saelens.")}
+    return {k: v for k, v in overrides.items()
+            if k != "matryoshka_aux" and not k.startswith("saelens.")}
+
+
+def measure(samples: int, archs, lrs, tools, overrides: dict, out: Path | None = None,
+            seed: int = 0):
     torch.set_num_threads(int(os.environ.get("SAECTL_GT_THREADS", torch.get_num_threads())))
     model = load_world()
     x = train_data(model, samples)
@@ -303,9 +320,8 @@ def measure(samples: int, archs, lrs, tools, overrides: dict, out: Path | None =
     for arch in archs:
         for lr in lrs:
             for tool in tools:
-                own = {k: v for k, v in overrides.items()
-                       if (tool == "saelens") == (k == "matryoshka_aux")}
-                results.append(one(tool, arch, lr, x, model, feats, own))
+                results.append(one(tool, arch, lr, x, model, feats, _own(tool, overrides),
+                                   seed))
                 if out:
                     with out.open("a") as f:
                         f.write(json.dumps(results[-1]) + "\n")
@@ -344,18 +360,20 @@ def main() -> None:
     p.add_argument("--lrs", default=",".join(map(str, LRS)))
     p.add_argument("--tools", default="saectl,saelens")
     p.add_argument("--set", action="append", default=[],
-                   help="saectl TrainConfig field=value (ablations); matryoshka_aux=true for "
-                        "SAELens's per-level Matryoshka AuxK")
+                   help="saectl TrainConfig field=value (ablations); saelens.FIELD=value for "
+                        "SAELens's SAE config; matryoshka_aux=true for SAELens's per-level "
+                        "Matryoshka AuxK")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed of both tools")
     p.add_argument("--out", type=Path, help="append one JSON line per run here")
     a = p.parse_args()
     overrides = dict(kv.split("=", 1) for kv in a.set)
     overrides = {k: _value(v) for k, v in overrides.items()}
     results = measure(a.samples, a.archs.split(","), [float(v) for v in a.lrs.split(",")],
-                      a.tools.split(","), overrides, a.out)
+                      a.tools.split(","), overrides, a.out, a.seed)
     print(f"{'tool':8} {'arch':10} {'lr':>7} {'set':28} {'F1':>6} {'MCC':>6} {'FVU':>6} "
           f"{'L0':>6} {'dead':>5} {'F1 batch':>8} {'FVU batch':>9}")
     for r in results:
-        print(f"{r['tool']:8} {r['arch']:10} {r['lr']:>7.0e} {r['set']:28} {r['f1']:6.3f} "
+        print(f"{r['tool']:8} {r['arch']:10} {r['lr']:>7g} {r['set']:28} {r['f1']:6.3f} "
               f"{r['mcc']:6.3f} {r['fvu']:6.3f} {r['l0']:6.1f} {r['dead']:5} "
               f"{r.get('f1_batch', float('nan')):8.3f} {r.get('fvu_batch', float('nan')):9.3f}")
 
