@@ -29,6 +29,7 @@ from saectl import arrays, checkpoints, faults, layout, outliers, store
 from saectl.config import address_params, fields, opt
 from saectl.console import info, progress
 from saectl.errors import ConfigError
+from saectl.layout import normalize_hook
 from saectl.lineage import harvest_model
 from saectl.stage import DeviceOptions
 
@@ -47,7 +48,12 @@ def into(target: str, default, help: str):
 @dataclass(frozen=True)
 class TrainStageConfig(DeviceOptions):
     shuffle: str | None = into("input", None, "The shuffle artifact to train on")
-    hook: str | None = into("hook", None, "Hook to train on (default: the artifact's only hook)")
+    hook: str | None = into("hook", None, "Hook to train on (default: the artifact's only hook); "
+                                          "a transcoder's input, e.g. mlp_in.3")
+    target: str | None = into("target", None, "Train a transcoder: the hook it reconstructs "
+                                              "from --hook's activations, e.g. mlp_out.3")
+    skip: bool = into("sae.skip", False, "A skip transcoder: add a linear path x @ W_skip "
+                                         "(needs --target)")
     arch: str = into("sae.arch", "topk", "SAE architecture, by its registered name (e.g. topk, "
                                          "relu, jumprelu; saectl/sae/ holds them all)")
     expansion: float = into("sae.d_sae", 8.0,
@@ -131,6 +137,8 @@ class Point:
 
     cfg: TrainStageConfig
     hook: str
+    target: str | None
+    """A transcoder's output hook; None for an SAE."""
     sae_cfg: object
     train_cfg: object
     steps: int
@@ -144,7 +152,8 @@ class Point:
 
 
 def resolve(cfg: TrainStageConfig, manifest: dict, d_in_by_hook: dict[str, int]):
-    """(hook, SAEConfig, TrainConfig, total steps, tokens) with every default made explicit."""
+    """(hook, target, SAEConfig, TrainConfig, total steps, tokens) with every default made
+    explicit."""
     from saectl.sae import ARCHS, SAEConfig  # deferred: imports torch
     from saectl.trainer import TrainConfig
 
@@ -156,13 +165,27 @@ def resolve(cfg: TrainStageConfig, manifest: dict, d_in_by_hook: dict[str, int])
     if hook not in d_in_by_hook:
         raise ConfigError(f"the shuffle has no hook {hook!r}; it has {', '.join(hooks)}")
     d_in = d_in_by_hook[hook]
+    target = normalize_hook(cfg.target) if cfg.target else None
+    if target is not None:
+        if target not in d_in_by_hook:
+            raise ConfigError(f"the shuffle has no target hook {target!r}; it has "
+                              f"{', '.join(hooks)}: harvest both hooks in one pass")
+        if target == hook:
+            raise ConfigError(f"--target {target} is --hook itself; a transcoder maps one hook "
+                              "to another (leave out --target to train an SAE)")
+        if d_in_by_hook[target] != d_in:
+            raise ConfigError(f"{hook} has width {d_in} and {target} {d_in_by_hook[target]}; "
+                              "saectl's transcoders map between hooks of one width")
+    if cfg.skip and target is None:
+        raise ConfigError("--skip adds a transcoder's linear path; give --target too")
     width = cfg.width or int(round(cfg.expansion * d_in))
     if ARCHS[cfg.arch].takes_k and cfg.k >= width:
         raise ConfigError(f"--k {cfg.k} must be smaller than the width {width}; lower --k or "
                           "raise --expansion/--width")
     # Every flag goes where the table sends it; those that need resolving are then replaced.
     sae_cfg = SAEConfig(**{**_flags_into(cfg, "sae"), "d_in": d_in, "d_sae": width,
-                           "matryoshka_prefixes": cfg.prefix_list()})
+                           "matryoshka_prefixes": cfg.prefix_list(),
+                           "transcoder": target is not None})
     n_train = manifest["summary"]["n_train"]
     tokens = cfg.tokens or n_train
     steps = math.ceil(tokens / cfg.batch_size)
@@ -172,14 +195,18 @@ def resolve(cfg: TrainStageConfig, manifest: dict, d_in_by_hook: dict[str, int])
         "lr_warmup_steps": cfg.warmup_steps if cfg.warmup_steps is not None else warm,
         "sparsity_warmup_steps": (cfg.sparsity_warmup_steps
                                   if cfg.sparsity_warmup_steps is not None else warm)})
-    return hook, sae_cfg, train_cfg, steps, tokens
+    return hook, target, sae_cfg, train_cfg, steps, tokens
 
 
-def address_for(cfg: TrainStageConfig, sae_cfg, train_cfg, hook: str) -> dict:
+def address_for(cfg: TrainStageConfig, sae_cfg, train_cfg, hook: str,
+                target: str | None = None) -> dict:
     """The train address's params: the flags the table does not resolve, and the resolved
-    hook, SAE config and training config in place of the flags it does."""
+    hook (and a transcoder's target), SAE config and training config in place of the flags
+    it does."""
     params = {k: v for k, v in address_params(cfg).items() if k not in FLAGS_INTO}
     params.update(hook=hook, sae=sae_cfg.to_dict(), train=dataclasses.asdict(train_cfg))
+    if target is not None:  # absent for an SAE: its address is as it was
+        params["target"] = target
     return params
 
 
@@ -196,9 +223,9 @@ def open_shuffle(root, ref: str):
 def plan(root, src, manifest, cfg: TrainStageConfig) -> Point:
     """The point `cfg` names on `src`: its resolved configs and its artifact (not created)."""
     dims = {h: v["d"] for h, v in manifest["summary"]["hooks"].items()}
-    hook, sae_cfg, train_cfg, steps, _ = resolve(cfg, manifest, dims)
-    params = address_for(cfg, sae_cfg, train_cfg, hook)
-    return Point(cfg, hook, sae_cfg, train_cfg, steps, params,
+    hook, target, sae_cfg, train_cfg, steps, _ = resolve(cfg, manifest, dims)
+    params = address_for(cfg, sae_cfg, train_cfg, hook, target)
+    return Point(cfg, hook, target, sae_cfg, train_cfg, steps, params,
                  store.artifact_for(root, NAME, params, {"shuffle": src}))
 
 
@@ -237,7 +264,8 @@ def fit(src, manifest, harvest, points: list[Point], lm: dict) -> None:
     read the same batches share one reader."""
     groups: dict[tuple, list[Point]] = {}
     for p in points:
-        groups.setdefault((p.hook, p.cfg.batch_size, p.cfg.seed, p.cfg.device), []).append(p)
+        groups.setdefault((p.hook, p.target, p.cfg.batch_size, p.cfg.seed, p.cfg.device),
+                          []).append(p)
     for group in groups.values():
         _train_group(src, group)
         for p in group:
@@ -259,11 +287,16 @@ def _train_group(src, group: list[Point]) -> None:
 
     first = group[0]
     data = src.group()[layout.train_rows(first.hook)]
-    reader = BatchReader(data, first.cfg.batch_size, first.cfg.seed, src.ref)
-    sample = torch.from_numpy(arrays.read(data, slice(0, min(reader.n, 16384)), artifact=src.ref))
+    target = src.group()[layout.train_rows(first.target)] if first.target else None
+    reader = BatchReader(data, first.cfg.batch_size, first.cfg.seed, src.ref, target)
+    rows = slice(0, min(reader.n, 16384))
+    sample = torch.from_numpy(arrays.read(data, rows, artifact=src.ref))
+    target_sample = (torch.from_numpy(arrays.read(target, rows, artifact=src.ref))
+                     if target is not None else None)
     for p in group:
         torch.manual_seed(p.cfg.seed)
-        p.trainer = Trainer(p.sae_cfg, p.train_cfg, sample, device=device_for(p.cfg))
+        p.trainer = Trainer(p.sae_cfg, p.train_cfg, sample, target_sample=target_sample,
+                            device=device_for(p.cfg))
         ckpt = layout.checkpoint(p.art.path)
         if ckpt.exists():
             state = checkpoints.load(ckpt, device_for(p.cfg), ("trainer", "log", "window"))
@@ -271,7 +304,7 @@ def _train_group(src, group: list[Point]) -> None:
             p.log, p.window, p.start = state["log"], state["window"], state["trainer"]["step"]
             info(f"train: {p.art.ref[:18]} resuming at step {p.start:,} of {p.steps:,}")
         p.last_save = time.monotonic()
-    del sample
+    del sample, target_sample
     start, stop = min(p.start for p in group), max(p.steps for p in group)
     if stop * reader.B > reader.n:
         info(f"train: {stop * reader.B:,} tokens over a split of {reader.n:,}: "
@@ -285,8 +318,9 @@ def _train_group(src, group: list[Point]) -> None:
             bar.advance(1)
 
 
-def _step(p: Point, step: int, x) -> None:
-    figs = p.trainer.step(x)  # a NaN loss raises here; the last checkpoint stays as it was
+def _step(p: Point, step: int, batch) -> None:
+    # a transcoder's batch is (x, y); a NaN loss raises here, the last checkpoint as it was
+    figs = p.trainer.step(*batch) if isinstance(batch, tuple) else p.trainer.step(batch)
     for k, v in figs.items():
         p.window.setdefault(k, []).append(v)
     if (step + 1) % p.cfg.log_every == 0 or step + 1 == p.steps:
@@ -311,8 +345,9 @@ def _finish(src, manifest, harvest, p: Point, lm_spec) -> None:
     out = p.art.group("r+")
     for k, v in p.log.items():
         out.create_array(layout.train_log(k), data=np.asarray(v, dtype=np.float64), overwrite=True)
-    summary = _evaluate(p.art, src, harvest, p.hook, sae, lm_spec, p.cfg)
-    summary.update(hook=p.hook, arch=p.sae_cfg.arch, d_in=p.sae_cfg.d_in, d_sae=p.sae_cfg.d_sae,
+    summary = _evaluate(p.art, src, harvest, p.hook, sae, lm_spec, p.cfg, p.target)
+    summary.update(hook=p.hook, **({"target": p.target} if p.target else {}),
+                   transcoder=p.target is not None, arch=p.sae_cfg.arch, d_in=p.sae_cfg.d_in, d_sae=p.sae_cfg.d_sae,
                    k=p.sae_cfg.k, steps=p.steps, tokens=p.steps * p.cfg.batch_size,
                    epochs=p.steps * p.cfg.batch_size / manifest["summary"]["n_train"],
                    final_log={k: v[-1] for k, v in p.log.items()} if p.log else {})
@@ -337,7 +372,10 @@ def load_lm(spec, device):
     return models.load_model(spec, device=device)
 
 
-def _evaluate(art, src, harvest, hook, sae, lm_spec, cfg) -> dict:
+def _evaluate(art, src, harvest, hook, sae, lm_spec, cfg, target=None) -> dict:
+    """The figures on the eval split (a transcoder's: of its prediction of the target), and
+    the CE-loss/KL scores with the SAE spliced in (a transcoder's output replacing the
+    target hook's activation)."""
     import torch  # deferred, with the modules below that import it: torch is heavy
 
     from saectl import hooks, metrics
@@ -348,20 +386,23 @@ def _evaluate(art, src, harvest, hook, sae, lm_spec, cfg) -> dict:
     n_eval = int(ev.shape[0])
     if n_eval == 0:
         raise ConfigError(f"{src.ref} has no eval split; re-run shuffle with --eval-fraction > 0")
-    reader = BatchReader(ev, min(cfg.batch_size, n_eval), 0, src.ref)
+    ev_target = group[layout.eval_rows(target)] if target else None
+    reader = BatchReader(ev, min(cfg.batch_size, n_eval), 0, src.ref, ev_target)
     figures, log_density = metrics.reconstruction(sae, reader.once)
     out = art.group("r+")
     out.create_array(layout.LOG_DENSITY, data=log_density.astype(np.float32), overwrite=True)
     sae_dir = layout.sae_dir(art.path)
     sparsity = torch.from_numpy(np.where(np.isfinite(log_density), log_density, -10.0)).float()
     sae.save(sae_dir, sparsity=sparsity,
-             metadata={"hook_name": hook, "saectl_ref": art.ref,
+             metadata={"hook_name": hook, **({"target_hook": target} if target else {}),
+                       "saectl_ref": art.ref,
                        "model_name": harvest.manifest().get("origin", {}).get("model", {})
                        .get("name"), "context_size": harvest.manifest()["params"]["context_size"]})
     if lm_spec is not None:
         device = device_for(cfg)
         model = load_lm(lm_spec, device)
         hp = hooks.parse_hooks(model, [hook])[0]
+        out_hook = hooks.parse_hooks(model, [target])[0] if target else hp
         seqs = group[layout.EVAL_SEQUENCES][:][: cfg.lm_eval_seqs]
         tokens = harvest.group()[layout.TOKENS].get_orthogonal_selection((seqs, slice(None)))
         ids = torch.from_numpy(np.asarray(tokens)).long().to(device)
@@ -371,7 +412,8 @@ def _evaluate(art, src, harvest, hook, sae, lm_spec, cfg) -> dict:
         sae_dev = sae.to(device)
         batches = [ids[i:i + 4] for i in range(0, len(ids), 4)]
         figures.update(metrics.downstream(
-            model, hp, lambda a: sae_dev.decode(sae_dev.encode(a.float())), batches, skip,
-            [keep[i:i + 4] for i in range(0, len(ids), 4)]))
+            model, out_hook, lambda a: metrics.output(sae_dev, sae_dev.encode(a.float()), a.float()),
+            batches, skip, [keep[i:i + 4] for i in range(0, len(ids), 4)],
+            source=hp if target else None))
         figures["outliers_passed_through"] = int(keep.sum())
     return figures

@@ -244,6 +244,24 @@ def replacing(model: nn.Module, hook: HookPoint, fn: Callable[[torch.Tensor], to
         handle.remove()
 
 
+@contextmanager
+def reading(model: nn.Module, hook: HookPoint, into: dict):
+    """While the block runs, `into[hook.name]` holds the activation at `hook` of the latest
+    forward pass (a transcoder's input, read in the pass that replaces its output)."""
+    module = model.get_submodule(hook.module)
+    if hook.capture == "input":
+        handle = module.register_forward_pre_hook(
+            lambda m, args, kwargs: into.__setitem__(hook.name, _hidden_in(args, kwargs)),
+            with_kwargs=True)
+    else:
+        handle = module.register_forward_hook(
+            lambda m, args, out: into.__setitem__(hook.name, _as_tensor(out, hook.name)))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def run_with_replacement(model: nn.Module, hook: HookPoint,
                          fn: Callable[[torch.Tensor], torch.Tensor],
                          input_ids: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from saectl.errors import ConfigError
+from saectl.metrics import pair
 
 BINS = (2, 4, 8, 16, 32, 64, 128, 256)
 _FINEST = BINS[-1]
@@ -153,12 +154,12 @@ def description_length(sae, batches: Callable[[], Iterable[Tensor]],
     hi = torch.full((F,), -math.inf, device=dev)
     n, l0, sq_err, c = 0, torch.zeros((), **f64), torch.zeros((), **f64), None
     sum_x = sum_sq = torch.zeros((), **f64)
-    for x, acts in _encoded(sae, batches()):
+    for x, acts, rest in _encoded(sae, batches()):
         fired = acts > 0
         lo = torch.minimum(lo, acts.masked_fill(~fired, math.inf).amin(0))
         hi = torch.maximum(hi, acts.masked_fill(~fired, -math.inf).amax(0))
         l0 += fired.sum()
-        sq_err += (x.double() - sae.decode(acts.to(sae.dtype)).double()).square().sum()
+        sq_err += (rest.double() - sae.decode(acts.to(sae.dtype)).double()).square().sum()
         if c is None:
             c = x.double().mean(0)
         xc = x.double() - c
@@ -176,14 +177,14 @@ def description_length(sae, batches: Callable[[], Iterable[Tensor]],
     counts = torch.zeros(F * sum(BINS), dtype=torch.int64, device=dev)
     q_err = {b: torch.zeros((), **f64) for b in BINS}
     n2 = 0
-    for x, acts in _encoded(sae, batches()):
+    for _, acts, rest in _encoded(sae, batches()):
         # only the fired entries are touched: zeros stay exact zeros, and TopK-sparse acts
         # cost per fired value, not per (token, latent)
         rows, cols = (acts > 0).nonzero(as_tuple=True)
         lo_c, span_c = lo[cols], span[cols]
         u = (acts[rows, cols] - lo_c) / safe_span[cols]  # single-valued: u = 0, value min_i
         fine = (u * _FINEST).floor().clamp_(0, _FINEST - 1).to(torch.int64)
-        x64 = x.double()
+        x64 = rest.double()
         q = torch.zeros_like(acts, dtype=sae.dtype)
         slots = []
         for b in BINS:
@@ -193,7 +194,7 @@ def description_length(sae, batches: Callable[[], Iterable[Tensor]],
             slots.append(F * _OFFSET[b] + cols * b + idx)
         if slots[0].numel():
             counts += torch.bincount(torch.cat(slots), minlength=counts.numel())
-        n2 += x.shape[0]
+        n2 += rest.shape[0]
     if n2 != n:
         raise ValueError(f"batches() yielded {n} tokens, then {n2}: it must return the same "
                          f"tokens on each call")
@@ -225,16 +226,22 @@ def _fvu(sq_err: Tensor, total_var: float) -> float:
 
 
 def _encoded(sae, batches: Iterable[Tensor]):
-    """(x float32 on the SAE's device, dense acts float32) per batch."""
-    for x in batches:
+    """(target, dense acts, what the latents must reconstruct of the target) per batch, float32
+    on the SAE's device: an SAE's target is its input; a transcoder's is y of the pair (x, y),
+    less its skip path x @ W_skip, which the latents' quantisation does not touch."""
+    for batch in batches:
+        x, y = pair(batch)
         if x.shape[-1] != sae.d_in:
                 raise ConfigError(f"the SAE reads d_in={sae.d_in} but the activations have "
                               f"d={x.shape[-1]}; pair the SAE with activations from its own hook")
         x = x.reshape(-1, sae.d_in).to(sae.device, torch.float32)
         if x.shape[0] == 0:
             continue
+        y = y.reshape(x.shape[0], -1).to(sae.device, torch.float32)
         acts = sae.encode(x)
-        yield x, (acts.to_dense() if acts.is_sparse else acts).float()
+        skip = getattr(sae, "W_skip", None)
+        yield y, (acts.to_dense() if acts.is_sparse else acts).float(), \
+            (y - x @ skip if skip is not None else y)
 
 
 def choose(results: dict[str, DescriptionLength], tolerance: float) -> tuple[str | None, str]:

@@ -55,6 +55,18 @@ def per_token_explained_variance(sq_err: np.ndarray, sq_dev: np.ndarray) -> floa
     return float(np.mean(1 - sq_err[ok] / sq_dev[ok])) if ok.any() else float("nan")
 
 
+def pair(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input, target) of a batch: an SAE's batch is a tensor, its own target; a transcoder's
+    is the pair (x, y) of the same tokens at its input and output hooks."""
+    return batch if isinstance(batch, tuple) else (batch, batch)
+
+
+def output(sae, acts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """What the SAE predicts for its target: decode(acts), plus a skip transcoder's x @ W_skip."""
+    out = sae.decode(acts)
+    return out + x.to(out.dtype) @ sae.W_skip if getattr(sae, "W_skip", None) is not None else out
+
+
 def _check_width(sae, x: torch.Tensor) -> None:
     if x.shape[-1] != sae.d_in:
         from saectl.errors import ConfigError
@@ -64,18 +76,21 @@ def _check_width(sae, x: torch.Tensor) -> None:
 
 
 def _mean(batches: Iterable[torch.Tensor]) -> torch.Tensor | None:
+    """The mean of the targets."""
     total, n = None, 0
-    for x in batches:
-        s = x.double().sum(0)
+    for batch in batches:
+        y = pair(batch)[1]
+        s = y.double().sum(0)
         total = s if total is None else total + s
-        n += x.shape[0]
+        n += y.shape[0]
     return total / n if n else None
 
 
 @torch.no_grad()
 def reconstruction(sae, batches: Iterable[torch.Tensor] | Callable[[], Iterable[torch.Tensor]],
                    ) -> tuple[dict, np.ndarray]:
-    """(figures, per-latent log10 firing density) of `sae` on raw activation batches.
+    """(figures, per-latent log10 firing density) of `sae` on raw activation batches (for a
+    transcoder, (x, y) pairs: every figure is then of its prediction of y).
 
     `batches` is an iterable, or a callable returning a fresh iterator over the same tokens:
     then a first pass (reading only) finds the tokens' mean for the per-token explained
@@ -86,11 +101,12 @@ def reconstruction(sae, batches: Iterable[torch.Tensor] | Callable[[], Iterable[
     sum_x = None
     fired = torch.zeros(sae.d_sae, dtype=torch.float64)
     tok_err, tok_dev = [], []  # per token: ‖x − x̂‖², ‖x − x̄‖² (n floats each)
-    for x in (batches() if callable(batches) else batches):
-        _check_width(sae, x)
-        x = x.to(sae.device, torch.float32)
-        acts = sae.encode(x)
-        x_hat = sae.decode(acts)
+    for batch in (batches() if callable(batches) else batches):
+        inp, x = pair(batch)  # x: the target, as the formulas below name it
+        _check_width(sae, inp)
+        inp, x = inp.to(sae.device, torch.float32), x.to(sae.device, torch.float32)
+        acts = sae.encode(inp)
+        x_hat = output(sae, acts, inp)
         x64, err = x.double(), (x - x_hat).double()
         err_tok = err.square().sum(-1)
         sq_err += float(err_tok.sum())
@@ -135,19 +151,30 @@ def reconstruction(sae, batches: Iterable[torch.Tensor] | Callable[[], Iterable[
 @torch.no_grad()
 def downstream(model, hook, reconstruct: Callable[[torch.Tensor], torch.Tensor],
                token_batches: Iterable[torch.Tensor], skip_first: int = 1,
-               passthrough: Iterable[torch.Tensor] | None = None) -> dict:
+               passthrough: Iterable[torch.Tensor] | None = None, source=None) -> dict:
     """CE-loss score, KL score and ΔLM loss of splicing `reconstruct` in at `hook`.
+
+    With a `source` hook (a transcoder's input) the activation at `hook` is replaced by
+    `reconstruct` of the activation at `source` in the same pass: the MLP's output by the
+    transcoder's prediction from the MLP's input (the replacement model).
 
     Positions before `skip_first` (the BOS, which training leaves out) keep their clean
     activation in both the SAE and the zero-ablation runs, as SAEBench does for special tokens;
     so do the positions `passthrough` marks (one [batch, context] bool tensor per batch: the
     outliers the shuffle left out, saectl/outliers.py)."""
-    from saectl.hooks import run_with_replacement
+    from contextlib import nullcontext
+
+    from saectl.hooks import reading, run_with_replacement
+
+    seen: dict = {}
 
     def splice(fn, keep):
+        """fn(input rows) replaces the activation after `skip_first`; fn None: zero-ablation."""
         def replace(act):
             out = act.clone()
-            out[:, skip_first:] = fn(act[:, skip_first:].reshape(-1, act.shape[-1])).reshape(
+            inp = seen[source.name] if source is not None else act
+            out[:, skip_first:] = 0 if fn is None else fn(
+                inp[:, skip_first:].reshape(-1, inp.shape[-1])).reshape(
                 act[:, skip_first:].shape).to(act.dtype)
             if keep is not None:
                 out[keep] = act[keep]
@@ -163,9 +190,10 @@ def downstream(model, hook, reconstruct: Callable[[torch.Tensor], torch.Tensor],
         labels = ids[:, 1:]
         clean_logits = model(input_ids=ids).logits[:, :-1].float()
         clean_logp = clean_logits.log_softmax(-1)
-        for name, fn in (("sae", splice(reconstruct, keep)),
-                         ("zero", splice(torch.zeros_like, keep))):
-            logp = run_with_replacement(model, hook, fn, ids)[:, :-1].float().log_softmax(-1)
+        for name, fn in (("sae", splice(reconstruct, keep)), ("zero", splice(None, keep))):
+            with reading(model, source, seen) if source is not None else nullcontext():
+                logp = run_with_replacement(model, hook, fn, ids)[:, :-1].float()
+            logp = logp.log_softmax(-1)
             ce[name] += float(F.nll_loss(logp.flatten(0, 1), labels.flatten(), reduction="sum"))
             kl[name] += float((clean_logp.exp() * (clean_logp - logp)).sum())
         ce["clean"] += float(F.nll_loss(clean_logp.flatten(0, 1), labels.flatten(), reduction="sum"))

@@ -5,6 +5,9 @@ uninterrupted one would. Epoch 0 reads the (already shuffled) rows in order; eac
 reads whole chunks in a seeded new order, which re-mixes batches without a second shuffle.
 A background thread decodes the next batches while the model trains on this one; only
 `prefetch` batches are ever held, so memory stays flat however large the array.
+
+With a `target` array (a transcoder's: the MLP output beside its input, shuffled alike by the
+shuffle) each batch is the pair (x, y) of the same rows of both arrays.
 """
 
 from __future__ import annotations
@@ -19,8 +22,11 @@ from saectl import arrays
 
 
 class BatchReader:
-    def __init__(self, arr, batch_size: int, seed: int = 0, artifact: str = ""):
+    def __init__(self, arr, batch_size: int, seed: int = 0, artifact: str = "", target=None):
         self.arr, self.B, self.seed, self.artifact = arr, batch_size, seed, artifact
+        self.target = target
+        if target is not None and int(target.shape[0]) != int(arr.shape[0]):
+            raise ValueError(f"input and target have {arr.shape[0]} and {target.shape[0]} rows")
         self.n = int(arr.shape[0])
         self.chunk = int(arr.chunks[0])
         self.n_chunks = -(-self.n // self.chunk)
@@ -58,9 +64,14 @@ class BatchReader:
             left -= take
         return out
 
-    def batch(self, step: int) -> torch.Tensor:
-        parts = [arrays.read(self.arr, slice(a, b), artifact=self.artifact)
-                 for a, b in self._segments(step)]
+    def batch(self, step: int):
+        """The rows of batch `step`: a tensor, or the pair (x, y) with a target array."""
+        segments = self._segments(step)
+        x = self._read(self.arr, segments)
+        return x if self.target is None else (x, self._read(self.target, segments))
+
+    def _read(self, arr, segments) -> torch.Tensor:
+        parts = [arrays.read(arr, slice(a, b), artifact=self.artifact) for a, b in segments]
         return torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else parts[0])
 
     def once(self, prefetch: int = 3):
@@ -68,7 +79,8 @@ class BatchReader:
         evaluation, where wrapping into a second epoch would count rows twice."""
         steps = -(-self.n // self.B)
         for s, x in self.iterate(0, steps, prefetch):
-            yield x[: self.n - s * self.B]
+            end = self.n - s * self.B
+            yield x[:end] if self.target is None else (x[0][:end], x[1][:end])
 
     def iterate(self, start: int, stop: int, prefetch: int = 3):
         """Yield (step, batch) for steps [start, stop), decoded ahead on a thread."""

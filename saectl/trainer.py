@@ -160,17 +160,26 @@ class Trainer:
         for x in batches: logs = trainer.step(x)         # x: (batch, d_in) raw activations
         sae = trainer.export()                           # folded: runs on raw activations
 
+A transcoder is given a sample of its targets too (`target_sample`) and pairs of batches,
+`trainer.step(x, y)`; its inputs and targets are scaled each by their own constant.
+
     To resume, build a Trainer the same way and `load_state_dict` a saved `state_dict()`.
     """
 
     def __init__(self, sae_cfg: SAEConfig, cfg: TrainConfig, sample: Tensor, *,
-                 device: str | torch.device = "cpu"):
+                 target_sample: Tensor | None = None, device: str | torch.device = "cpu"):
         self.sae_cfg, self.cfg = sae_cfg, cfg
         self.device = torch.device(device)
+        if sae_cfg.transcoder != (target_sample is not None):
+            raise ConfigError("a transcoder trains on (input, target) pairs, an SAE on inputs "
+                              "alone: give target_sample exactly for a transcoder")
         sample = sample.to(self.device, torch.float32)
         self.input_scale = estimate_input_scale(sample) if cfg.normalize_inputs else 1.0
+        out = sample if target_sample is None else target_sample.to(self.device, torch.float32)
+        self.target_scale = estimate_input_scale(out) if cfg.normalize_inputs else 1.0
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.sae = init_sae(sae_cfg, sample * self.input_scale, b_dec_init=cfg.b_dec_init,
+        # b_dec is the output's offset: initialised from the targets (an SAE's are its inputs)
+        self.sae = init_sae(sae_cfg, out * self.target_scale, b_dec_init=cfg.b_dec_init,
                             generator=self.generator).to(self.device).train()
         self.step_count = 0
         # The optimizer steps contiguous aliases of transposed parameters (W_enc is stored as
@@ -191,19 +200,23 @@ class Trainer:
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.cfg.dead_window_tokens
 
-    def step(self, x: Tensor) -> dict[str, float]:
-        """One optimizer step on a batch of raw activations (n, d_in); returns its figures:
-        the loss terms, l0, fvu, dead_fraction, lr, sparsity_scale and step (1-based)."""
+    def step(self, x: Tensor, y: Tensor | None = None) -> dict[str, float]:
+        """One optimizer step on a batch of raw activations (n, d_in), and a transcoder's
+        targets y; returns its figures: the loss terms, l0, fvu, dead_fraction, lr,
+        sparsity_scale and step (1-based)."""
         sae, cfg = self.sae, self.cfg
         x = x.to(self.device, sae.dtype)
         if self.input_scale != 1.0:
             x = x * self.input_scale
+        if y is not None:
+            y = y.to(self.device, sae.dtype) * self.target_scale
         lr, sparsity_scale = self.lr, cfg.sparsity_scale_at(self.step_count)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         dead = self.dead_mask()
         use_aux = sae.uses_auxk and cfg.auxk_coefficient > 0
-        out = sae(x, dead_mask=dead if use_aux else None,
+        out = sae(x, **({"target": y} if y is not None else {}),
+                  dead_mask=dead if use_aux else None,
                   auxk_coefficient=cfg.auxk_coefficient if use_aux else 0.0,
                   sparsity_scale=sparsity_scale)
         loss = out.losses["loss"]
@@ -231,7 +244,8 @@ class Trainer:
             self.tokens_since_fired[out.fired] = 0
             self.tokens_seen += n
             self.step_count += 1
-            total_variance = (x - x.mean(0)).square().sum()
+            goal = x if y is None else y
+            total_variance = (goal - goal.mean(0)).square().sum()
             fvu = (out.losses["mse"].detach() * n / total_variance).item()
         logs = {name: value.item() for name, value in out.losses.items()}
         logs.update(step=float(self.step_count), lr=lr, sparsity_scale=sparsity_scale,
@@ -242,7 +256,7 @@ class Trainer:
     def export(self) -> SAE:
         """A copy of the SAE, in eval mode, that runs on raw activations (scale folded in)."""
         sae = copy.deepcopy(self.sae).eval()
-        sae.fold_input_scale(self.input_scale)
+        sae.fold_input_scale(self.input_scale, self.target_scale)
         return sae
 
     # -- checkpoints ---------------------------------------------------------------------
@@ -258,6 +272,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "tokens_since_fired": self.tokens_since_fired,
             "input_scale": self.input_scale,
+            "target_scale": self.target_scale,
             "generator": self.generator.get_state(),
         }
 
@@ -274,6 +289,7 @@ class Trainer:
         self.tokens_seen = int(state["tokens_seen"])
         self.tokens_since_fired.copy_(state["tokens_since_fired"])
         self.input_scale = float(state["input_scale"])
+        self.target_scale = float(state.get("target_scale", self.input_scale))
         self.generator.set_state(state["generator"])
 
 

@@ -244,7 +244,7 @@ def test_save_load_round_trip(arch, toy, tmp_path):
     cfg = json.loads((tmp_path / "sae" / CFG_FILENAME).read_text())
     saelens_arch, keys = SAELENS_KEYS[arch]
     assert cfg["architecture"] == saelens_arch and cfg["saectl"]["arch"] == arch
-    assert (cfg["d_in"], cfg["d_sae"], cfg["metadata"]) == (D_IN, 128, {"hook_name": "h"})
+    assert (cfg["d_in"], cfg["d_sae"], cfg["metadata"]) == (D_IN, 128, {"hook_name": "h", "sae_lens_version": "6.0.0"})
     tensors = load_file(str(tmp_path / "sae" / WEIGHTS_FILENAME))
     assert set(tensors) == keys
     assert tensors["W_enc"].shape == (D_IN, 128) and tensors["W_dec"].shape == (128, D_IN)

@@ -99,6 +99,11 @@ class SAEConfig:
     means (d_sae/16, d_sae/4, d_sae), keeping those at least k."""
     dtype: str = "float32"
     """Parameter dtype: float32 (training), float64, bfloat16 or float16."""
+    transcoder: bool = False
+    """A transcoder: it reads one hook (an MLP's input) and reconstructs another (its output),
+    so its input is not centred on b_dec, which lives in the output's space."""
+    skip: bool = False
+    """A skip transcoder's linear path x @ W_skip beside the latents (initialised at zero)."""
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -117,12 +122,17 @@ class SAEConfig:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r} is not supported; use one of "
                               f"{', '.join(DTYPES)}")
+        if self.skip and not self.transcoder:
+            raise ConfigError("--skip adds a transcoder's linear path; give --target too")
         object.__setattr__(self, "matryoshka_prefixes", tuple(self.matryoshka_prefixes))
         ARCHS[self.arch].check_config(self)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["matryoshka_prefixes"] = list(self.matryoshka_prefixes)
+        for name in ("transcoder", "skip"):  # absent when off: SAE addresses stay as they were
+            if not d[name]:
+                del d[name]
         return d
 
     @classmethod
@@ -195,6 +205,8 @@ class SAE(nn.Module, metaclass=abc.ABCMeta):
             self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))
         self.W_dec = nn.Parameter(W_dec)
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype))
+        if cfg.skip:
+            self.W_skip = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_in, dtype=dtype))
 
     # -- configuration -------------------------------------------------------------------
 
@@ -223,9 +235,26 @@ class SAE(nn.Module, metaclass=abc.ABCMeta):
 
     # -- the model ----------------------------------------------------------------------
 
+    @property
+    def transcoder(self) -> bool:
+        return self.cfg.transcoder
+
+    def encoder_input(self, x: Tensor) -> Tensor:
+        """x - b_dec for an SAE; x itself for a transcoder (its b_dec is the output's)."""
+        return x.to(self.dtype) if self.transcoder else x.to(self.dtype) - self.b_dec
+
+    def target_of(self, x: Tensor, y: Tensor | None) -> Tensor:
+        """What the latents must reconstruct: x for an SAE, y for a transcoder, and y less the
+        skip path x @ W_skip for a skip transcoder (so W_skip learns through every loss term,
+        and the latents explain what the linear path does not)."""
+        if y is None:
+            return x
+        y = y.to(self.dtype)
+        return y - x.to(self.dtype) @ self.W_skip if self.cfg.skip else y
+
     def pre_acts(self, x: Tensor) -> Tensor:
-        """(x - b_dec) @ W_enc + b_enc, dense (..., d_sae)."""
-        x_c = x.to(self.dtype) - self.b_dec
+        """(x - b_dec) @ W_enc + b_enc (a transcoder: x @ W_enc + b_enc), dense (..., d_sae)."""
+        x_c = self.encoder_input(x)
         if x_c.dim() == 2:
             return torch.addmm(self.b_enc, x_c, self.W_enc)
         return x_c @ self.W_enc + self.b_enc
@@ -241,9 +270,11 @@ class SAE(nn.Module, metaclass=abc.ABCMeta):
         return acts @ self.W_dec + self.b_dec
 
     @abc.abstractmethod
-    def forward(self, x: Tensor, *, dead_mask: Tensor | None = None,
-                auxk_coefficient: float = 0.0, sparsity_scale: float = 1.0) -> ForwardOutput:
-        """Reconstruct x (n, d_in) and compute the training losses.
+    def forward(self, x: Tensor, *, target: Tensor | None = None,
+                dead_mask: Tensor | None = None, auxk_coefficient: float = 0.0,
+                sparsity_scale: float = 1.0) -> ForwardOutput:
+        """Reconstruct x (n, d_in), or a transcoder's target y, and compute the training
+        losses (against `self.target_of(x, target)`; x_hat leaves out a skip path).
 
         dead_mask: (d_sae,) bool, latents that have not fired for a while (AuxK targets them).
         auxk_coefficient: weight of the AuxK loss (architectures that use it).
@@ -292,12 +323,16 @@ class SAE(nn.Module, metaclass=abc.ABCMeta):
     # -- scale folding ------------------------------------------------------------------
 
     @torch.no_grad()
-    def fold_input_scale(self, s: float) -> None:
+    def fold_input_scale(self, s: float, s_out: float | None = None) -> None:
         """Make an SAE trained on `s * x_raw` work on x_raw (module docstring): same latents,
-        reconstructions in raw units. Decoder rows then have norm 1/s."""
+        reconstructions in raw units. Decoder rows then have norm 1/s. A transcoder trained to
+        map s * x_raw to s_out * y_raw: W_dec, b_dec divided by s_out, W_skip by s_out / s."""
+        s_out = s if s_out is None else s_out
         self.W_enc.mul_(s)
-        self.W_dec.div_(s)
-        self.b_dec.div_(s)
+        self.W_dec.div_(s_out)
+        self.b_dec.div_(s_out)
+        if self.cfg.skip:
+            self.W_skip.mul_(s / s_out)
 
     # -- save / load --------------------------------------------------------------------
 

@@ -59,10 +59,12 @@ class BatchTopKSAE(SAE):
         self.update_threshold(acts)
         return pre, acts
 
-    def forward(self, x: Tensor, *, dead_mask: Tensor | None = None,
-                auxk_coefficient: float = 0.0, sparsity_scale: float = 1.0) -> ForwardOutput:
+    def forward(self, x: Tensor, *, target: Tensor | None = None,
+                dead_mask: Tensor | None = None, auxk_coefficient: float = 0.0,
+                sparsity_scale: float = 1.0) -> ForwardOutput:
         x = x.to(self.dtype)
+        y = self.target_of(x, target)
         pre, acts = self._encode_train(x)
         x_hat = self.decode(acts)
-        terms = self._auxk_loss(x, x_hat, pre, dead_mask, auxk_coefficient)
-        return self._finish(x, x_hat, acts, terms)
+        terms = self._auxk_loss(y, x_hat, pre, dead_mask, auxk_coefficient)
+        return self._finish(y, x_hat, acts, terms)

@@ -34,8 +34,7 @@ class GatedSAE(SAE):
         self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae, dtype=self.dtype))
 
     def _paths(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        x_c = x.to(self.dtype) - self.b_dec
-        shared = x_c @ self.W_enc
+        shared = self.encoder_input(x) @ self.W_enc
         pi_gate = shared + self.b_gate
         pi_mag = shared * self.r_mag.exp() + self.b_mag
         return pi_gate, pi_mag
@@ -48,17 +47,19 @@ class GatedSAE(SAE):
         pi_gate, pi_mag = self._paths(x)
         return (pi_gate > 0) * pi_mag.relu()
 
-    def forward(self, x: Tensor, *, dead_mask: Tensor | None = None,
-                auxk_coefficient: float = 0.0, sparsity_scale: float = 1.0) -> ForwardOutput:
+    def forward(self, x: Tensor, *, target: Tensor | None = None,
+                dead_mask: Tensor | None = None, auxk_coefficient: float = 0.0,
+                sparsity_scale: float = 1.0) -> ForwardOutput:
         x = x.to(self.dtype)
+        y = self.target_of(x, target)
         pi_gate, pi_mag = self._paths(x)
         acts = (pi_gate > 0) * pi_mag.relu()
         x_hat = self.decode(acts)
         gate = pi_gate.relu()
         l1 = (gate * self.W_dec.norm(dim=1)).sum(-1).mean()
         via_gate = gate @ self.W_dec.detach() + self.b_dec.detach()
-        aux_recon = (via_gate - x).pow(2).sum(-1).mean()
-        return self._finish(x, x_hat, acts, {
+        aux_recon = (via_gate - y).pow(2).sum(-1).mean()
+        return self._finish(y, x_hat, acts, {
             "l1_loss": self.cfg.l1_coefficient * sparsity_scale * l1,
             "aux_recon_loss": aux_recon,
         })

@@ -72,16 +72,18 @@ class JumpReLUSAE(SAE):
         pre = self.pre_acts(x)
         return pre * (pre > self.threshold)
 
-    def forward(self, x: Tensor, *, dead_mask: Tensor | None = None,
-                auxk_coefficient: float = 0.0, sparsity_scale: float = 1.0) -> ForwardOutput:
+    def forward(self, x: Tensor, *, target: Tensor | None = None,
+                dead_mask: Tensor | None = None, auxk_coefficient: float = 0.0,
+                sparsity_scale: float = 1.0) -> ForwardOutput:
         x = x.to(self.dtype)
+        y = self.target_of(x, target)
         pre = self.pre_acts(x)
         threshold = self.threshold
         bandwidth = self.cfg.jumprelu_bandwidth
         acts = _JumpReLU.apply(pre, threshold, bandwidth)
         x_hat = self.decode(acts)
         l0 = _Step.apply(pre, threshold, bandwidth).sum(-1).mean()
-        return self._finish(x, x_hat, acts,
+        return self._finish(y, x_hat, acts,
                             {"l0_loss": self.cfg.l0_coefficient * sparsity_scale * l0})
 
     def saved_tensors(self) -> dict[str, Tensor]:

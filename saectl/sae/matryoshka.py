@@ -41,20 +41,22 @@ class MatryoshkaSAE(BatchTopKSAE):
             raise ConfigError(f"matryoshka prefixes {text} must end at the width {cfg.d_sae}; "
                               f"append {cfg.d_sae} or change --expansion")
 
-    def forward(self, x: Tensor, *, dead_mask: Tensor | None = None,
-                auxk_coefficient: float = 0.0, sparsity_scale: float = 1.0) -> ForwardOutput:
+    def forward(self, x: Tensor, *, target: Tensor | None = None,
+                dead_mask: Tensor | None = None, auxk_coefficient: float = 0.0,
+                sparsity_scale: float = 1.0) -> ForwardOutput:
         x = x.to(self.dtype)
+        y = self.target_of(x, target)
         pre, acts = self._encode_train(x)
         prefixes = self.cfg.matryoshka_prefixes
-        partial = self.b_dec.expand_as(x)
+        partial = self.b_dec.expand_as(y)
         prefix_mse = []
         start = 0
         for m in prefixes:  # x_hat of prefix m = b_dec + acts[:, :m] @ W_dec[:m]
             partial = partial + acts[:, start:m] @ self.W_dec[start:m]
-            prefix_mse.append((partial - x).pow(2).sum(-1).mean())
+            prefix_mse.append((partial - y).pow(2).sum(-1).mean())
             start = m
         x_hat = partial
         terms = {f"mse_prefix_{m}": e for m, e in zip(prefixes[:-1], prefix_mse[:-1])}
-        aux = self._auxk_loss(x, x_hat, pre, dead_mask, auxk_coefficient)
+        aux = self._auxk_loss(y, x_hat, pre, dead_mask, auxk_coefficient)
         loss = sum(prefix_mse[1:], prefix_mse[0]) / len(prefixes) + sum(aux.values(), 0.0)
-        return self._finish(x, x_hat, acts, {**terms, **aux}, loss=loss)
+        return self._finish(y, x_hat, acts, {**terms, **aux}, loss=loss)

@@ -22,11 +22,13 @@ class ReLUSAE(SAE):
     def encode(self, x: Tensor) -> Tensor:
         return self.pre_acts(x).relu()
 
-    def forward(self, x: Tensor, *, dead_mask: Tensor | None = None,
-                auxk_coefficient: float = 0.0, sparsity_scale: float = 1.0) -> ForwardOutput:
+    def forward(self, x: Tensor, *, target: Tensor | None = None,
+                dead_mask: Tensor | None = None, auxk_coefficient: float = 0.0,
+                sparsity_scale: float = 1.0) -> ForwardOutput:
         x = x.to(self.dtype)
+        y = self.target_of(x, target)
         acts = self.encode(x)
         x_hat = self.decode(acts)
         l1 = (acts * self.W_dec.norm(dim=1)).sum(-1).mean()
-        return self._finish(x, x_hat, acts,
+        return self._finish(y, x_hat, acts,
                             {"l1_loss": self.cfg.l1_coefficient * sparsity_scale * l1})

@@ -28,24 +28,29 @@ class TopKSAE(SAE):
         vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
 
-    def forward(self, x: Tensor, *, dead_mask: Tensor | None = None,
-                auxk_coefficient: float = 0.0, sparsity_scale: float = 1.0) -> ForwardOutput:
+    def forward(self, x: Tensor, *, target: Tensor | None = None,
+                dead_mask: Tensor | None = None, auxk_coefficient: float = 0.0,
+                sparsity_scale: float = 1.0) -> ForwardOutput:
         x = x.to(self.dtype)
+        y = self.target_of(x, target)
         use_aux = dead_mask is not None and auxk_coefficient > 0 and bool(dead_mask.any())
         dead_idx = dead_mask.nonzero().flatten() if use_aux else None  # type: ignore[union-attr]
         k_aux = self.d_in // 2 if use_aux else 0
         autoencode = kernels.topk_autoencode if kernels.FAST else kernels.topk_autoencode_eager
-        x_hat, vals, idx, aux_hat = autoencode(x, self.W_enc, self.b_enc, self.W_dec,
+        # The kernels encode x - b_dec; a transcoder's encoder reads x itself (autograd
+        # cancels the two b_dec terms of its input).
+        x_in = x + self.b_dec if self.transcoder else x
+        x_hat, vals, idx, aux_hat = autoencode(x_in, self.W_enc, self.b_enc, self.W_dec,
                                                self.b_dec, self.cfg.k, dead_idx, k_aux)
         terms = {}
         if use_aux:
             assert dead_idx is not None
             scale = min(dead_idx.numel() / (self.d_in // 2), 1.0)
-            auxk = (aux_hat - (x - x_hat).detach()).pow(2).sum(-1).mean()
+            auxk = (aux_hat - (y - x_hat).detach()).pow(2).sum(-1).mean()
             terms["auxk_loss"] = auxk_coefficient * scale * auxk
         n, k = idx.shape
         rows = torch.arange(n, device=x.device).repeat_interleave(k)
         acts = torch.sparse_coo_tensor(torch.stack([rows, idx.reshape(-1)]), vals.reshape(-1),
                                        (n, self.d_sae), check_invariants=False,
                                        is_coalesced=True)  # rows, then columns, sorted
-        return self._finish(x, x_hat, acts, terms)
+        return self._finish(y, x_hat, acts, terms)
