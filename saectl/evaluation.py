@@ -149,14 +149,17 @@ def batches(t: Target):
     """A callable giving a fresh iterator over the evaluated activations (module docstring)."""
     from saectl.reader import BatchReader  # deferred: imports torch
 
-    hook = t.lin.hook
+    hook, target = t.lin.hook, t.lin.target  # a transcoder's batches are (x, y) pairs
+    g = t.data.group()
     if t.data.stage == "shuffle":
-        ev = t.data.group()[layout.eval_rows(hook)]
-        return BatchReader(ev, min(BATCH, int(ev.shape[0])), 0, t.data.ref).once
-    arr = t.data.group()[layout.acts(hook)]
+        ev = g[layout.eval_rows(hook)]
+        ev_y = g[layout.eval_rows(target)] if target else None
+        return BatchReader(ev, min(BATCH, int(ev.shape[0])), 0, t.data.ref, ev_y).once
+    arr = g[layout.acts(hook)]
     context = (t.data.manifest()["params"]["context_size"]
                if t.data.stage == "harvest" and not t.keep_bos else None)
-    return partial(_rows, arr, t.data.ref, context, t.threshold)
+    return partial(_rows, arr, t.data.ref, context, t.threshold,
+                   g[layout.acts(target)] if target else None)
 
 
 def _centred(rows):
@@ -164,19 +167,26 @@ def _centred(rows):
         yield x - x.mean(-1, keepdim=True)
 
 
-def _rows(arr, ref: str, context: int | None, threshold: float | None = None):
+def _rows(arr, ref: str, context: int | None, threshold: float | None = None, target=None):
     """Batches of `arr`'s rows in order, leaving out each context's first (BOS) row and the
-    rows whose norm exceeds `threshold`."""
+    rows whose norm exceeds `threshold`; with a `target` array, (x, y) pairs of both."""
     import torch  # deferred: torch is heavy
 
     n = int(arr.shape[0])
     for a in range(0, n, BATCH):
-        x = arrays.read(arr, slice(a, min(a + BATCH, n)), artifact=ref)
+        rows = slice(a, min(a + BATCH, n))
+        x = arrays.read(arr, rows, artifact=ref)
+        keep = np.ones(len(x), bool)
         if context:
-            x = x[np.arange(a, a + len(x)) % context != 0]
+            keep &= np.arange(a, a + len(x)) % context != 0
         if threshold is not None:
-            x = x[np.linalg.norm(x.astype(np.float64), axis=1) <= threshold]
-        yield torch.from_numpy(np.ascontiguousarray(x))
+            keep &= np.linalg.norm(x.astype(np.float64), axis=1) <= threshold
+        x = torch.from_numpy(np.ascontiguousarray(x[keep]))
+        if target is None:
+            yield x
+        else:
+            yield x, torch.from_numpy(np.ascontiguousarray(arrays.read(target, rows,
+                                                                       artifact=ref)[keep]))
 
 
 def _outlier_threshold(cfg: EvalConfig, t: Target) -> tuple[float | None, int]:
@@ -184,7 +194,8 @@ def _outlier_threshold(cfg: EvalConfig, t: Target) -> tuple[float | None, int]:
     the shuffle's rule, so a harvest and its shuffle are measured on the same tokens."""
     if t.data.stage == "shuffle" or cfg.max_activation_norm_multiple == 0:
         return None, 0
-    norms = np.concatenate([np.linalg.norm(x.double().numpy(), axis=1) for x in batches(t)()])
+    inputs = (b[0] if isinstance(b, tuple) else b for b in batches(t)())  # a transcoder: x
+    norms = np.concatenate([np.linalg.norm(x.double().numpy(), axis=1) for x in inputs])
     threshold = float(cfg.max_activation_norm_multiple * np.median(norms)) if len(norms) else 0
     return threshold, int((norms > threshold).sum())
 
@@ -222,7 +233,8 @@ def build(cfg: EvalConfig, plan: Plan, writer: store.Writing) -> None:
     figures, log_density = metrics.reconstruction(sae, rows)
     dl = mdl.description_length(sae, rows, cfg.tolerance)
     summary = {"sae": t.lin.sae.ref, "data": t.data.ref, "data_stage": t.data.stage,
-               "hook": t.lin.hook, "d_in": t.lin.d_in, "d_sae": t.lin.d_sae,
+               "hook": t.lin.hook, **({"target": t.lin.target} if t.lin.target else {}),
+               "d_in": t.lin.d_in, "d_sae": t.lin.d_sae,
                "arch": t.lin.sae.manifest()["summary"].get("arch"),
                **figures, "tolerance": cfg.tolerance, "dl": dl.bits_per_token,
                "dl_bins": dl.bins, "quantised_fvu": dl.quantised_fvu,
@@ -235,22 +247,24 @@ def build(cfg: EvalConfig, plan: Plan, writer: store.Writing) -> None:
     else:
         info(f"eval: {t.harvest.ref} holds imported activations, so there is no model: no "
              "CE-loss/KL scores and no probing")
-    if model is not None and cfg.lm_eval and hook.name.split(".")[0] in hooks.READ_ONLY_SITES:
-        info(f"eval: {hook.name} can be read but not spliced, so no CE-loss/KL scores")
+    out_hook = hooks.parse_hooks(model, [t.lin.target])[0] if model and t.lin.target else hook
+    if model is not None and cfg.lm_eval and out_hook.name.split(".")[0] in hooks.READ_ONLY_SITES:
+        info(f"eval: {out_hook.name} can be read but not spliced, so no CE-loss/KL scores")
     elif model is not None and cfg.lm_eval:
         ids = torch.from_numpy(np.asarray(_lm_tokens(t, cfg.lm_eval_seqs))).long().to(device)
         keep = _passthrough(t, len(ids), ids.shape[1])
         keep = torch.from_numpy(keep) if keep is not None else None
 
-        def splice(a):
+        def splice(a):  # a transcoder's input is read where its output is replaced
             a = a.float()
             mean = a.mean(-1, keepdim=True) if centred else 0
-            return sae.decode(sae.encode(a)) + mean
+            return metrics.output(sae, sae.encode(a), a) + mean
 
         summary.update(metrics.downstream(
-            model, hook, splice,
+            model, out_hook, splice,
             [ids[i:i + 4] for i in range(0, len(ids), 4)], 0 if t.keep_bos else 1,
-            None if keep is None else [keep[i:i + 4] for i in range(0, len(ids), 4)]))
+            None if keep is None else [keep[i:i + 4] for i in range(0, len(ids), 4)],
+            source=hook if t.lin.target else None))
         summary["outliers_passed_through"] = int(keep.sum()) if keep is not None else 0
     if model is not None and t.probe is not None:
         summary["probing"] = _probe(cfg, t, sae, model, hook)

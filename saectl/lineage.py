@@ -33,6 +33,8 @@ class Lineage:
     d_sae: int
     model: dict | None = None
     """An imported SAE's model: {"name"} as it names it, plus the identity --model bound."""
+    target: str | None = None
+    """A transcoder's output hook (it reads `hook`, writes `target`); None for an SAE."""
 
     @property
     def imported(self) -> bool:
@@ -66,10 +68,11 @@ def sae_lineage(root: Path, ref: str) -> Lineage:
     s = m["summary"]
     if sae.stage == "import-sae":
         return Lineage(sae, None, None, s["hook"], int(s["d_in"]), int(s["d_sae"]),
-                       m["params"]["model"])
+                       m["params"]["model"], s.get("target"))
     shuffle = store.open_complete(root, m["inputs"]["shuffle"])
     harvest = store.open_complete(root, shuffle.manifest()["inputs"]["harvest"])
-    return Lineage(sae, shuffle, harvest, s["hook"], int(s["d_in"]), int(s["d_sae"]))
+    return Lineage(sae, shuffle, harvest, s["hook"], int(s["d_in"]), int(s["d_sae"]),
+                   target=s.get("target"))
 
 
 def _same_model(sae_model: dict, harvest_manifest: dict) -> bool:
@@ -112,6 +115,10 @@ def check_activations(lin: Lineage, harvest: store.Artifact) -> None:
                               f"({_model_name(hm)} vs {_model_name(lin.harvest.manifest())}); "
                               "pass a harvest of the same model, or leave out --harvest")
     hooks = hm["summary"].get("hooks", {})
+    if lin.target is not None and lin.target not in hooks:
+        raise ConfigError(f"{harvest.ref} has no activations at {lin.target}, the transcoder's "
+                          f"target (it has {', '.join(sorted(hooks)) or 'none'}); harvest "
+                          f"{lin.hook} and {lin.target} together")
     if lin.hook not in hooks:
         raise ConfigError(f"{harvest.ref} has no activations at {lin.hook} (it has "
                           f"{', '.join(sorted(hooks)) or 'none'}); the SAE was trained on "

@@ -188,7 +188,8 @@ def _request(root: Path, cfg: SteerConfig, lin: Lineage) -> Request:
 
 
 def _address_params(cfg: SteerConfig, r: Request, lin: Lineage, model_identity: dict) -> dict:
-    return {"sae": lin.sae.ref, "hook": lin.hook, "model": model_identity, "mode": cfg.mode,
+    return {"sae": lin.sae.ref, "hook": lin.target or lin.hook, "model": model_identity,
+            "mode": cfg.mode,
             "features": [[f, w] for f, w in zip(r.features, r.weights)], "strengths": r.sweep,
             "units": r.units, "positions": cfg.positions, "prompts": r.prompts,
             "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
@@ -214,6 +215,10 @@ def plan(cfg: SteerConfig) -> Plan:
 
     root = store.store_root(cfg.store)
     lin = sae_lineage(root, cfg.sae)
+    if lin.target and cfg.mode != "add":
+        raise ConfigError(f"--mode {cfg.mode} sets a latent where it is read, and a transcoder "
+                          f"reads {lin.hook} but writes {lin.target}: use --mode add (it adds to "
+                          f"{lin.target})")
     request = _request(root, cfg, lin)
     spec = model_spec(lin, cfg.model)
     params = _address_params(cfg, request, lin, models.model_identity(spec))
@@ -242,7 +247,7 @@ def prepare(cfg: SteerConfig, p: Plan) -> None:
     info(f"steer: loading {spec.name} on {device}")
     tok = models.load_tokenizer(spec)
     model = models.load_model(spec, device=device)
-    hook = hooks.parse_hooks(model, [lin.hook])[0]
+    hook = hooks.parse_hooks(model, [lin.target or lin.hook])[0]  # a transcoder writes there
     width = hooks.hook_dim(model, hook)
     if width != lin.d_in:
         raise ConfigError(f"{spec.name} has width {width} at {lin.hook} but the SAE takes "
@@ -305,7 +310,8 @@ def summary(cfg: SteerConfig, ctx: Steering, tok, lens, baseline, runs) -> dict:
 
     base_new, base_figs, base_mean = baseline
     out = {
-        "sae": ctx.lin.sae.ref, "hook": ctx.lin.hook, "model": ctx.spec.name, "mode": cfg.mode,
+        "sae": ctx.lin.sae.ref, "hook": ctx.lin.target or ctx.lin.hook, "model": ctx.spec.name,
+        "mode": cfg.mode,
         "positions": cfg.positions, "units": r.units,
         "units_from": r.interpret.ref if r.interpret else None,
         "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "seed": cfg.seed,

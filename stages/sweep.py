@@ -238,11 +238,13 @@ def _train(cfg: SweepConfig, art: store.Artifact, grid: Grid, missing: list[Poin
     return True
 
 
-def _eval_batches(src: store.Artifact, hook: str):
+def _eval_batches(src: store.Artifact, hook: str, target: str | None = None):
+    """The eval split's batches; a transcoder's are (input, target) pairs."""
     from saectl.reader import BatchReader  # torch
 
     ev = src.group()[layout.eval_rows(hook)]
-    return BatchReader(ev, min(8192, int(ev.shape[0])), 0, src.ref).once
+    ev_y = src.group()[layout.eval_rows(target)] if target else None
+    return BatchReader(ev, min(8192, int(ev.shape[0])), 0, src.ref, ev_y).once
 
 
 def _finish(art: store.Artifact, grid: Grid, tolerance: float,
@@ -258,7 +260,7 @@ def _finish(art: store.Artifact, grid: Grid, tolerance: float,
     for i, (p, v) in enumerate(zip(grid.points, values)):
         s = p.art.manifest()["summary"]
         sae = load_sae(layout.sae_dir(p.art.path))
-        dl = mdl.description_length(sae, _eval_batches(grid.src, p.hook), tolerance)
+        dl = mdl.description_length(sae, _eval_batches(grid.src, p.hook, p.target), tolerance)
         name = f"p{i:02d}"
         dls[name] = dl
         rows.append({"point": name, **{k: v.get(k) for k in varying}, "arch": p.sae_cfg.arch,

@@ -158,3 +158,47 @@ def test_transcoders_train_on_every_family(family, tiny_model_dirs, tmp_path, ca
     assert_one_line_error(run_cli(capsys, *base, "--hook", "mlp_in.2", "--target", "mlp_in.2"),
                           "--target", "itself")
     tried("train", "bad input", 3)
+
+
+def test_eval_interpret_and_steer_take_a_transcoder(planted, capsys):
+    """The eval stage measures a transcoder as train does (same figures on the same split),
+    and on a harvest; interpret reads its input side; steer adds at its target hook."""
+    root, model_dir, corpus, _ = planted
+    common = ["--store", root, "--device", "cpu"]
+    h = _cli(capsys, "harvest", "--model", model_dir, "--dataset", corpus, "--hooks",
+             "mlp_in.1,mlp_out.1", "--tokens", 2048, "--context-size", 16, *common)
+    sh = _cli(capsys, "shuffle", h, "--store", root, "--eval-fraction", "0.25")
+    tc = _cli(capsys, "train", sh, "--hook", "mlp_in.1", "--target", "mlp_out.1", "--k", "4",
+              "--width", "48", "--tokens", 8192, "--batch-size", 256, "--lm-eval-seqs", "4",
+              *common)
+    t = store.open_complete(root, tc).manifest()["summary"]
+    ev = store.open_complete(root, _cli(capsys, "eval", tc, "--no-probe", "--lm-eval-seqs", "4",
+                                        *common)).manifest()["summary"]
+    for key in ("fvu", "l0", "ce_loss_score", "kl_score"):
+        assert ev[key] == pytest.approx(t[key], rel=1e-6), key
+    assert ev["target"] == "mlp_out.1"
+    on_h = _cli(capsys, "eval", tc, "--harvest", h, "--no-probe", "--lm-eval-seqs", "2", *common)
+    assert store.open_complete(root, on_h).manifest()["summary"]["n_tokens"] == 2048 // 16 * 15
+    it = _cli(capsys, "interpret", tc, "--no-explain", "--top", "4", *common)
+    assert store.open_complete(root, it).manifest()["summary"]["n_features"] == 48
+    st = _cli(capsys, "steer", tc, "--feature", "0", "--prompt", "The", "--max-new-tokens", "3",
+              *common)
+    assert store.open_complete(root, st).manifest()["summary"]["hook"] == "mlp_out.1"
+    clamp = run_cli(capsys, "steer", tc, "--feature", "0", "--prompt", "The", "--mode", "clamp",
+                    *common)
+    assert_one_line_error(clamp, "--mode add", "mlp_out.1")
+
+
+def test_sweep_tabulates_transcoders_like_saes(planted, tmp_path, capsys):
+    root, model_dir, corpus, _ = planted
+    common = ["--store", root, "--device", "cpu"]
+    h = _cli(capsys, "harvest", "--model", model_dir, "--dataset", corpus, "--hooks",
+             "mlp_in.1,mlp_out.1", "--tokens", 2048, "--context-size", 16, *common)
+    sh = _cli(capsys, "shuffle", h, "--store", root)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("hook: mlp_in.1\ntarget: mlp_out.1\nskip: [false, true]\nk: 4\nwidth: 32\n"
+                    "tokens: 4096\nbatch_size: 256\nlm_eval: false\n")
+    res = run_cli(capsys, "sweep", sh, "--grid", grid, "--store", root, "--tolerance", "0.9")
+    assert res.code in (0, 1), res.err  # 1 only if no point meets the tolerance
+    table = (store.list_artifacts(root, "sweep")[0].report_dir / "table.csv").read_text()
+    assert "skip" in table.splitlines()[0] and len(table.splitlines()) == 3
