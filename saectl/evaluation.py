@@ -247,25 +247,16 @@ def build(cfg: EvalConfig, plan: Plan, writer: store.Writing) -> None:
     else:
         info(f"eval: {t.harvest.ref} holds imported activations, so there is no model: no "
              "CE-loss/KL scores and no probing")
-    out_hook = hooks.parse_hooks(model, [t.lin.target])[0] if model and t.lin.target else hook
-    if model is not None and cfg.lm_eval and out_hook.name.split(".")[0] in hooks.READ_ONLY_SITES:
-        info(f"eval: {out_hook.name} can be read but not spliced, so no CE-loss/KL scores")
-    elif model is not None and cfg.lm_eval:
+    if model is not None and cfg.lm_eval:
         ids = torch.from_numpy(np.asarray(_lm_tokens(t, cfg.lm_eval_seqs))).long().to(device)
         keep = _passthrough(t, len(ids), ids.shape[1])
-        keep = torch.from_numpy(keep) if keep is not None else None
-
-        def splice(a):  # a transcoder's input is read where its output is replaced
-            a = a.float()
-            mean = a.mean(-1, keepdim=True) if centred else 0
-            return metrics.output(sae, sae.encode(a), a) + mean
-
-        summary.update(metrics.downstream(
-            model, out_hook, splice,
-            [ids[i:i + 4] for i in range(0, len(ids), 4)], 0 if t.keep_bos else 1,
-            None if keep is None else [keep[i:i + 4] for i in range(0, len(ids), 4)],
-            source=hook if t.lin.target else None))
-        summary["outliers_passed_through"] = int(keep.sum()) if keep is not None else 0
+        scores = metrics.spliced(model, sae, t.lin.hook, t.lin.target, ids,
+                                 0 if t.keep_bos else 1,
+                                 None if keep is None else torch.from_numpy(keep), centred)
+        summary.update(scores)
+        if not scores:
+            info(f"eval: {t.lin.target or t.lin.hook} can be read but not spliced, so no "
+                 "CE-loss/KL scores")
     if model is not None and t.probe is not None:
         summary["probing"] = _probe(cfg, t, sae, model, hook)
     out = plan.art.group("r+")

@@ -378,7 +378,7 @@ def _evaluate(art, src, harvest, hook, sae, lm_spec, cfg, target=None) -> dict:
     target hook's activation)."""
     import torch  # deferred, with the modules below that import it: torch is heavy
 
-    from saectl import hooks, metrics
+    from saectl import metrics
     from saectl.reader import BatchReader
 
     group = src.group()
@@ -401,19 +401,11 @@ def _evaluate(art, src, harvest, hook, sae, lm_spec, cfg, target=None) -> dict:
     if lm_spec is not None:
         device = device_for(cfg)
         model = load_lm(lm_spec, device)
-        hp = hooks.parse_hooks(model, [hook])[0]
-        out_hook = hooks.parse_hooks(model, [target])[0] if target else hp
         seqs = group[layout.EVAL_SEQUENCES][:][: cfg.lm_eval_seqs]
         tokens = harvest.group()[layout.TOKENS].get_orthogonal_selection((seqs, slice(None)))
         ids = torch.from_numpy(np.asarray(tokens)).long().to(device)
         skip = 0 if src.manifest()["params"].get("keep_bos") else 1
         # The outliers the shuffle left out of training keep their clean activation, as BOS does.
         keep = torch.from_numpy(outliers.left_out(src, hook, seqs, ids.shape[1]))
-        sae_dev = sae.to(device)
-        batches = [ids[i:i + 4] for i in range(0, len(ids), 4)]
-        figures.update(metrics.downstream(
-            model, out_hook, lambda a: metrics.output(sae_dev, sae_dev.encode(a.float()), a.float()),
-            batches, skip, [keep[i:i + 4] for i in range(0, len(ids), 4)],
-            source=hp if target else None))
-        figures["outliers_passed_through"] = int(keep.sum())
+        figures.update(metrics.spliced(model, sae.to(device), hook, target, ids, skip, keep))
     return figures

@@ -208,3 +208,29 @@ def downstream(model, hook, reconstruct: Callable[[torch.Tensor], torch.Tensor],
         "kl_score": (kl["zero"] - kl["sae"]) / kl["zero"] if kl["zero"] > 0 else float("nan"),
         "delta_lm_loss": ce["sae"] - ce["clean"], "lm_eval_tokens": n,
     }
+
+
+def spliced(model, sae, hook: str, target: str | None, ids: torch.Tensor, skip_first: int,
+            keep: torch.Tensor | None = None, centred: bool = False) -> dict:
+    """`downstream`'s scores of `sae` on the sequences `ids` (n, C), four at a time: spliced in
+    at `hook`, or for a transcoder its prediction from `hook` replacing `target`; `keep`
+    (n, C) marks positions passed through (outliers). `centred`: the SAE reads x − mean(x)
+    (saectl.basis) and its output gets the mean back. {} where the site cannot be spliced."""
+    from saectl import hooks
+
+    read = hooks.parse_hooks(model, [hook])[0]
+    write = hooks.parse_hooks(model, [target])[0] if target else read
+    if write.name.split(".")[0] in hooks.READ_ONLY_SITES:
+        return {}
+
+    def splice(a):
+        a = a.float()
+        mean = a.mean(-1, keepdim=True) if centred else 0
+        return output(sae, sae.encode(a - mean), a) + mean
+
+    parts = range(0, len(ids), 4)
+    figures = downstream(model, write, splice, [ids[i:i + 4] for i in parts], skip_first,
+                         None if keep is None else [keep[i:i + 4] for i in parts],
+                         source=read if target else None)
+    figures["outliers_passed_through"] = int(keep.sum()) if keep is not None else 0
+    return figures
