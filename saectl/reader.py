@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from saectl import arrays
+from saectl.errors import ArtifactError
 
 
 class BatchReader:
@@ -26,7 +27,9 @@ class BatchReader:
         self.arr, self.B, self.seed, self.artifact = arr, batch_size, seed, artifact
         self.target = target
         if target is not None and int(target.shape[0]) != int(arr.shape[0]):
-            raise ValueError(f"input and target have {arr.shape[0]} and {target.shape[0]} rows")
+            raise ArtifactError(f"{artifact}: a transcoder's input and target hold "
+                                f"{arr.shape[0]} and {target.shape[0]} rows, not the same "
+                                "tokens; re-run the shuffle of one harvest of both hooks")
         self.n = int(arr.shape[0])
         self.chunk = int(arr.chunks[0])
         self.n_chunks = -(-self.n // self.chunk)
