@@ -23,7 +23,7 @@ from rich.table import Table
 
 from benchmarks.common import load_average, machine
 
-SUITES = ["harvest", "codecs", "shuffle", "train", "sweep", "interpret", "scaling",
+SUITES = ["harvest", "codecs", "shuffle", "train", "transcoder", "sweep", "interpret", "scaling",
           "groundtruth"]
 
 # Issue 8's table of goals: (suite, what, words that the names of the rows answering it hold).
@@ -48,6 +48,9 @@ GOALS = [
     # Issue 16: feature recovery on SAELens's synthetic ground truth, each tool at its best LR.
     *[("groundtruth", f"{arch} recovers features >= SAELens's (F1)",
        (f"ground truth F1 {arch} ",)) for arch in ("topk", "batchtopk", "matryoshka")],
+    # Issue 18: TopK transcoders (with and without the skip connection) against sparsify's.
+    ("transcoder", "transcoder train tokens/s >= 1.5x sparsify",
+     ("transcoder train tokens/s", "vs sparsify")),
 ]
 
 
