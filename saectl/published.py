@@ -14,7 +14,9 @@ gives the tool's own latents:
   SAELens's own `fold_activation_norm_scaling_factor` does.
 
 Folds run in float64; the SAE is kept in float32. What cannot be folded (a per-token input
-normalisation, a group-max activation, a transcoder's skip path) is refused in one line.
+normalisation, a group-max activation) is refused in one line. SAELens transcoders
+(Transcoder, SkipTranscoder, JumpReLU[Skip]Transcoder) encode `x @ W_enc + b_enc` as saectl's
+transcoders do, so their weights are taken as they are (W_skip in SAELens's (d_out, d_in)).
 Formats: SAELens (`cfg.json` + `sae_weights.safetensors`), sparsify (`cfg.json` +
 `sae.safetensors`), dictionary_learning (`ae.pt` + `config.json`, read with
 `torch.load(weights_only=True)`: tensors only, never code) and Gemma Scope (`params.npz`).
@@ -56,6 +58,12 @@ class Source:
     """The hook as the tool names it (mapped by saectl.hook_names)."""
     model_kwargs: dict | None = None
     """SAELens's `model_from_pretrained_kwargs`: how TransformerLens processed the model."""
+    target_hook: str | None = None
+    """A transcoder's output hook as the tool names it (SAELens `metadata.hook_name_out`)."""
+    transcoder: bool = False
+    """Reads one hook and reconstructs another; its input is never centred on b_dec."""
+    skip: bool = False
+    """A skip transcoder: tensors hold W_skip (d_out, d_in), as SAELens saves it."""
     settings: dict[str, Any] = field(default_factory=dict)
     """What was read and carried over, for the manifest."""
     declared: dict[str, int] = field(default_factory=dict)
@@ -88,7 +96,9 @@ def _need(tensors: dict[str, Tensor], names: tuple[str, ...], where: Path) -> No
 # -- SAELens --------------------------------------------------------------------------------
 
 _SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated",
-            "batchtopk": "jumprelu", "matryoshka_batchtopk": "jumprelu"}
+            "batchtopk": "jumprelu", "matryoshka_batchtopk": "jumprelu",
+            "transcoder": "relu", "skip_transcoder": "relu",
+            "jumprelu_transcoder": "jumprelu", "jumprelu_skip_transcoder": "jumprelu"}
 _KEEP_NORM = ("none", "expected_average_only_in")
 
 
@@ -96,10 +106,14 @@ def read_saelens(folder: Path, scaling_factor: float | None = None) -> Source:
     cfg = _cfg(folder / "cfg.json")
     arch = cfg.get("architecture", "standard")
     if arch not in _SAELENS:
-        what = "transcoders arrive with saectl's transcoders" if "transcoder" in arch else \
-            f"saectl reads {', '.join(_SAELENS)}"
-        raise ConfigError(f"{folder}: SAELens architecture {arch!r} cannot be imported; {what}")
+        raise ConfigError(f"{folder}: SAELens architecture {arch!r} cannot be imported; saectl "
+                          f"reads {', '.join(_SAELENS)}")
+    transcoder = arch.endswith("transcoder")
     norm = cfg.get("normalize_activations") or "none"
+    if transcoder and norm != "none":
+        raise ConfigError(f"{folder}: a transcoder with normalize_activations={norm!r} scales its "
+                          "input and output apart, which saectl does not read; import one saved "
+                          "with none (SAELens folds the scale in when training ends)")
     if norm == "expected_average_only_in" and not scaling_factor:
         raise ConfigError(f"{folder}: normalize_activations=expected_average_only_in, and no norm "
                           "scaling factor is known (SAELens keeps it in its release registry); "
@@ -115,7 +129,7 @@ def read_saelens(folder: Path, scaling_factor: float | None = None) -> Source:
     if "topk_threshold" in t:  # a training BatchTopK saved with save_model, not for inference
         t["threshold"] = torch.full_like(t["b_enc"], float(t.pop("topk_threshold")))
     meta = cfg.get("metadata") or {}
-    get = lambda key: meta.get(key, cfg.get(key))  # noqa: E731 - SAELens < 6 kept them on top
+    get = lambda key: meta.get(key, cfg.get(key))
     k = cfg.get("k")
     saelens_arch = _SAELENS[arch]
     if saelens_arch == "topk" and k is None:
@@ -123,13 +137,29 @@ def read_saelens(folder: Path, scaling_factor: float | None = None) -> Source:
     settings = {"architecture": arch, "apply_b_dec_to_input": cfg.get("apply_b_dec_to_input", True),
                 "normalize_activations": norm, "norm_scaling_factor": scaling_factor,
                 "rescale_acts_by_decoder_norm": bool(cfg.get("rescale_acts_by_decoder_norm"))}
+    if transcoder:
+        _transcoder_checks(folder, cfg, t, get("hook_name_out"))
     return Source("saelens", saelens_arch, t, int(k) if k is not None else None,
-                  subtracts_b_dec=bool(cfg.get("apply_b_dec_to_input", True)),
+                  target_hook=get("hook_name_out"), transcoder=transcoder,
+                  skip="skip" in arch,
+                  subtracts_b_dec=bool(cfg.get("apply_b_dec_to_input", not transcoder)),
                   rescale_by_decoder_norm=bool(cfg.get("rescale_acts_by_decoder_norm")),
                   input_scale=scaling_factor if norm == "expected_average_only_in" else None,
                   model=get("model_name"), hook=get("hook_name"),
                   model_kwargs=get("model_from_pretrained_kwargs"), settings=settings,
                   declared={"d_in": cfg.get("d_in"), "d_sae": cfg.get("d_sae")})
+
+
+def _transcoder_checks(folder: Path, cfg: dict, t: dict[str, Tensor], out: str | None) -> None:
+    if not out:
+        raise ConfigError(f"{folder}: the transcoder does not name the hook it writes "
+                          "(metadata.hook_name_out); add it to cfg.json, e.g. blocks.3.hook_mlp_out")
+    d_in, d_out = cfg.get("d_in"), cfg.get("d_out", cfg.get("d_in"))
+    if d_out != d_in:
+        raise ConfigError(f"{folder}: the transcoder maps d_in={d_in} to d_out={d_out}; saectl's "
+                          "transcoders read and write the same width (an MLP's input and output)")
+    if "skip" in cfg["architecture"]:
+        _need(t, ("W_skip",), folder / "sae_weights.safetensors")
 
 
 # -- sparsify -------------------------------------------------------------------------------
@@ -280,7 +310,7 @@ def _check_shapes(src: Source) -> tuple[int, int]:
                           f"{tuple(t['W_dec'].shape)} must both be matrices")
     d_in, d_sae = t["W_enc"].shape
     want = {"W_dec": (d_sae, d_in), "b_dec": (d_in,), "b_enc": (d_sae,), "threshold": (d_sae,),
-            "b_gate": (d_sae,), "r_mag": (d_sae,), "b_mag": (d_sae,)}
+            "b_gate": (d_sae,), "r_mag": (d_sae,), "b_mag": (d_sae,), "W_skip": (d_in, d_in)}
     for name, shape in want.items():
         if name in t and tuple(t[name].shape) != shape:
             raise ConfigError(f"{src.format} weight {name} has shape {tuple(t[name].shape)} but "
@@ -305,7 +335,7 @@ def to_saectl(src: Source) -> tuple[dict[str, Tensor], int, int]:
     """(tensors in saectl's saved names and formula, d_in, d_sae), float32."""
     d_in, d_sae = _check_shapes(src)
     t = {k: v.detach().to(torch.float64) for k, v in src.tensors.items()}
-    if not src.subtracts_b_dec:  # (x - b_dec) @ W_enc + b_enc' = x @ W_enc + b_enc
+    if not src.subtracts_b_dec and not src.transcoder:  # a transcoder's b_dec is the output's  # (x - b_dec) @ W_enc + b_enc' = x @ W_enc + b_enc
         shift = t["b_dec"] @ t["W_enc"]
         if "b_enc" in t:
             t["b_enc"] = t["b_enc"] + shift

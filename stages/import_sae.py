@@ -57,6 +57,8 @@ class Context:
     d_in: int
     d_sae: int
     hook: str
+    target: str | None
+    """A transcoder's output hook (saectl's name), or None for an SAE."""
     model: dict
     spec: object
     """The bound model's ModelSpec (--model), or None."""
@@ -93,7 +95,14 @@ def _hook(cfg: ImportSAEConfig, src: published.Source, origin: dict, registry: d
     if not named:
         raise ConfigError(f"the {src.format} SAE does not say which hook it reads; pass --hook "
                           "(e.g. resid_post.12 or blocks.12.hook_resid_post)")
-    return hook_names.to_saectl(named)
+    return _to_saectl(named)
+
+
+def _to_saectl(named: str) -> str:
+    """saectl's name; `blocks.L.mlp.hook_in` (TransformerLens's bridge, circuit-tracer, what
+    saectl writes for mlp_in) is what the MLP reads, after its norm: saectl's mlp_in."""
+    m = re.match(r"^blocks\.(\d+)\.mlp\.hook_in$", named.strip())
+    return f"mlp_in.{m[1]}" if m else hook_names.to_saectl(named)
 
 
 def _model(cfg: ImportSAEConfig, src: published.Source, registry: dict) -> tuple[dict, object]:
@@ -109,10 +118,15 @@ def _model(cfg: ImportSAEConfig, src: published.Source, registry: dict) -> tuple
     return {"name": name}, None
 
 
-def _fold(cfg, src, hook: str, model_spec, model_name, tensors: dict) -> tuple[dict, str | None]:
+def _fold(cfg, src, hook: str, model_spec, model_name, tensors: dict,
+          target: str | None = None) -> tuple[dict, str | None]:
     """Fold the TransformerLens basis the SAE was trained in, if any (saectl.basis)."""
     settings = basis.tl_settings(cfg.activations, src.model_kwargs, src.format == "saelens")
     what = basis.transform_needed(settings, hook.split(".")[0])
+    if target and (what or basis.transform_needed(settings, target.split(".")[0])):
+        raise ConfigError(f"the transcoder was trained on TransformerLens-processed activations "
+                          f"({settings}), which saectl folds only into SAEs; import one read "
+                          "from the model's own activations, or pass --activations hf if it was")
     if what is None:
         return tensors, None
     from saectl import hooks, models  # deferred: torch and transformers
@@ -143,31 +157,34 @@ def plan(cfg: ImportSAEConfig) -> Plan:
         src.model_kwargs = found.registry["model_from_pretrained_kwargs"]
     published.check_config(src)
     hook = _hook(cfg, src, found.origin, found.registry)
+    target = _to_saectl(src.target_hook) if src.transcoder else None
     model, spec = _model(cfg, src, found.registry)
     params = address_params(cfg)
     params.update(source={**{k: v for k, v in found.origin.items() if k != "path"
                              or "hub" in found.origin},
                           "format": src.format, "sha256": _content(found.path)},
-                  hook=hook, model=model, norm_scaling_factor=scale)
+                  hook=hook, model=model, norm_scaling_factor=scale,
+                  **({"target": target} if target else {}))
     params.pop("revision", None)  # the commit it resolved to is in source
     art = store.artifact_for(store.store_root(cfg.store), NAME, params)
     tensors, d_in, d_sae = published.to_saectl(src)
     return Plan(art, params, origin={"source": found.origin, "settings": src.settings},
-                context=Context(src, tensors, d_in, d_sae, hook, model, spec))
+                context=Context(src, tensors, d_in, d_sae, hook, target, model, spec))
 
 
 def prepare(cfg: ImportSAEConfig, p: Plan) -> None:
     """Fold the basis (may load the model) and build the SAE before the artifact exists."""
     ctx: Context = p.context
     ctx.tensors, ctx.fold = _fold(cfg, ctx.src, ctx.hook, ctx.spec, ctx.model.get("name"),
-                                  ctx.tensors)
+                                  ctx.tensors, ctx.target)
 
 
 def _sae(ctx: Context):
     from saectl.sae import ARCHS, SAEConfig  # deferred: torch
 
     k = {"k": ctx.src.k} if ARCHS[ctx.src.arch].takes_k else {}
-    sae = ARCHS[ctx.src.arch](SAEConfig(arch=ctx.src.arch, d_in=ctx.d_in, d_sae=ctx.d_sae, **k))
+    sae = ARCHS[ctx.src.arch](SAEConfig(arch=ctx.src.arch, d_in=ctx.d_in, d_sae=ctx.d_sae,
+                                        transcoder=ctx.src.transcoder, skip=ctx.src.skip, **k))
     try:
         sae.load_saved_tensors(ctx.tensors)
     except SaectlError as e:
@@ -179,11 +196,14 @@ def _sae(ctx: Context):
 def build(cfg: ImportSAEConfig, p: Plan, writer: store.Writing) -> None:
     ctx: Context = p.context
     sae = _sae(ctx)
-    sae.save(layout.sae_dir(p.art.path), metadata={"hook_name": ctx.hook,
+    target = {"target_hook": ctx.target} if ctx.target else {}
+    sae.save(layout.sae_dir(p.art.path), metadata={"hook_name": ctx.hook, **target,
                                                    "model_name": ctx.model.get("name"),
                                                    "imported_from": p.origin["source"]})
     store.mark_complete(p.art, {
-        "hook": ctx.hook, "d_in": ctx.d_in, "d_sae": ctx.d_sae, "arch": ctx.src.arch,
+        "hook": ctx.hook, **({"target": ctx.target} if ctx.target else {}),
+        "transcoder": ctx.target is not None, "skip": ctx.src.skip,
+        "d_in": ctx.d_in, "d_sae": ctx.d_sae, "arch": ctx.src.arch,
         "k": ctx.src.k, "format": ctx.src.format, "model": ctx.model.get("name"),
         "basis": ctx.fold or "as harvested", "source": p.origin["source"],
         "carried_over": ctx.src.settings})

@@ -1,5 +1,5 @@
-"""The shared base of saectl's sparse autoencoders: the config, the architecture registry, the
-`SAE` module, and save/load in the SAELens file layout.
+"""The shared base of saectl's sparse autoencoders: the config, the architecture registry and
+the `SAE` module (its files, in SAELens's layout: saectl.sae.files).
 
 Every architecture computes, with SAELens's names and shapes (SAELens `saes/sae.py`):
 
@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saectl.errors import ConfigError, NotFoundError, SaectlError
-from saectl.store import atomic_write
+from saectl.errors import ConfigError, SaectlError
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -337,14 +334,21 @@ class SAE(nn.Module, metaclass=abc.ABCMeta):
     # -- save / load --------------------------------------------------------------------
 
     def saved_tensors(self) -> dict[str, Tensor]:
-        """Tensors as written to sae_weights.safetensors (SAELens key names)."""
-        return {k: v.detach() for k, v in self.state_dict().items()}
+        """Tensors as written to sae_weights.safetensors (SAELens key names and shapes: a skip
+        transcoder's W_skip as SAELens's (d_out, d_in), read as x @ W_skip.T)."""
+        tensors = {k: v.detach() for k, v in self.state_dict().items()}
+        if "W_skip" in tensors:
+            tensors["W_skip"] = tensors["W_skip"].T
+        return tensors
 
     def load_saved_tensors(self, tensors: dict[str, Tensor]) -> None:
         """Inverse of `saved_tensors`."""
         self._load_strict(tensors)
 
     def _load_strict(self, tensors: dict[str, Tensor]) -> None:
+        """Load tensors in the saved layout (`saved_tensors`), names and shapes checked."""
+        if "W_skip" in tensors:
+            tensors = {**tensors, "W_skip": tensors["W_skip"].T}
         own = self.state_dict()
         missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
         if missing or extra:
@@ -357,95 +361,32 @@ class SAE(nn.Module, metaclass=abc.ABCMeta):
         self.load_state_dict(tensors)
 
     def cfg_json(self, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-        """cfg.json: SAELens's keys at the top level, saectl's full config under `saectl`.
+        """cfg.json: SAELens's keys at the top level, saectl's full config under `saectl`
+        (saectl.sae.files.cfg_json)."""
+        from saectl.sae import files
 
-        SAELens keeps `metadata` only if it names a SAELens version >= 6 (else it rebuilds it
-        from top-level keys: `handle_config_defaulting`); "6.0.0" is the release that brought
-        the layout written here, and a later one would claim what saectl does not write. The
-        hook is named as TransformerLens does (what SAELens attaches to; ln2 is not, saectl's
-        is after the norm's weight) and read from the model's own activations, which is
-        TransformerLens's `from_pretrained_no_processing` (center_writing_weights false)."""
-        meta = {"sae_lens_version": "6.0.0", **(metadata or {})}
-        site = re.match(r"^(resid_pre|resid_mid|resid_post|mlp_out|attn_out)\.(\d+)$",
-                        str(meta.get("hook_name", "")))
-        if site:
-            meta.update(hook_name=f"blocks.{site[2]}.hook_{site[1]}", saectl_hook=site[0],
-                        model_from_pretrained_kwargs={"center_writing_weights": False})
-        d: dict[str, Any] = {
-            "architecture": self.saelens_architecture,
-            "d_in": self.d_in,
-            "d_sae": self.d_sae,
-            "dtype": self.cfg.dtype,
-            "device": "cpu",
-            "apply_b_dec_to_input": True,
-            "normalize_activations": "none",
-            "reshape_activations": "none",
-            "metadata": meta,
-            "saectl": self.cfg.to_dict(),
-        }
-        if self.saelens_architecture == "topk":
-            d["k"] = self.cfg.k
-            d["rescale_acts_by_decoder_norm"] = False
-        return d
+        return files.cfg_json(self, metadata)
 
     def save(self, path: str | Path, *, sparsity: Tensor | None = None,
              metadata: dict[str, Any] | None = None) -> Path:
         """Write cfg.json and sae_weights.safetensors (and sparsity.safetensors when given, the
-        log10 firing rate per latent) into the folder `path`; each file is written to a
-        temporary name and renamed into place."""
-        from safetensors.torch import save as st_save
+        log10 firing rate per latent) into the folder `path` (saectl.sae.files.save)."""
+        from saectl.sae import files
 
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.saved_tensors().items()}
-        atomic_write(path / WEIGHTS_FILENAME, st_save(tensors))
-        if sparsity is not None:
-            atomic_write(path / SPARSITY_FILENAME,
-                          st_save({"sparsity": sparsity.detach().cpu().contiguous()}))
-        text = json.dumps(self.cfg_json(metadata), indent=2, sort_keys=True) + "\n"
-        atomic_write(path / CFG_FILENAME, text.encode())
-        return path
+        return files.save(self, path, sparsity=sparsity, metadata=metadata)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> SAE:
-        sae = load_sae(path, device)
+        from saectl.sae import files
+
+        sae = files.load_sae(path, device)
         if cls is not SAE and not isinstance(sae, cls):
             raise ConfigError(f"{path} holds a {sae.arch} SAE, not {cls.arch}")
         return sae
 
 
-def _from_saelens() -> dict[str, type[SAE]]:
-    """SAELens architecture name → the class that reads it (`SAE.loads_saelens`)."""
-    return {cls.saelens_architecture: cls for cls in ARCHS.values() if cls.loads_saelens}
-
-
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
-    """Load an SAE folder written by `SAE.save` (or a SAELens standard/topk/jumprelu/gated SAE),
-    picking the class from the registry by the architecture in cfg.json. Returns it in eval
-    mode."""
-    from safetensors.torch import load_file
+    """Load an SAE folder (saectl.sae.files.load_sae)."""
+    from saectl.sae import files
 
-    path = Path(path)
-    cfg_path, weights_path = path / CFG_FILENAME, path / WEIGHTS_FILENAME
-    for p in (cfg_path, weights_path):
-        if not p.is_file():
-            raise NotFoundError(f"no SAE at {path}: {p.name} is missing; pass a folder "
-                                f"written by saectl or SAELens")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise SaectlError(f"cannot read {cfg_path}: {e}; the SAE folder is damaged") from None
-    if "saectl" in raw:
-        cfg = SAEConfig.from_dict(raw["saectl"])
-    else:
-        readers = _from_saelens()
-        cls = readers.get(raw.get("architecture", "standard"))
-        if cls is None:
-            raise ConfigError(f"{cfg_path}: SAELens architecture {raw.get('architecture')!r} "
-                              f"cannot be loaded; saectl reads {', '.join(readers)}")
-        extra = {"k": int(raw["k"])} if cls.takes_k else {}
-        cfg = SAEConfig(arch=cls.arch, d_in=int(raw["d_in"]), d_sae=int(raw["d_sae"]),
-                        dtype=str(raw.get("dtype", "float32")).replace("torch.", ""), **extra)
-    sae = ARCHS[cfg.arch](cfg)
-    sae.load_saved_tensors(load_file(str(weights_path)))
-    return sae.to(device).eval()
+    return files.load_sae(path, device)

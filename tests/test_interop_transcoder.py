@@ -1,0 +1,239 @@
+"""Transcoders against the real libraries (issue 18), in their own environments as
+test_interop.py does: saectl's transcoders exported to SAELens load there as Transcoder,
+SkipTranscoder, JumpReLUTranscoder or JumpReLUSkipTranscoder and predict what saectl predicts;
+SAELens's transcoders, saved by SAELens, import into saectl exactly and export back unchanged;
+circuit-tracer (its own environment, `.venv-circuit`: it pins transformers < 5) loads saectl's
+transcoder set and computes the same outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from saectl import arrays, layout, metrics, store
+from tests.conftest import corpus_texts
+from tests.helpers import REPO, assert_one_line_error, run_cli
+from tests.test_interop import MEASURED, SAELENS_PY, check, import_sae, report, saectl_sae, venv
+
+__all__ = ["report"]  # the module's measured differences are printed at its end
+
+CT_PY = Path(os.environ.get("SAECTL_CIRCUIT_TRACER_PYTHON", REPO / ".venv-circuit/bin/python"))
+pytestmark = pytest.mark.skipif(not SAELENS_PY.exists(), reason=f"sae-lens is not installed at "
+                                f"{SAELENS_PY} (`make test` builds it)")
+needs_ct = pytest.mark.skipif(not CT_PY.exists(), reason=f"circuit-tracer is not installed at "
+                              f"{CT_PY}")
+
+D, W = 32, 64
+KINDS = {"transcoder": "Transcoder", "skip_transcoder": "SkipTranscoder",
+         "jumprelu_transcoder": "JumpReLUTranscoder",
+         "jumprelu_skip_transcoder": "JumpReLUSkipTranscoder"}
+
+
+def predict(sae, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        x = torch.from_numpy(x)
+        acts = sae.encode(x)
+        return acts, metrics.output(sae, acts, x)
+
+
+# ------------------------------------------------- SAELens's transcoders into saectl
+
+BUILD = r"""
+import sys, numpy as np, torch
+from pathlib import Path
+from sae_lens import SAE
+from sae_lens.saes import transcoder as tc
+from sae_lens.saes.sae import SAEMetadata
+out, x, w = Path(sys.argv[1]), torch.from_numpy(np.load(sys.argv[2])), int(sys.argv[3])
+d = x.shape[1]
+torch.manual_seed(0)
+kinds = {"transcoder": "Transcoder", "skip_transcoder": "SkipTranscoder",
+         "jumprelu_transcoder": "JumpReLUTranscoder",
+         "jumprelu_skip_transcoder": "JumpReLUSkipTranscoder"}
+for name, cls in kinds.items():
+    for layer in (0, 1):
+        md = SAEMetadata(model_name="tiny-gpt2", hook_name=f"blocks.{layer}.mlp.hook_in",
+                         hook_name_out=f"blocks.{layer}.hook_mlp_out")
+        cfg = getattr(tc, cls + "Config")(d_in=d, d_sae=w, d_out=d, apply_b_dec_to_input=False,
+                                          metadata=md)
+        sae = getattr(tc, cls)(cfg)
+        with torch.no_grad():
+            for p in sae.parameters():
+                p.copy_(torch.randn_like(p) * 0.3)
+            if hasattr(sae, "threshold"):
+                sae.threshold.copy_(torch.rand_like(sae.threshold) * 0.5)
+        folder = out / f"{name}-{layer}"
+        sae.save_model(str(folder))
+        back = SAE.load_from_disk(str(folder), device="cpu")
+        with torch.no_grad():
+            np.save(out / f"{name}-{layer}.acts.npy", back.encode(x).numpy())
+            np.save(out / f"{name}-{layer}.out.npy", back(x).numpy())
+        print(name, layer, type(back).__name__)
+"""
+
+LOAD = r"""
+import sys, json, numpy as np, torch
+from pathlib import Path
+from sae_lens import SAE
+x = torch.from_numpy(np.load(sys.argv[1]))
+for folder in map(Path, sys.argv[2:]):
+    sae = SAE.load_from_disk(str(folder), device="cpu")
+    with torch.no_grad():
+        np.save(folder.parent / f"{folder.name}.acts.npy", sae.encode(x).numpy())
+        np.save(folder.parent / f"{folder.name}.out.npy", sae(x).numpy())
+    print(json.dumps({"folder": folder.name, "class": type(sae).__name__,
+                      "metadata": sae.cfg.metadata.to_dict()}))
+"""
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("interop_tc")
+    x = np.random.default_rng(0).normal(size=(256, D)).astype(np.float32)
+    np.save(root / "x.npy", x)
+    venv(BUILD, root / "lib", root / "x.npy", W)
+    return root, x
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_saelens_transcoder_imports_exactly(built, name, tmp_path, capsys):
+    root, x = built
+    src = root / "lib" / f"{name}-1"
+    r = import_sae(capsys, root, src)
+    sae = saectl_sae(root, r)
+    assert sae.cfg.transcoder and sae.cfg.skip == ("skip" in name)
+    s = store.resolve(root, r).manifest()["summary"]
+    assert (s["hook"], s["target"], s["transcoder"]) == ("mlp_in.1", "mlp_out.1", True)
+    acts, out = predict(sae, x)
+    ref_acts = np.load(root / "lib" / f"{name}-1.acts.npy")
+    assert (ref_acts > 0).any(axis=1).mean() > 0.5
+    check(f"saelens {name} latents", acts, ref_acts, 1e-5)
+    check(f"saelens {name} output", out, np.load(root / "lib" / f"{name}-1.out.npy"), 1e-5)
+    # and back: SAELens's own tensors, exactly, under its own architecture
+    res = run_cli(capsys, "export", r, "--format", "saelens", "--out", tmp_path / "back",
+                  "--store", root)
+    assert res.code == 0, res.err
+    theirs, ours = (load_file(str(p / "sae_weights.safetensors")) for p in (src, tmp_path / "back"))
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs if k != "threshold")
+    if "threshold" in theirs:  # saectl's jumprelu keeps its log: exp(log θ) is θ to an ulp or two
+        check(f"saelens {name} threshold round trip", ours["threshold"], theirs["threshold"].numpy(),
+              1e-6)
+    cfg = json.loads((tmp_path / "back/cfg.json").read_text())
+    assert (cfg["architecture"], cfg["apply_b_dec_to_input"], cfg["d_out"]) == (name, False, D)
+    assert cfg["metadata"]["hook_name_out"] == "blocks.1.hook_mlp_out"
+
+
+# ------------------------------------------------- saectl's transcoders into SAELens
+
+TRAINED = {  # (arch, --skip) -> the SAELens class that runs it
+    ("relu", True): "SkipTranscoder", ("jumprelu", False): "JumpReLUTranscoder",
+    ("batchtopk", True): "JumpReLUSkipTranscoder", ("matryoshka", False): "JumpReLUTranscoder",
+}
+
+
+def _cli(capsys, *args) -> str:
+    res = run_cli(capsys, *args)
+    assert res.code == 0, res.err
+    return res.out.strip()
+
+
+def test_saectl_transcoders_load_in_saelens(tiny_model_dirs, tmp_path, capsys):
+    common = ["--store", tmp_path, "--device", "cpu"]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts(100)))
+    h = _cli(capsys, "harvest", "--model", tiny_model_dirs["gpt2"], "--dataset", corpus,
+             "--hooks", "mlp_in.1,mlp_out.1", "--tokens", 4096, "--context-size", 32, *common)
+    sh = _cli(capsys, "shuffle", h, "--store", tmp_path)
+    x = arrays.read(store.open_complete(tmp_path, h).group()[layout.acts("mlp_in.1")])[:512]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    train = ["train", sh, "--hook", "mlp_in.1", "--target", "mlp_out.1", "--width", W, "--k", 4,
+             "--tokens", 8192, "--batch-size", 512, "--no-lm-eval", *common]
+    folders, saes = [], {}
+    for (arch, skip), cls in TRAINED.items():
+        r = _cli(capsys, *train, "--arch", arch, *(["--skip"] if skip else []))
+        out = tmp_path / f"{arch}{'-skip' if skip else ''}"
+        _cli(capsys, "export", r, "--format", "saelens", "--out", out, "--store", tmp_path)
+        folders.append(out)
+        saes[out.name] = (saectl_sae(tmp_path, r), cls)
+    topk = _cli(capsys, *train, "--arch", "topk")
+    res = run_cli(capsys, "export", topk, "--format", "saelens", "--out", tmp_path / "no",
+                  "--store", tmp_path)
+    assert_one_line_error(res, "SAELens has no topk transcoder", "batchtopk")
+    assert not (tmp_path / "no").exists()
+    loaded = [json.loads(line) for line in venv(LOAD, tmp_path / "x.npy", *folders).splitlines()
+              if line.startswith("{")]
+    assert len(loaded) == len(folders)
+    for got in loaded:
+        sae, cls = saes[got["folder"]]
+        assert got["class"] == cls, got
+        md = got["metadata"]
+        assert (md["hook_name"], md["hook_name_out"]) == ("blocks.1.mlp.hook_in",
+                                                          "blocks.1.hook_mlp_out"), md
+        acts, out = predict(sae, x)
+        assert (acts > 0).any(dim=1).float().mean() > 0.5, got["folder"]
+        base = tmp_path / got["folder"]
+        check(f"export {got['folder']} latents", acts, np.load(f"{base}.acts.npy"), 1e-5)
+        check(f"export {got['folder']} output", out, np.load(f"{base}.out.npy"), 1e-5)
+
+
+# ------------------------------------------------- circuit-tracer
+
+CT_LOAD = r"""
+import sys, json, yaml, numpy as np, torch
+from pathlib import Path
+from circuit_tracer.utils.hf_utils import load_transcoders
+folder, x = Path(sys.argv[1]), torch.from_numpy(np.load(sys.argv[2]))
+config = yaml.safe_load((folder / "config.yaml").read_text())
+n = len(list(folder.glob("layer_*.safetensors")))
+config["transcoders"] = [str(folder / f"layer_{i}.safetensors") for i in range(n)]
+ts = load_transcoders(config, device=torch.device("cpu"), dtype=torch.float32)
+with torch.no_grad():
+    for i, t in enumerate(ts):
+        np.save(folder.parent / f"ct{i}.out.npy", t(x).numpy())
+        np.save(folder.parent / f"ct{i}.acts.npy", t.encode(x).numpy())
+print(json.dumps({"class": type(ts).__name__, "n": len(ts), "skip": ts.skip_connection,
+                  "hooks": [ts.feature_input_hook, ts.feature_output_hook]}))
+"""
+
+
+@needs_ct
+def test_circuit_tracer_loads_the_exported_set(built, tmp_path, capsys):
+    """Two layers exported one after the other into one folder make a set circuit-tracer
+    loads; each layer computes what saectl computes."""
+    root, x = built
+    out, saes = tmp_path / "set", []
+    for layer in (0, 1):
+        r = import_sae(capsys, root, root / "lib" / f"jumprelu_skip_transcoder-{layer}")
+        _cli(capsys, "export", r, "--format", "circuit-tracer", "--out", out, "--store", root)
+        saes.append(saectl_sae(root, r))
+    assert {p.name for p in out.iterdir()} == {"config.yaml", "layer_0.safetensors",
+                                               "layer_1.safetensors"}
+    res = run_cli(capsys, "export", r, "--format", "circuit-tracer", "--out", out, "--store", root)
+    assert_one_line_error(res, "already has layer 1", "--force")
+    sae_ref = import_sae(capsys, root, root / "lib" / "transcoder-1")  # another kind, same hooks
+    _cli(capsys, "export", sae_ref, "--format", "circuit-tracer", "--out", tmp_path / "relu",
+         "--store", root)
+    np.save(tmp_path / "x.npy", x)
+    p = subprocess.run([str(CT_PY), "-c", CT_LOAD, str(out), str(tmp_path / "x.npy")],
+                                     check=False, capture_output=True, text=True, timeout=300,
+                                     env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got == {"class": "TranscoderSet", "n": 2, "skip": True,
+                   "hooks": ["mlp.hook_in", "hook_mlp_out"]}, got
+    for i, sae in enumerate(saes):
+        acts, y = predict(sae, x)
+        check(f"circuit-tracer layer {i} latents", acts, np.load(tmp_path / f"ct{i}.acts.npy"),
+              1e-5)
+        check(f"circuit-tracer layer {i} output", y, np.load(tmp_path / f"ct{i}.out.npy"), 1e-5)
+    assert MEASURED
