@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -21,9 +22,18 @@ from safetensors.torch import load_file
 from saectl import arrays, layout, metrics, store
 from tests.conftest import corpus_texts
 from tests.helpers import REPO, assert_one_line_error, run_cli
-from tests.test_interop import MEASURED, SAELENS_PY, check, import_sae, report, saectl_sae, venv
+from tests.test_interop import (
+    MEASURED,
+    SAELENS_PY,
+    check,
+    import_sae,
+    report,
+    saectl_sae,
+    tl_gpt2,
+    venv,
+)
 
-__all__ = ["report"]  # the module's measured differences are printed at its end
+__all__ = ["report", "tl_gpt2"]  # fixtures: the measured differences, the tiny TL GPT-2
 
 CT_PY = Path(os.environ.get("SAECTL_CIRCUIT_TRACER_PYTHON", REPO / ".venv-circuit/bin/python"))
 pytestmark = pytest.mark.skipif(not SAELENS_PY.exists(), reason=f"sae-lens is not installed at "
@@ -59,7 +69,7 @@ kinds = {"transcoder": "Transcoder", "skip_transcoder": "SkipTranscoder",
          "jumprelu_transcoder": "JumpReLUTranscoder",
          "jumprelu_skip_transcoder": "JumpReLUSkipTranscoder"}
 for name, cls in kinds.items():
-    for layer in (0, 1):
+    for layer in (0, 1, 2):
         md = SAEMetadata(model_name="tiny-gpt2", hook_name=f"blocks.{layer}.mlp.hook_in",
                          hook_name_out=f"blocks.{layer}.hook_mlp_out")
         cfg = getattr(tc, cls + "Config")(d_in=d, d_sae=w, d_out=d, apply_b_dec_to_input=False,
@@ -237,3 +247,70 @@ def test_circuit_tracer_loads_the_exported_set(built, tmp_path, capsys):
               1e-5)
         check(f"circuit-tracer layer {i} output", y, np.load(tmp_path / f"ct{i}.out.npy"), 1e-5)
     assert MEASURED
+
+
+CT_GRAPH = r"""
+import sys, json, yaml, numpy as np, torch
+from pathlib import Path
+from transformers import AutoTokenizer, GPT2LMHeadModel
+from circuit_tracer import attribute
+from circuit_tracer.utils.hf_utils import load_transcoders
+from circuit_tracer.replacement_model.replacement_model_transformerlens import (
+    TransformerLensReplacementModel)
+folder, tokens = Path(sys.argv[1]), torch.from_numpy(np.load(sys.argv[2])).long()
+config = yaml.safe_load((folder / "config.yaml").read_text())
+config["transcoders"] = [str(folder / f"layer_{i}.safetensors") for i in range(3)]
+ts = load_transcoders(config, device=torch.device("cpu"), dtype=torch.float32)
+# TransformerLens resolves "gpt2" to its own config, read from ./gpt2 (this cwd) when offline.
+hf = GPT2LMHeadModel.from_pretrained("gpt2").eval()
+model = TransformerLensReplacementModel.from_pretrained_and_transcoders(
+    "gpt2", ts, hf_model=hf, tokenizer=AutoTokenizer.from_pretrained("gpt2"), device="cpu",
+    dtype=torch.float32)
+_, acts = model.get_activations(tokens[None])
+np.save(folder.parent / "ct_model_acts.npy", acts.reshape(3, -1, acts.shape[-1]).numpy())
+graph = attribute(tokens, model, max_n_logits=3, batch_size=32)
+print(json.dumps({"adjacency": list(graph.adjacency_matrix.shape),
+                  "features": int(graph.active_features.shape[0]),
+                  "layers": sorted(set(graph.active_features[:, 0].tolist()))}))
+"""
+
+
+@needs_ct
+def test_circuit_tracer_builds_an_attribution_graph(built, tl_gpt2, tmp_path, capsys):
+    """On a local tiny GPT-2 (three layers, d_model 32), circuit-tracer's replacement model
+    with saectl's exported set reads the same MLP inputs saectl harvests (its feature
+    activations equal saectl's latents on saectl's mlp_in.L), and builds an attribution graph."""
+    root, _ = built
+    out = tmp_path / "set"
+    saes = []
+    for layer in range(3):
+        r = import_sae(capsys, root, root / "lib" / f"jumprelu_skip_transcoder-{layer}")
+        _cli(capsys, "export", r, "--format", "circuit-tracer", "--out", out, "--store", root)
+        saes.append(saectl_sae(root, r))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts(20)))
+    h = _cli(capsys, "harvest", "--model", tl_gpt2 / "gpt2", "--dataset", corpus, "--hooks",
+             "mlp_in.0,mlp_in.1,mlp_in.2,mlp_out.2", "--tokens", 4 * 16, "--context-size", 16,
+             "--dtype", "float32", "--store", tmp_path, "--device", "cpu")
+    group = store.open_complete(tmp_path, h).group()
+    tokens = np.asarray(group[layout.TOKENS][:])[0]
+    np.save(tmp_path / "tokens.npy", tokens)
+    # the same model where transformers 4 (circuit-tracer's) reads its tokenizer
+    shutil.copytree(tl_gpt2 / "gpt2", tmp_path / "ct/gpt2")
+    tok_cfg = tmp_path / "ct/gpt2/tokenizer_config.json"
+    tok_cfg.write_text(json.dumps({**json.loads(tok_cfg.read_text()),
+                                   "tokenizer_class": "PreTrainedTokenizerFast"}))
+    p = subprocess.run([str(CT_PY), "-c", CT_GRAPH, str(out), str(tmp_path / "tokens.npy")],
+                       check=False, capture_output=True, text=True, timeout=600,
+                       cwd=tmp_path / "ct",
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("{")][-1])
+    theirs = np.load(tmp_path / "ct_model_acts.npy")
+    for layer, sae in enumerate(saes):
+        x = arrays.read(group[layout.acts(f"mlp_in.{layer}")])[: len(tokens)].astype(np.float32)
+        acts, _ = predict(sae, np.ascontiguousarray(x))
+        # circuit-tracer zeroes the first position's features (BOS)
+        check(f"circuit-tracer model layer {layer} latents", acts[1:], theirs[layer, 1:], 1e-4)
+    assert got["features"] > 0 and got["adjacency"][0] == got["adjacency"][1] > got["features"]
+    assert set(got["layers"]) <= {0, 1, 2}, got
