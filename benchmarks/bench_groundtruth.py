@@ -21,6 +21,7 @@ resolves (warm-up min(1000, 5% of steps)), on batches of the same size.
     python benchmarks/bench_groundtruth.py --samples 300000 --archs batchtopk --lrs 3e-4,8e-4
     python benchmarks/bench_groundtruth.py --tools saelens --set saelens.decoder_init_norm=1 ...
     python benchmarks/bench_groundtruth.py --tools saectl --set auxk_coefficient=1 ...
+    python benchmarks/bench_groundtruth.py --tools saectl --set clip_grad_norm=1 ...  (bench-only)
 
 Cache: $SAECTL_GT_CACHE or <tmp>/saectl-groundtruth (about 1 GB per million samples).
 """
@@ -205,14 +206,61 @@ def train_saectl(arch: str, lr: float, x: np.ndarray, **overrides):
 
     steps = x.shape[0] // BATCH
     warm = min(1000, max(1, steps // 20))  # as saectl train resolves it (fitting.resolve)
+    clip = overrides.pop("clip_grad_norm", None)  # bench-only: SAELens's clip, not a saectl flag
+    lr_mult = {k.removeprefix("lr_mult."): float(overrides.pop(k))  # bench-only, e.g. lr_mult.W_dec=10
+               for k in [k for k in overrides if k.startswith("lr_mult.")]}
     sae_cfg = SAEConfig(arch=arch, d_in=x.shape[1], d_sae=WIDTH, k=K,
                         matryoshka_prefixes=PREFIXES if arch == "matryoshka" else ())
     train_cfg = TrainConfig(**{"total_steps": steps, "lr": lr, "lr_warmup_steps": warm,
                                "sparsity_warmup_steps": warm, **overrides})
     trainer = Trainer(sae_cfg, train_cfg, torch.from_numpy(np.array(x[:65536])))
+    if lr_mult:
+        _scale_lr(trainer, lr_mult)
+    if clip is not None:
+        _clip_before_step(trainer, float(clip))
     for batch in batches(x):
         trainer.step(batch)
+    if clip is not None:
+        _log(f"gradient norm clipped to {clip:g} on {trainer.clipped}/{steps} steps")
     return trainer.export()
+
+
+def _scale_lr(trainer, mult: dict) -> None:
+    """One Adam group per parameter, each at the schedule's LR times mult[name] (default 1):
+    a probe of how much each parameter's step size matters (SAELens's decoder at norm 0.1 takes
+    steps ten times larger relative to its rows than saectl's unit-norm rows do)."""
+    names = [n for n, _ in trainer.sae.named_parameters()]
+    unknown = set(mult) - set(names)
+    if unknown:
+        raise SystemExit(f"lr_mult: no parameter {sorted(unknown)}; the SAE has {names}")
+    old = trainer.optimizer
+    groups = [{"params": [alias], "mult": mult.get(n, 1.0)}
+              for n, (_, alias) in zip(names, trainer._aliases)]
+    trainer.optimizer = torch.optim.Adam(groups, lr=old.defaults["lr"],
+                                         betas=old.defaults["betas"], eps=old.defaults["eps"],
+                                         fused=old.defaults.get("fused"))
+    step = trainer.optimizer.step
+
+    def scaled_step(*args, **kwargs):
+        for g in trainer.optimizer.param_groups:
+            g["lr"] *= g["mult"]  # Trainer.step has just set every group to the schedule's LR
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = scaled_step
+
+
+def _clip_before_step(trainer, max_norm: float) -> None:
+    """Clip the gradient norm before each Adam step, as SAELens's SAETrainer does (norm 1, on
+    its loss of the same form: squared error summed over d_in, mean over the batch)."""
+    params = [alias for _, alias in trainer._aliases]
+    step, trainer.clipped = trainer.optimizer.step, 0
+
+    def clipped_step(*args, **kwargs):
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        trainer.clipped += int(norm > max_norm)
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = clipped_step
 
 
 def _eval(sae, model, feats: Replay) -> dict:
