@@ -65,6 +65,10 @@ class TrainConfig:
     """Scale inputs by one constant so their mean norm is √d_in (estimated on the sample)."""
     seed: int = 0
     """Seed of the weight initialisation."""
+    decoder_lr_multiplier: float = 1.0
+    """W_dec's learning rate as a multiple of the scheduled one. Unit-norm rows move by about
+    the LR per Adam step, ten times less than SAELens's rows at norm 0.1 do; `saectl train`
+    resolves 10 for the k architectures (saectl.fitting.DECODER_LR_MULT, measured there)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
@@ -80,6 +84,9 @@ class TrainConfig:
             raise ConfigError(f"lr_decay_fraction={self.lr_decay_fraction} must be in [0, 1]")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ConfigError(f"adam_betas={self.adam_betas} must be two numbers in [0, 1)")
+        if not (self.decoder_lr_multiplier > 0 and math.isfinite(self.decoder_lr_multiplier)):
+            raise ConfigError(f"decoder_lr_multiplier={self.decoder_lr_multiplier} must be a "
+                              "positive number")
         if self.auxk_coefficient < 0:
             raise ConfigError(f"auxk_coefficient={self.auxk_coefficient} must be >= 0")
         if self.b_dec_init not in B_DEC_INITS:
@@ -186,9 +193,13 @@ A transcoder is given a sample of its targets too (`target_sample`) and pairs of
         # W_encᵀ): fused Adam is several times slower on non-contiguous tensors.
         self._aliases = [(p, _contiguous_alias(p)) for p in self.sae.parameters()]
         fused = self.device.type in ("cpu", "cuda") and self.sae.dtype == torch.float32
-        self.optimizer = torch.optim.Adam([a for _, a in self._aliases], lr=self.lr,
-                                          betas=cfg.adam_betas, eps=cfg.adam_eps,
-                                          fused=fused or None)
+        # W_dec in a group of its own, stepped at decoder_lr_multiplier × the scheduled LR
+        dec = [a for p, a in self._aliases if p is self.sae.W_dec]
+        rest = [a for p, a in self._aliases if p is not self.sae.W_dec]
+        self.optimizer = torch.optim.Adam(
+            [{"params": rest, "lr_mult": 1.0},
+             {"params": dec, "lr_mult": cfg.decoder_lr_multiplier}],
+            lr=self.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, fused=fused or None)
         self.tokens_seen = 0
         self.tokens_since_fired = torch.zeros(sae_cfg.d_sae, dtype=torch.long,
                                               device=self.device)
@@ -212,7 +223,7 @@ A transcoder is given a sample of its targets too (`target_sample`) and pairs of
             y = y.to(self.device, sae.dtype) * self.target_scale
         lr, sparsity_scale = self.lr, cfg.sparsity_scale_at(self.step_count)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_mult"]
         dead = self.dead_mask()
         use_aux = sae.uses_auxk and cfg.auxk_coefficient > 0
         out = sae(x, **({"target": y} if y is not None else {}),
@@ -280,7 +291,8 @@ A transcoder is given a sample of its targets too (`target_sample`) and pairs of
         if state["sae_cfg"] != self.sae_cfg.to_dict():
             raise ConfigError("the checkpoint was made for another SAE config; resume with "
                               "the config it was started with")
-        if _normalized(state["train_cfg"]) != _normalized(dataclasses.asdict(self.cfg)):
+        saved = {**dataclasses.asdict(TrainConfig()), **state["train_cfg"]}  # older: fewer fields
+        if _normalized(saved) != _normalized(dataclasses.asdict(self.cfg)):
             raise ConfigError("the checkpoint was made with another training config; resume "
                               "with the config it was started with")
         self.sae.load_state_dict(state["sae"])
