@@ -206,16 +206,16 @@ def train_saectl(arch: str, lr: float, x: np.ndarray, **overrides):
 
     steps = x.shape[0] // BATCH
     warm = min(1000, max(1, steps // 20))  # as saectl train resolves it (fitting.resolve)
+    from saectl.fitting import DECODER_LR_MULT  # likewise: every architecture here takes k
     clip = overrides.pop("clip_grad_norm", None)  # bench-only: SAELens's clip, not a saectl flag
-    lr_mult = {k.removeprefix("lr_mult."): float(overrides.pop(k))  # bench-only, e.g. lr_mult.W_dec=10
-               for k in [k for k in overrides if k.startswith("lr_mult.")]}
+    if "lr_mult.W_dec" in overrides:  # the probe that found it, now saectl's own field
+        overrides["decoder_lr_multiplier"] = float(overrides.pop("lr_mult.W_dec"))
     sae_cfg = SAEConfig(arch=arch, d_in=x.shape[1], d_sae=WIDTH, k=K,
                         matryoshka_prefixes=PREFIXES if arch == "matryoshka" else ())
     train_cfg = TrainConfig(**{"total_steps": steps, "lr": lr, "lr_warmup_steps": warm,
-                               "sparsity_warmup_steps": warm, **overrides})
+                               "sparsity_warmup_steps": warm,
+                               "decoder_lr_multiplier": DECODER_LR_MULT, **overrides})
     trainer = Trainer(sae_cfg, train_cfg, torch.from_numpy(np.array(x[:65536])))
-    if lr_mult:
-        _scale_lr(trainer, lr_mult)
     if clip is not None:
         _clip_before_step(trainer, float(clip))
     for batch in batches(x):
@@ -223,30 +223,6 @@ def train_saectl(arch: str, lr: float, x: np.ndarray, **overrides):
     if clip is not None:
         _log(f"gradient norm clipped to {clip:g} on {trainer.clipped}/{steps} steps")
     return trainer.export()
-
-
-def _scale_lr(trainer, mult: dict) -> None:
-    """One Adam group per parameter, each at the schedule's LR times mult[name] (default 1):
-    a probe of how much each parameter's step size matters (SAELens's decoder at norm 0.1 takes
-    steps ten times larger relative to its rows than saectl's unit-norm rows do)."""
-    names = [n for n, _ in trainer.sae.named_parameters()]
-    unknown = set(mult) - set(names)
-    if unknown:
-        raise SystemExit(f"lr_mult: no parameter {sorted(unknown)}; the SAE has {names}")
-    old = trainer.optimizer
-    groups = [{"params": [alias], "mult": mult.get(n, 1.0)}
-              for n, (_, alias) in zip(names, trainer._aliases)]
-    trainer.optimizer = torch.optim.Adam(groups, lr=old.defaults["lr"],
-                                         betas=old.defaults["betas"], eps=old.defaults["eps"],
-                                         fused=old.defaults.get("fused"))
-    step = trainer.optimizer.step
-
-    def scaled_step(*args, **kwargs):
-        for g in trainer.optimizer.param_groups:
-            g["lr"] *= g["mult"]  # Trainer.step has just set every group to the schedule's LR
-        return step(*args, **kwargs)
-
-    trainer.optimizer.step = scaled_step
 
 
 def _clip_before_step(trainer, max_norm: float) -> None:
