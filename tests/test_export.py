@@ -225,3 +225,45 @@ def test_export_force_replaces_an_earlier_export_whole(trained, tmp_path, capsys
     assert_one_line_error(res, "earlier export")
     assert _files(mine) == {"thesis.tex": b"years of work"}
     tried("export", "bad input")
+
+
+# ---------------------------------------------------------------- transcoders (issue 18)
+
+
+def test_circuit_tracer_export_refuses_an_sae(trained, tmp_path, capsys):
+    root, refs, _ = trained
+    res = run_cli(capsys, "export", refs["relu"], "--format", "circuit-tracer", "--out",
+                  tmp_path / "ct", "--store", root)
+    assert_one_line_error(res, "circuit-tracer runs transcoders", "--format saelens")
+    assert not (tmp_path / "ct").exists()
+
+
+def test_transcoder_saved_before_the_saelens_layout_loads_and_exports(tmp_path):
+    """A skip transcoder written before W_skip was saved as SAELens's (d_out, d_in) (no d_out in
+    its cfg.json) loads unchanged, and export rewrites it in SAELens's layout."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from saectl.export import _saelens_files
+    from saectl.sae import ARCHS, SAEConfig, load_sae
+
+    sae = ARCHS["relu"](SAEConfig(arch="relu", d_in=8, d_sae=16, transcoder=True, skip=True))
+    with torch.no_grad():
+        sae.W_skip.copy_(torch.randn(8, 8))
+    meta = {"hook_name": "mlp_in.1", "target_hook": "mlp_out.1"}
+    sae.save(tmp_path / "new", metadata=meta)
+    old = tmp_path / "old"
+    old.mkdir()
+    cfg = json.loads((tmp_path / "new/cfg.json").read_text())
+    del cfg["d_out"]
+    cfg.update(apply_b_dec_to_input=True, architecture="skip_transcoder")
+    (old / "cfg.json").write_text(json.dumps(cfg))
+    t = load_file(str(tmp_path / "new/sae_weights.safetensors"))
+    save_file({**t, "W_skip": t["W_skip"].T.contiguous()}, str(old / "sae_weights.safetensors"))
+    assert torch.equal(load_sae(old).W_skip, sae.W_skip)
+    (tmp_path / "out").mkdir()
+    _saelens_files(old, tmp_path / "out")
+    for name in ("cfg.json", "sae_weights.safetensors"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "new" / name).read_bytes()
