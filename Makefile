@@ -13,6 +13,9 @@ STAMP  := $(VENV)/.saectl-installed
 # pin much of the ecosystem), so the export and interop tests check saectl's SAEs against the
 # real libraries; never installed into the project's .venv. Both pinned to the project's torch.
 COMPAT := .venv-saelens
+# circuit-tracer pins transformers < 5 and huggingface-hub < 1, which would break SAELens's
+# environment: it gets one of its own, for the transcoder-set export test.
+CIRCUIT := .venv-circuit
 
 .PHONY: install test pipeline bench clean
 
@@ -33,7 +36,14 @@ $(COMPAT)/.installed: Makefile
 	$(COMPAT)/bin/pip install -q sae-lens eai-sparsify -c $(COMPAT)/constraints.txt
 	touch $@
 
-test: install $(COMPAT)/.installed
+$(CIRCUIT)/.installed: Makefile
+	test -x $(CIRCUIT)/bin/python || $(PYTHON) -m venv $(CIRCUIT)
+	$(CIRCUIT)/bin/pip install -q "$(TORCH)"
+	echo "$(TORCH)" > $(CIRCUIT)/constraints.txt
+	$(CIRCUIT)/bin/pip install -q circuit-tracer -c $(CIRCUIT)/constraints.txt
+	touch $@
+
+test: install $(COMPAT)/.installed $(CIRCUIT)/.installed
 	$(BIN)/python -m pytest -q
 
 # The offline demo (pipelines/demo.yaml): harvest SmolLM2's residual stream on Wikipedia
@@ -61,4 +71,4 @@ bench: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) $(COMPAT) artifacts .pytest_cache
+	rm -rf $(VENV) $(COMPAT) $(CIRCUIT) artifacts .pytest_cache

@@ -49,7 +49,7 @@ def tl_settings(choice: str, recorded: dict | None, saelens: bool) -> dict | Non
 def transform_needed(settings: dict | None, site: str) -> str | None:
     """'center', 'unfold_norm' or None: what saectl must fold for `site`. TransformerLens's
     `ln2.hook_normalized` is the norm's output before its weight and bias, folded or not;
-    `hook_mlp_in` is too once `fold_ln` has moved them into the MLP."""
+    the MLP's input (`mlp.hook_in`) is too once `fold_ln` has moved them into the MLP."""
     if not settings:
         return None
     if site in _CENTRED_SITES and settings["center_writing_weights"]:

@@ -173,7 +173,8 @@ def run_pipeline(
 @app.command("export")
 def export(ref: Annotated[str, typer.Argument(help="A train or import-sae artifact")],
            out: Annotated[Path, typer.Option("--out", help="Folder to write")],
-           fmt: Annotated[str, typer.Option("--format", help="saelens or sparsify")] = "saelens",
+           fmt: Annotated[str, typer.Option(
+               "--format", help="saelens, sparsify or circuit-tracer")] = "saelens",
            store_: StoreOpt = None,
            force: Annotated[bool, typer.Option("--force", help="Replace an earlier export "
                                                "in --out")] = False):

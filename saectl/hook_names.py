@@ -7,7 +7,7 @@ strings: no model needed.
     blocks.12.hook_resid_mid      resid_mid.12         layers.12.self_attn           attn_out.12
     blocks.12.hook_mlp_out        mlp_out.12           transformer.h.12.attn         attn_out.12
     blocks.12.hook_attn_out       attn_out.12          gpt_neox.layers.12.attention  attn_out.12
-    blocks.12.ln2.hook_normalized ln2.12               blocks.12.hook_mlp_in         mlp_in.12
+    blocks.12.ln2.hook_normalized ln2.12               blocks.12.mlp.hook_in         mlp_in.12
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from saectl.layout import normalize_hook
 
 _TL = {"hook_resid_pre": "resid_pre", "hook_resid_post": "resid_post",
        "hook_resid_mid": "resid_mid", "hook_mlp_out": "mlp_out", "hook_attn_out": "attn_out",
-       "hook_mlp_in": "mlp_in",
+       "hook_mlp_in": "resid_mid",  # TransformerLens's is the norm's input (use_hook_mlp_in)
+       "mlp.hook_in": "mlp_in",  # what the MLP reads (circuit-tracer, TransformerLens's bridge)
        "ln2.hook_normalized": "ln2"}
 _TL_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
 # A block's output is the residual stream after it; its attention and MLP modules' outputs are

@@ -189,10 +189,15 @@ def run_with_hooks(model: nn.Module, hooks: list[HookPoint],
         found = find_blocks(model)
         if found and hooks and all(h.layer is not None for h in hooks):
             # resid_pre.L is complete before block L runs; anything else in block L after it.
-            last = max(hooks, key=lambda h: (h.layer, h.capture == "output"))
+            # A block's own input (resid_pre) only before it runs; anything else in the block
+            # (its output, or a module's input inside it: mlp_in, resid_mid) after it.
+            def before(h):
+                return h.capture == "input" and h.module == f"{found[0].blocks}.{h.layer}"
+
+            last = max(hooks, key=lambda h: (h.layer, not before(h)))
             block = found[1][last.layer]
             # Registered after the capture hooks, so those on the same module fire first.
-            handles.append(block.register_forward_pre_hook(stop) if last.capture == "input"
+            handles.append(block.register_forward_pre_hook(stop) if before(last)
                            else block.register_forward_hook(stop))
         with torch.inference_mode():
             try:

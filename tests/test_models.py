@@ -394,6 +394,8 @@ def test_transcoder_sites_read_what_the_block_computes(family, tiny_model_dirs):
     else:
         names += ["resid_mid.1", "ln2.1"]
     got = hooks.run_with_hooks(model, hooks.parse_hooks(model, names), ids)
+    alone = hooks.run_with_hooks(model, hooks.parse_hooks(model, ["mlp_in.2"]), ids)  # the last
+    assert alone["mlp_in.2"].shape == got["mlp_in.1"].shape  # block's inner input is captured
     mlp = model.get_submodule(hooks.parse_hooks(model, ["mlp_out.1"])[0].module)
     torch.testing.assert_close(mlp(got["mlp_in.1"]), got["mlp_out.1"])
     if family != "gpt_neox":

@@ -241,7 +241,7 @@ def test_bad_input(tiny, capsys, tmp_path):
     assert_one_line_error(run_cli(capsys, "steer", tiny.sae, "--store", tiny.root, "--feature",
                                   "3"), "give a prompt")
     assert_one_line_error(run_cli(capsys, "steer", tiny.harvest, "--store", tiny.root,
-                                  "--feature", "3", "--prompt", "x"), "give a trained SAE")
+                                  "--feature", "3", "--prompt", "x"), "give an SAE")
 
 
 def test_another_model_or_a_strength_that_overflows_fails_and_writes_nothing(
