@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from saectl import arrays, store
-from tests.conftest import corpus_texts, packaged_smollm2_available
+from tests.conftest import packaged_smollm2_available
 from tests.helpers import assert_one_line_error, run_cli, run_subprocess, saectl_cmd, tried
 
 C = 16  # context size for tiny-model tests
