@@ -40,8 +40,8 @@ $(CIRCUIT)/.installed: Makefile
 	test -x $(CIRCUIT)/bin/python || $(PYTHON) -m venv $(CIRCUIT)
 	$(CIRCUIT)/bin/pip install -q "$(TORCH)"
 	echo "$(TORCH)" > $(CIRCUIT)/constraints.txt
-	$(CIRCUIT)/bin/pip install -q circuit-tracer -c $(CIRCUIT)/constraints.txt
-	touch $@
+	$(CIRCUIT)/bin/pip install -q circuit-tracer -c $(CIRCUIT)/constraints.txt && touch $@ \
+		|| echo "circuit-tracer could not be installed: its tests skip (no $@)"
 
 test: install $(COMPAT)/.installed $(CIRCUIT)/.installed
 	$(BIN)/python -m pytest -q
