@@ -95,14 +95,7 @@ def _hook(cfg: ImportSAEConfig, src: published.Source, origin: dict, registry: d
     if not named:
         raise ConfigError(f"the {src.format} SAE does not say which hook it reads; pass --hook "
                           "(e.g. resid_post.12 or blocks.12.hook_resid_post)")
-    return _to_saectl(named)
-
-
-def _to_saectl(named: str) -> str:
-    """saectl's name; `blocks.L.mlp.hook_in` (TransformerLens's bridge, circuit-tracer, what
-    saectl writes for mlp_in) is what the MLP reads, after its norm: saectl's mlp_in."""
-    m = re.match(r"^blocks\.(\d+)\.mlp\.hook_in$", named.strip())
-    return f"mlp_in.{m[1]}" if m else hook_names.to_saectl(named)
+    return hook_names.to_saectl(named)
 
 
 def _model(cfg: ImportSAEConfig, src: published.Source, registry: dict) -> tuple[dict, object]:
@@ -157,7 +150,7 @@ def plan(cfg: ImportSAEConfig) -> Plan:
         src.model_kwargs = found.registry["model_from_pretrained_kwargs"]
     published.check_config(src)
     hook = _hook(cfg, src, found.origin, found.registry)
-    target = _to_saectl(src.target_hook) if src.transcoder else None
+    target = hook_names.to_saectl(src.target_hook) if src.transcoder else None
     model, spec = _model(cfg, src, found.registry)
     params = address_params(cfg)
     params.update(source={**{k: v for k, v in found.origin.items() if k != "path"
