@@ -18,7 +18,8 @@ reconstruction keeps the fraction of variance unexplained within the tolerance �
 with q the acts, each fired value replaced by the centre of its bin and zeros left exact zeros
 (a quantised value is never 0: bins start at min_i > 0). The naive bound
 L0 · (log2 F + log2 B) (send each active latent's index and bin without entropy coding) is
-reported beside it.
+reported beside it. Given prefix groups (a Matryoshka SAE's), the hierarchical code of the same
+quantised latents is reported beside the flat one (`hierarchical`).
 
 Decisions:
 - The comparison is `≤ ε`; the coarsest B is the smallest B meeting it, so a stricter ε never
@@ -132,8 +133,12 @@ def select_bins(by_bins: dict[int, dict[str, float]], tolerance: float) -> int |
 
 @torch.no_grad()
 def description_length(sae, batches: Callable[[], Iterable[Tensor]],
-                       tolerance: float) -> DescriptionLength:
+                       tolerance: float, groups: tuple[int, ...] | None = None
+                       ) -> DescriptionLength:
     """Description length of `sae` on raw activation batches (n, d_in).
+
+    With `groups` (increasing prefix ends m_1 < ... < m_P = d_sae, a Matryoshka SAE's
+    prefixes), each `by_bins` entry also holds the hierarchical code's figures (`hierarchical`).
 
     `batches()` must return a fresh iterator over the same tokens on each call: the first pass
     finds each latent's firing count and range of non-zero values (and the FVU ingredients),
@@ -153,12 +158,18 @@ def description_length(sae, batches: Callable[[], Iterable[Tensor]],
     lo = torch.full((F,), math.inf, device=dev)
     hi = torch.full((F,), -math.inf, device=dev)
     n, l0, sq_err, c = 0, torch.zeros((), **f64), torch.zeros((), **f64), None
+    spans = _group_spans(groups, F)
+    any_fired = torch.zeros(len(spans), **f64)  # tokens with some latent of group g active
+    group_l0 = torch.zeros(len(spans), **f64)  # active latents of group g, summed over tokens
     sum_x = sum_sq = torch.zeros((), **f64)
     for x, acts, rest in _encoded(sae, batches()):
         fired = acts > 0
         lo = torch.minimum(lo, acts.masked_fill(~fired, math.inf).amin(0))
         hi = torch.maximum(hi, acts.masked_fill(~fired, -math.inf).amax(0))
         l0 += fired.sum()
+        for g, (a, b) in enumerate(spans):
+            any_fired[g] += fired[:, a:b].any(1).sum()
+            group_l0[g] += fired[:, a:b].sum()
         sq_err += (rest.double() - sae.decode(acts.to(sae.dtype)).double()).square().sum()
         if c is None:
             c = x.double().mean(0)
@@ -208,12 +219,52 @@ def description_length(sae, batches: Callable[[], Iterable[Tensor]],
         dl = float((binary_entropy(p) + p * _row_entropy_bits(hist)).sum())
         by_bins[b] = {"fvu": _fvu(q_err[b], total_var), "bits_per_token": dl,
                       "naive_bound": naive_bound(l0_per_token, F, b)}
+        if spans:
+            by_bins[b].update(hierarchical(p, _row_entropy_bits(hist), spans,
+                                           (any_fired / n).cpu(), (group_l0 / n).cpu(), b))
     chosen = select_bins(by_bins, tolerance)
     at = by_bins.get(chosen, {}) if chosen is not None else {}
     return DescriptionLength(
         bits_per_token=at.get("bits_per_token"), bins=chosen, quantised_fvu=at.get("fvu"),
         naive_bound=at.get("naive_bound"), l0=l0_per_token, fvu=_fvu(sq_err, total_var),
         feasible=chosen is not None, by_bins=by_bins, tolerance=float(tolerance), n_tokens=n)
+
+
+def hierarchical(p: Tensor, h_q: Tensor, spans: list[tuple[int, int]], a: Tensor,
+                 group_l0: Tensor, bins: int) -> dict[str, float]:
+    """The hierarchical code of a token's active latents, with latents in prefix groups
+    G_g = [m_(g-1), m_g) (a Matryoshka SAE's), beside the flat code (README, "MDL on MNIST"):
+
+    - entropy-coded, beside DL: per group, whether any of its latents fired (H_b(a_g), a_g the
+      share of tokens where one did), then, only when one did, which of them fired, each latent
+      at its rate given that (H_b(p_i / a_g)), and each fired value as in DL:
+          Σ_g [H_b(a_g) + a_g Σ_(i∈G_g) H_b(p_i / a_g)] + Σ_i p_i H(q_i)
+      A group that fires on every token costs what the flat code does; one silent on most
+      tokens is paid for once instead of once per latent.
+    - naive, beside the naive bound: each active latent's group in log2 P bits, its index
+      within the group in log2 |G_g| bits and its bin in log2 B bits:
+          Σ_g L0_g (log2 P + log2 |G_g|) + L0 log2 B
+    p: (d_sae,) firing rates; h_q: (d_sae,) H(q_i) at B; a, group_l0: (P,) per group."""
+    p, h_q = p.cpu(), h_q.cpu()
+    bits = float((p * h_q).sum())
+    naive = float(group_l0.sum()) * math.log2(bins)
+    for g, (lo, hi) in enumerate(spans):
+        ag = float(a[g])
+        inside = p[lo:hi] / ag if ag > 0 else torch.zeros(hi - lo, dtype=p.dtype)
+        bits += float(binary_entropy(torch.tensor(ag))) + ag * float(binary_entropy(inside).sum())
+        naive += float(group_l0[g]) * (math.log2(len(spans)) + math.log2(hi - lo))
+    return {"hierarchical_bits_per_token": bits, "hierarchical_naive_bound": naive}
+
+
+def _group_spans(groups: tuple[int, ...] | None, d_sae: int) -> list[tuple[int, int]]:
+    """Prefix ends → [(start, end)] of each group; [] without groups."""
+    if not groups:
+        return []
+    ends = [int(m) for m in groups]
+    if any(b <= a for a, b in zip([0, *ends], ends)) or ends[-1] != d_sae:
+        raise ConfigError(f"groups {','.join(map(str, ends))} must increase and end at the "
+                          f"width {d_sae}, e.g. {d_sae // 4},{d_sae}")
+    return list(zip([0, *ends[:-1]], ends))
 
 
 def naive_bound(l0: float, d_sae: int, bins: int) -> float:
