@@ -29,7 +29,7 @@ from saectl import arrays, checkpoints, faults, layout, outliers, store
 from saectl.config import address_params, fields, opt
 from saectl.console import info, progress
 from saectl.errors import ConfigError
-from saectl.layout import normalize_hook
+from saectl.layout import layer_range, normalize_hook
 from saectl.lineage import harvest_model
 from saectl.stage import DeviceOptions
 
@@ -168,34 +168,41 @@ def resolve(cfg: TrainStageConfig, manifest: dict, d_in_by_hook: dict[str, int])
     from saectl.trainer import TrainConfig
 
     hooks = sorted(d_in_by_hook)
-    hook = cfg.hook or (hooks[0] if len(hooks) == 1 else None)
+    hook = normalize_hook(cfg.hook) if cfg.hook else (hooks[0] if len(hooks) == 1 else None)
     if hook is None:
         raise ConfigError(f"the shuffle holds several hooks; choose one with --hook "
                           f"({', '.join(hooks)})")
-    if hook not in d_in_by_hook:
-        raise ConfigError(f"the shuffle has no hook {hook!r}; it has {', '.join(hooks)}")
-    d_in = d_in_by_hook[hook]
+    d_in, n_layers = _width(hook, d_in_by_hook, "")
     target = normalize_hook(cfg.target) if cfg.target else None
+    cross_layer = ARCHS[cfg.arch].cross_layer
+    if (n_layers > 1 or layer_range(target or "")) and not cross_layer:
+        raise ConfigError(f"a layer range trains a cross-layer transcoder: give --arch clt or "
+                          f"jumprelu-clt (not {cfg.arch}), or one layer, e.g. mlp_in.3")
+    if cross_layer and (target is None or layer_range(hook) is None):
+        raise ConfigError(f"--arch {cfg.arch} trains a cross-layer transcoder over a layer "
+                          "range: give --hook mlp_in.A..B --target mlp_out.A..B")
     if target is not None:
-        if target not in d_in_by_hook:
-            raise ConfigError(f"the shuffle has no target hook {target!r}; it has "
-                              f"{', '.join(hooks)}: harvest both hooks in one pass")
+        d_out, n_out = _width(target, d_in_by_hook, "target ")
         if target == hook:
             raise ConfigError(f"--target {target} is --hook itself; a transcoder maps one hook "
                               "to another (leave out --target to train an SAE)")
-        if d_in_by_hook[target] != d_in:
-            raise ConfigError(f"{hook} has width {d_in} and {target} {d_in_by_hook[target]}; "
+        if cross_layer and [h.rpartition(".")[2] for h in layer_range(target) or []] != \
+                [h.rpartition(".")[2] for h in layer_range(hook) or []]:
+            raise ConfigError(f"the CLT layer ranges {hook} and {target} differ; give the "
+                              "same layers to both, e.g. mlp_in.0..3 and mlp_out.0..3")
+        if d_out != d_in:
+            raise ConfigError(f"{hook} has width {d_in} and {target} {d_out}; "
                               "saectl's transcoders map between hooks of one width")
     if cfg.skip and target is None:
         raise ConfigError("--skip adds a transcoder's linear path; give --target too")
     width = cfg.width or int(round(cfg.expansion * d_in))
-    if ARCHS[cfg.arch].takes_k and cfg.k >= width:
+    if ARCHS[cfg.arch].takes_k and cfg.k >= width // n_layers:
         raise ConfigError(f"--k {cfg.k} must be smaller than the width {width}; lower --k or "
                           "raise --expansion/--width")
     # Every flag goes where the table sends it; those that need resolving are then replaced.
     sae_cfg = SAEConfig(**{**_flags_into(cfg, "sae"), "d_in": d_in, "d_sae": width,
                            "matryoshka_prefixes": cfg.prefix_list(),
-                           "transcoder": target is not None})
+                           "transcoder": target is not None, "n_layers": n_layers})
     n_train = manifest["summary"]["n_train"]
     tokens = cfg.tokens or n_train
     steps = math.ceil(tokens / cfg.batch_size)
@@ -208,6 +215,23 @@ def resolve(cfg: TrainStageConfig, manifest: dict, d_in_by_hook: dict[str, int])
         "decoder_lr_multiplier": (cfg.decoder_lr_mult if cfg.decoder_lr_mult is not None
                                   else DECODER_LR_MULT if ARCHS[cfg.arch].takes_k else 1.0)})
     return hook, target, sae_cfg, train_cfg, steps, tokens
+
+
+def _width(hook: str, d_in_by_hook: dict[str, int], what: str) -> tuple[int, int]:
+    """(width, layers) of a hook, or of a layer range's hooks side by side."""
+    hooks = layer_range(hook) or [hook]
+    missing = [h for h in hooks if h not in d_in_by_hook]
+    if missing and len(hooks) > 1:
+        raise ConfigError(f"the CLT layer range {hook} is not covered by the shuffle: it has no "
+                          f"{', '.join(missing)}; harvest every layer of it (--hooks {hook})")
+    if missing:
+        raise ConfigError(f"the shuffle has no {what}hook {hook!r}; it has "
+                          f"{', '.join(sorted(d_in_by_hook))}"
+                          + (": harvest both hooks in one pass" if what else ""))
+    widths = {d_in_by_hook[h] for h in hooks}
+    if len(widths) > 1:
+        raise ConfigError(f"the hooks of {hook} have different widths {sorted(widths)}")
+    return widths.pop() * len(hooks), len(hooks)
 
 
 def address_for(cfg: TrainStageConfig, sae_cfg, train_cfg, hook: str,
@@ -297,12 +321,12 @@ def _train_group(src, group: list[Point]) -> None:
     """One pass over the shared batches; each point trains on the steps it needs."""
     import torch  # deferred, with the modules below that import it: torch is heavy
 
-    from saectl.reader import BatchReader
+    from saectl.reader import BatchReader, split_rows
     from saectl.trainer import Trainer
 
     first = group[0]
-    data = src.group()[layout.train_rows(first.hook)]
-    target = src.group()[layout.train_rows(first.target)] if first.target else None
+    data = split_rows(src.group(), first.hook, "train", src.ref)
+    target = split_rows(src.group(), first.target, "train", src.ref) if first.target else None
     reader = BatchReader(data, first.cfg.batch_size, first.cfg.seed, src.ref, target)
     rows = slice(0, min(reader.n, 16384))
     sample = torch.from_numpy(arrays.read(data, rows, artifact=src.ref))
@@ -394,14 +418,14 @@ def _evaluate(art, src, harvest, hook, sae, lm_spec, cfg, target=None) -> dict:
     import torch  # deferred, with the modules below that import it: torch is heavy
 
     from saectl import metrics
-    from saectl.reader import BatchReader
+    from saectl.reader import BatchReader, split_rows
 
     group = src.group()
-    ev = group[layout.eval_rows(hook)]
+    ev = split_rows(group, hook, "eval", src.ref)
     n_eval = int(ev.shape[0])
     if n_eval == 0:
         raise ConfigError(f"{src.ref} has no eval split; re-run shuffle with --eval-fraction > 0")
-    ev_target = group[layout.eval_rows(target)] if target else None
+    ev_target = split_rows(group, target, "eval", src.ref) if target else None
     reader = BatchReader(ev, min(cfg.batch_size, n_eval), 0, src.ref, ev_target)
     figures, log_density = metrics.reconstruction(sae, reader.once)
     out = art.group("r+")
@@ -421,6 +445,7 @@ def _evaluate(art, src, harvest, hook, sae, lm_spec, cfg, target=None) -> dict:
         ids = torch.from_numpy(np.asarray(tokens)).long().to(device)
         skip = 0 if src.manifest()["params"].get("keep_bos") else 1
         # The outliers the shuffle left out of training keep their clean activation, as BOS does.
-        keep = torch.from_numpy(outliers.left_out(src, hook, seqs, ids.shape[1]))
+        first = (layer_range(hook) or [hook])[0]  # one set of outliers for all of a shuffle's hooks
+        keep = torch.from_numpy(outliers.left_out(src, first, seqs, ids.shape[1]))
         figures.update(metrics.spliced(model, sae.to(device), hook, target, ids, skip, keep))
     return figures

@@ -120,13 +120,31 @@ def progress_file(art_path: Path, writer: str) -> Path:
 _SITE_RE = re.compile(r"^([a-z_]+)\.0*([0-9]+)$")
 
 
+_RANGE_RE = re.compile(r"^([a-z_]+)\.0*([0-9]+)\.\.0*([0-9]+)$")
+
+
 def normalize_hook(name: str) -> str:
-    """`resid_post.03` → `resid_post.3`; whitespace trimmed; module paths unchanged."""
+    """`resid_post.03` → `resid_post.3`, `mlp_in.0..03` → `mlp_in.0..3` (a layer range);
+    whitespace trimmed; module paths unchanged."""
     name = name.strip()
     if not name:
         raise ConfigError("an empty hook name; write e.g. resid_post.3")
+    if r := _RANGE_RE.match(name):
+        return f"{r.group(1)}.{int(r.group(2))}..{int(r.group(3))}"
     m = _SITE_RE.match(name)
     return f"{m.group(1)}.{int(m.group(2))}" if m else name
+
+
+def layer_range(name: str) -> list[str] | None:
+    """`mlp_in.0..3` → [mlp_in.0, mlp_in.1, mlp_in.2, mlp_in.3] (inclusive: the hooks of a
+    cross-layer transcoder); None for a single hook."""
+    r = _RANGE_RE.match(name.strip())
+    if r is None:
+        return None
+    site, a, b = r.group(1), int(r.group(2)), int(r.group(3))
+    if b < a:
+        raise ConfigError(f"the layer range {name!r} runs backwards; write {site}.{b}..{a}")
+    return [f"{site}.{layer}" for layer in range(a, b + 1)]
 
 
 def normalize_hooks(names: str | list[str]) -> list[str]:
@@ -135,8 +153,9 @@ def normalize_hooks(names: str | list[str]) -> list[str]:
         names = names.split(",")
     out: list[str] = []
     for n in names:
-        if n.strip() and normalize_hook(n) not in out:
-            out.append(normalize_hook(n))
+        for h in (layer_range(n) or [n]) if n.strip() else []:  # a range: each of its hooks
+            if normalize_hook(h) not in out:
+                out.append(normalize_hook(h))
     return out
 
 

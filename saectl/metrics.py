@@ -149,9 +149,10 @@ def reconstruction(sae, batches: Iterable[torch.Tensor] | Callable[[], Iterable[
 
 
 @torch.no_grad()
-def downstream(model, hook, reconstruct: Callable[[torch.Tensor], torch.Tensor],
+def downstream(model, hook, reconstruct: Callable[[torch.Tensor], torch.Tensor] | None,
                token_batches: Iterable[torch.Tensor], skip_first: int = 1,
-               passthrough: Iterable[torch.Tensor] | None = None, source=None) -> dict:
+               passthrough: Iterable[torch.Tensor] | None = None, source=None,
+               run: Callable | None = None) -> dict:
     """CE-loss score, KL score and ΔLM loss of splicing `reconstruct` in at `hook`.
 
     With a `source` hook (a transcoder's input) the activation at `hook` is replaced by
@@ -161,7 +162,11 @@ def downstream(model, hook, reconstruct: Callable[[torch.Tensor], torch.Tensor],
     Positions before `skip_first` (the BOS, which training leaves out) keep their clean
     activation in both the SAE and the zero-ablation runs, as SAEBench does for special tokens;
     so do the positions `passthrough` marks (one [batch, context] bool tensor per batch: the
-    outliers the shuffle left out, saectl/outliers.py)."""
+    outliers the shuffle left out, saectl/outliers.py).
+
+    `run(ids, keep, ablate)` replaces the one-hook splice with the caller's: the logits with
+    the spliced model (ablate False) or the zero-ablated one (a cross-layer transcoder's
+    replacement model, `replacement_run`)."""
     from contextlib import nullcontext
 
     from saectl.hooks import reading, run_with_replacement
@@ -191,8 +196,11 @@ def downstream(model, hook, reconstruct: Callable[[torch.Tensor], torch.Tensor],
         clean_logits = model(input_ids=ids).logits[:, :-1].float()
         clean_logp = clean_logits.log_softmax(-1)
         for name, fn in (("sae", splice(reconstruct, keep)), ("zero", splice(None, keep))):
-            with reading(model, source, seen) if source is not None else nullcontext():
-                logp = run_with_replacement(model, hook, fn, ids)[:, :-1].float()
+            if run is not None:
+                logp = run(ids, keep, name == "zero")[:, :-1].float()
+            else:
+                with reading(model, source, seen) if source is not None else nullcontext():
+                    logp = run_with_replacement(model, hook, fn, ids)[:, :-1].float()
             logp = logp.log_softmax(-1)
             ce[name] += float(F.nll_loss(logp.flatten(0, 1), labels.flatten(), reduction="sum"))
             kl[name] += float((clean_logp.exp() * (clean_logp - logp)).sum())
@@ -217,7 +225,17 @@ def spliced(model, sae, hook: str, target: str | None, ids: torch.Tensor, skip_f
     (n, C) marks positions passed through (outliers). `centred`: the SAE reads x − mean(x)
     (saectl.basis) and its output gets the mean back. {} where the site cannot be spliced."""
     from saectl import hooks
+    from saectl.layout import layer_range
 
+    if getattr(sae, "cross_layer", False):
+        reads = hooks.parse_hooks(model, layer_range(hook))
+        writes = hooks.parse_hooks(model, layer_range(target))
+        run = replacement_run(model, sae, reads, writes, skip_first)
+        parts = range(0, len(ids), 4)
+        figures = downstream(model, None, None, [ids[i:i + 4] for i in parts], skip_first,
+                             None if keep is None else [keep[i:i + 4] for i in parts], run=run)
+        figures["outliers_passed_through"] = int(keep.sum()) if keep is not None else 0
+        return figures
     read = hooks.parse_hooks(model, [hook])[0]
     write = hooks.parse_hooks(model, [target])[0] if target else read
     if write.name.split(".")[0] in hooks.READ_ONLY_SITES:
@@ -234,3 +252,45 @@ def spliced(model, sae, hook: str, target: str | None, ids: torch.Tensor, skip_f
                          source=read if target else None)
     figures["outliers_passed_through"] = int(keep.sum()) if keep is not None else 0
     return figures
+
+
+def replacement_run(model, clt, reads: list, writes: list, skip_first: int) -> Callable:
+    """The replacement model of a cross-layer transcoder (Ameisen et al. 2025): in one forward
+    pass each covered MLP's output is replaced by the CLT's output at that layer, from the
+    latents of that layer and every earlier one, each read from the replacement model's own
+    MLP input (so errors compound as they would in the model). ablate: every covered MLP
+    output zeroed instead. `run(ids, keep, ablate)` → logits, for `downstream`."""
+    from contextlib import ExitStack
+
+    from saectl.hooks import reading, replacing
+
+    def run(ids: torch.Tensor, keep: torch.Tensor | None, ablate: bool) -> torch.Tensor:
+        seen: dict = {}
+        acts: dict[int, torch.Tensor] = {}
+
+        def at(layer: int):
+            def replace(act):
+                out = act.clone()
+                rest = act[:, skip_first:]
+                if ablate:
+                    out[:, skip_first:] = 0
+                else:
+                    for j in range(layer + 1):  # each layer's latents once per pass
+                        if j not in acts:
+                            x = seen[reads[j].name][:, skip_first:]
+                            acts[j] = clt.encode_layer(x.reshape(-1, x.shape[-1]).float(), j)
+                    out[:, skip_first:] = clt.decode_layer(acts, layer).reshape(
+                        rest.shape).to(act.dtype)
+                if keep is not None:
+                    out[keep] = act[keep]
+                return out
+            return replace
+
+        with ExitStack() as stack:
+            for r in reads:
+                stack.enter_context(reading(model, r, seen))
+            for layer, w in enumerate(writes):
+                stack.enter_context(replacing(model, w, at(layer)))
+            return model(input_ids=ids, use_cache=False).logits
+
+    return run

@@ -7,7 +7,9 @@ A background thread decodes the next batches while the model trains on this one;
 `prefetch` batches are ever held, so memory stays flat however large the array.
 
 With a `target` array (a transcoder's: the MLP output beside its input, shuffled alike by the
-shuffle) each batch is the pair (x, y) of the same rows of both arrays.
+shuffle) each batch is the pair (x, y) of the same rows of both arrays. A cross-layer
+transcoder reads a layer range (`mlp_in.0..3`): `split_rows` gives the layers' arrays side by
+side as one (`Stacked`), each batch their concatenation (n, L·d).
 """
 
 from __future__ import annotations
@@ -18,8 +20,37 @@ import threading
 import numpy as np
 import torch
 
-from saectl import arrays
+from saectl import arrays, layout
 from saectl.errors import ArtifactError
+
+
+class Stacked:
+    """The arrays of a layer range side by side: rows are the same tokens (one shuffle), read
+    as the concatenation of each array's row. Only what the reader and `arrays.read` use."""
+
+    def __init__(self, parts: list, artifact: str = ""):
+        rows = {int(a.shape[0]) for a in parts}
+        if len(rows) != 1:
+            raise ArtifactError(f"{artifact}: the hooks of the layer range hold different "
+                                f"numbers of rows ({sorted(rows)}); re-run the shuffle")
+        self.parts, self.artifact = parts, artifact
+        self.shape = (rows.pop(), sum(int(a.shape[1]) for a in parts))
+        self.chunks = parts[0].chunks
+        self.attrs: dict = {}  # each part is decoded to float32 as it is read
+        self.path = "+".join(a.path for a in parts)
+
+    def __getitem__(self, selection) -> np.ndarray:
+        return np.concatenate([arrays.read(a, selection, artifact=self.artifact)
+                               for a in self.parts], axis=1)
+
+
+def split_rows(group, hook: str, split: str = "train", artifact: str = ""):
+    """A shuffle's `split` rows (train or eval) of `hook`, or of every hook of a layer range."""
+    path = layout.train_rows if split == "train" else layout.eval_rows
+    hooks = layout.layer_range(hook)
+    if hooks is None:
+        return group[path(hook)]
+    return Stacked([group[path(h)] for h in hooks], artifact)
 
 
 class BatchReader:

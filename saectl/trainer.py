@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -124,6 +125,16 @@ def estimate_input_scale(sample: Tensor) -> float:
     return math.sqrt(sample.shape[-1]) / mean_norm
 
 
+def layer_scales(sample: Tensor, n_layers: int) -> Tensor:
+    """A cross-layer transcoder's per-layer scales: each layer's columns of the concatenated
+    sample (n, L·d) scaled to mean norm √d on their own, so no layer's loss dominates; the
+    (L·d,) vector repeats each layer's constant over its columns."""
+    n, width = sample.shape
+    layers = sample.reshape(n, n_layers, width // n_layers).transpose(0, 1)
+    s = torch.tensor([estimate_input_scale(layer) for layer in layers], device=sample.device)
+    return s.repeat_interleave(width // n_layers)
+
+
 @torch.no_grad()
 def geometric_median(points: Tensor, iters: int = 30, tol: float = 1e-6) -> Tensor:
     """Weiszfeld's algorithm: the point minimising the sum of distances to `points` (n, d)."""
@@ -181,9 +192,12 @@ A transcoder is given a sample of its targets too (`target_sample`) and pairs of
             raise ConfigError("a transcoder trains on (input, target) pairs, an SAE on inputs "
                               "alone: give target_sample exactly for a transcoder")
         sample = sample.to(self.device, torch.float32)
-        self.input_scale = estimate_input_scale(sample) if cfg.normalize_inputs else 1.0
         out = sample if target_sample is None else target_sample.to(self.device, torch.float32)
-        self.target_scale = estimate_input_scale(out) if cfg.normalize_inputs else 1.0
+        # a cross-layer transcoder's layers each get their own constant (see `layer_scales`)
+        scale = estimate_input_scale if sae_cfg.n_layers == 1 else partial(
+            layer_scales, n_layers=sae_cfg.n_layers)
+        self.input_scale = scale(sample) if cfg.normalize_inputs else 1.0
+        self.target_scale = scale(out) if cfg.normalize_inputs else 1.0
         self.generator = torch.Generator().manual_seed(cfg.seed)
         # b_dec is the output's offset: initialised from the targets (an SAE's are its inputs)
         self.sae = init_sae(sae_cfg, out * self.target_scale, b_dec_init=cfg.b_dec_init,
@@ -216,9 +230,7 @@ A transcoder is given a sample of its targets too (`target_sample`) and pairs of
         targets y; returns its figures: the loss terms, l0, fvu, dead_fraction, lr,
         sparsity_scale and step (1-based)."""
         sae, cfg = self.sae, self.cfg
-        x = x.to(self.device, sae.dtype)
-        if self.input_scale != 1.0:
-            x = x * self.input_scale
+        x = x.to(self.device, sae.dtype) * self.input_scale
         if y is not None:
             y = y.to(self.device, sae.dtype) * self.target_scale
         lr, sparsity_scale = self.lr, cfg.sparsity_scale_at(self.step_count)
@@ -300,9 +312,14 @@ A transcoder is given a sample of its targets too (`target_sample`) and pairs of
         self.step_count = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.tokens_since_fired.copy_(state["tokens_since_fired"])
-        self.input_scale = float(state["input_scale"])
-        self.target_scale = float(state.get("target_scale", self.input_scale))
+        self.input_scale = _scale_of(state["input_scale"], self.device)
+        self.target_scale = _scale_of(state.get("target_scale", state["input_scale"]), self.device)
         self.generator.set_state(state["generator"])
+
+
+def _scale_of(saved, device: torch.device):
+    """A saved scale: a float, or a cross-layer transcoder's per-column tensor."""
+    return saved.to(device) if isinstance(saved, Tensor) else float(saved)
 
 
 def _contiguous_alias(p: torch.nn.Parameter) -> torch.nn.Parameter:

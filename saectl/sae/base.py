@@ -101,12 +101,15 @@ class SAEConfig:
     so its input is not centred on b_dec, which lives in the output's space."""
     skip: bool = False
     """A skip transcoder's linear path x @ W_skip beside the latents (initialised at zero)."""
+    n_layers: int = 1
+    """Layers a cross-layer transcoder spans (saectl/sae/clt.py): d_in and d_sae are then the
+    totals over its layers, the concatenation of every layer's input and latents."""
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ConfigError(f"unknown SAE architecture {self.arch!r}; choose one of "
                               f"{', '.join(arch_names())}")
-        for name in ("d_in", "d_sae", "k"):
+        for name in ("d_in", "d_sae", "k", "n_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
@@ -130,6 +133,8 @@ class SAEConfig:
         for name in ("transcoder", "skip"):  # absent when off: SAE addresses stay as they were
             if not d[name]:
                 del d[name]
+        if d["n_layers"] == 1:
+            del d["n_layers"]
         return d
 
     @classmethod
@@ -179,6 +184,8 @@ class SAE(nn.Module, metaclass=abc.ABCMeta):
     has_b_enc: ClassVar[bool] = True
     uses_auxk: ClassVar[bool] = False
     """Training adds the AuxK loss on dead latents."""
+    cross_layer: ClassVar[bool] = False
+    """A cross-layer transcoder (clt.py): it reads and writes the hooks of n_layers layers."""
     takes_k: ClassVar[bool] = False
     """`SAEConfig.k` sets how many latents are active (and must be below d_sae); elsewhere k is
     carried in the config, unused."""
@@ -213,6 +220,10 @@ class SAE(nn.Module, metaclass=abc.ABCMeta):
         if cls.takes_k and cfg.k >= cfg.d_sae:
             raise ConfigError(f"k={cfg.k} must be smaller than the width {cfg.d_sae}; "
                               f"lower --k or raise --expansion")
+        if cfg.n_layers != 1 and not cls.cross_layer:
+            raise ConfigError(f"{cls.arch} reads one hook; a layer range (n_layers="
+                              f"{cfg.n_layers}) trains a cross-layer transcoder: --arch clt or "
+                              "jumprelu-clt")
 
     @property
     def d_in(self) -> int:

@@ -1,0 +1,175 @@
+"""Cross-layer transcoders (issue 18): `saectl train --arch clt|jumprelu-clt --hook mlp_in.A..B
+--target mlp_out.A..B`. A planted cross-layer feature (read at one layer, written to that layer
+and later ones) is found, with its later-layer decoder blocks used; blocks to earlier layers
+stay exactly zero; the replacement-model CE-loss score (every covered MLP replaced at once) is
+1 for a CLT that is each MLP exactly and 0 for one that outputs zero; a layer range the
+harvest does not cover, --skip, and mismatched ranges are one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from saectl import hooks, metrics, models, store
+from saectl.sae import ARCHS, SAEConfig, load_sae
+from saectl.trainer import TrainConfig, Trainer
+from tests.conftest import corpus_texts
+from tests.helpers import assert_one_line_error, run_cli, tried
+
+L, D, M, N_FEAT = 3, 16, 32, 18
+
+
+def _planted(seed=0):
+    """Features each read at one layer (a direction of that layer's input) and written to that
+    layer and every later one (a direction per target layer)."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.arange(N_FEAT) % L
+    enc = torch.nn.functional.normalize(torch.randn(N_FEAT, D, generator=g), dim=1)
+    dec = torch.randn(N_FEAT, L, D, generator=g)
+    for i in range(N_FEAT):
+        dec[i, :src[i]] = 0
+    dec /= dec.flatten(1).norm(dim=1)[:, None, None]
+
+    def batch(n):
+        a = (torch.rand(n, N_FEAT, generator=g) < 0.08).float() * (1 + torch.rand(n, N_FEAT,
+                                                                                 generator=g))
+        x = torch.randn(n, L, D, generator=g) * 0.03
+        for layer in range(L):
+            x[:, layer] += a[:, src == layer] @ enc[src == layer]
+        return x.reshape(n, -1), torch.einsum("nf,fld->nld", a, dec).reshape(n, -1)
+
+    return src, dec, batch
+
+
+# JumpReLU's thresholds learn slowly here: it reconstructs as well (FVU 0.002) with ~5 latents
+# per token for the planted 1.4, so its best matches are split features (cosine ~0.82).
+@pytest.mark.parametrize("arch,match", [("clt", 0.9), ("jumprelu-clt", 0.75)])
+def test_a_planted_cross_layer_feature_is_found(arch, match):
+    src, dec, batch = _planted()
+    cfg = SAEConfig(arch=arch, d_in=L * D, d_sae=L * M, k=3, n_layers=L, transcoder=True,
+                    l0_coefficient=0.05)
+    x, y = batch(4096)
+    tr = Trainer(cfg, TrainConfig(total_steps=700, lr=4e-3, lr_warmup_steps=30,
+                                  sparsity_warmup_steps=100), x, target_sample=y)
+    for _ in range(700):
+        tr.step(*batch(256))
+    clt = tr.export()
+    W = clt.W_dec.detach()
+    mask = clt.decoder_mask()
+    assert float((W * (1 - mask)).abs().max()) == 0.0, "a latent wrote to an earlier layer"
+    # every planted feature has a latent of its own layer whose decoder, across all the layers
+    # it writes to, is the planted one
+    rows = torch.nn.functional.normalize(W, dim=1)
+    cos = torch.nn.functional.normalize(dec.flatten(1), dim=1) @ rows.T       # (N_FEAT, d_sae)
+    best, which = cos.max(1)
+    assert float(best.mean()) > match, best
+    assert bool(((which // M) == src).float().mean() >= match - 0.05)
+    # the layer-to-later blocks carry the features' later outputs: drop them, error grows
+    x, y = batch(4096)
+    acts = clt.encode(x).detach()
+    full = ((y - clt.decode(acts).detach()) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
+    diagonal = W * (torch.arange(L * M)[:, None] // M == torch.arange(L * D)[None] // D)
+    own = ((y - (acts @ diagonal + clt.b_dec.detach())) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
+    assert float(full) < 0.1 and float(own) > 3 * float(full), (float(full), float(own))
+    # per layer (the replacement model's path) equals the whole
+    by_layer = {layer: clt.encode_layer(x[:, layer * D:(layer + 1) * D], layer)
+                for layer in range(L)}
+    joined = torch.cat([clt.decode_layer(by_layer, layer) for layer in range(L)], -1)
+    torch.testing.assert_close(joined, clt.decode(acts), atol=1e-4, rtol=1e-4)
+
+
+def _relu_gpt2(src, out):
+    """The tiny GPT-2 with ReLU MLPs, so a JumpReLU CLT with a vanishing threshold can be each
+    MLP exactly."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(src)
+    config.activation_function = "relu"
+    model = AutoModelForCausalLM.from_pretrained(src, config=config)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    return out
+
+
+def test_replacement_ce_score_is_one_for_the_mlps_and_zero_for_nothing(tiny_model_dirs,
+                                                                        tmp_path):
+    model = models.load_model(models.resolve_model(str(_relu_gpt2(tiny_model_dirs["gpt2"],
+                                                                   tmp_path / "relu"))), "cpu")
+    blocks = model.transformer.h
+    n, d = len(blocks), model.config.n_embd
+    m = blocks[0].mlp.c_fc.weight.shape[1]
+    clt = ARCHS["jumprelu-clt"](SAEConfig(arch="jumprelu-clt", d_in=n * d, d_sae=n * m,
+                                          n_layers=n, transcoder=True))
+    with torch.no_grad():
+        clt.W_dec.zero_()
+        for layer, block in enumerate(blocks):  # Conv1D weights are (in, out)
+            clt.W_enc[layer] = block.mlp.c_fc.weight
+            clt.b_enc[layer * m:(layer + 1) * m] = block.mlp.c_fc.bias
+            clt.W_dec[layer * m:(layer + 1) * m, layer * d:(layer + 1) * d] = block.mlp.c_proj.weight
+            clt.b_dec[layer * d:(layer + 1) * d] = block.mlp.c_proj.bias
+        clt.log_threshold.fill_(-40.0)  # ReLU
+    ids = torch.randint(2, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    hook, target = f"mlp_in.0..{n - 1}", f"mlp_out.0..{n - 1}"
+    exact = metrics.spliced(model, clt, hook, target, ids, 1)
+    assert exact["ce_loss_score"] == pytest.approx(1.0, abs=1e-4)
+    assert exact["kl_score"] == pytest.approx(1.0, abs=1e-4)
+    with torch.no_grad():
+        clt.W_dec.zero_()
+        clt.b_dec.zero_()
+    zero = metrics.spliced(model, clt, hook, target, ids, 1)
+    assert zero["ce_loss_score"] == pytest.approx(0.0, abs=1e-6)
+    assert zero["ce_zero"] > zero["ce_clean"]
+    # the replacement is causal: layer 1's MLP input is read from the replaced layer 0
+    reads = hooks.parse_hooks(model, ["mlp_in.0", "mlp_in.1"])
+    assert reads[1].name == "mlp_in.1"
+
+
+def _cli(capsys, *args):
+    res = run_cli(capsys, *args)
+    assert res.code == 0, res.err
+    return res.out.strip()
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama"])
+def test_clt_trains_evaluates_and_refuses_bad_input(family, tiny_model_dirs, tmp_path, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts()))
+    common = ["--store", tmp_path, "--device", "cpu"]
+    h = _cli(capsys, "harvest", "--model", tiny_model_dirs[family], "--dataset", corpus,
+             "--hooks", "mlp_in.0..2,mlp_out.0..2", "--tokens", 2048, "--context-size", 16,
+             *common)
+    hooks_held = store.open_complete(tmp_path, h).manifest()["params"]["hooks"]
+    assert hooks_held == sorted([f"mlp_in.{i}" for i in range(3)] +
+                                [f"mlp_out.{i}" for i in range(3)])
+    sh = _cli(capsys, "shuffle", h, "--store", tmp_path)
+    arch = "clt" if family == "gpt_neox" else "jumprelu-clt"
+    ref = _cli(capsys, "train", sh, "--arch", arch, "--hook", "mlp_in.0..2", "--target",
+               "mlp_out.0..2", "--expansion", "2", "--k", "4", "--tokens", 8192,
+               "--batch-size", 256, "--lm-eval-seqs", "4", *common)
+    art = store.open_complete(tmp_path, ref)
+    s = art.manifest()["summary"]
+    assert s["hook"] == "mlp_in.0..2" and s["target"] == "mlp_out.0..2"
+    assert np.isfinite(s["fvu"]) and s["fvu"] < 1 and np.isfinite(s["ce_loss_score"])
+    clt = load_sae(store.sae_dir(art))
+    d = clt.d_layer
+    assert clt.cfg.n_layers == 3 and clt.cfg.d_in == 3 * d and clt.cfg.arch == arch
+    assert float((clt.W_dec.detach() * (1 - clt.decoder_mask())).abs().max()) == 0.0
+    # Bad input: one line each, nothing trained.
+    base = ["train", sh, "--store", tmp_path, "--device", "cpu"]
+    assert_one_line_error(run_cli(capsys, *base, "--arch", "clt", "--hook", "mlp_in.0..3",
+                                  "--target", "mlp_out.0..3"),
+                          "CLT layer range", "mlp_in.3", "harvest")
+    assert_one_line_error(run_cli(capsys, *base, "--arch", "clt", "--hook", "mlp_in.0..2",
+                                  "--target", "mlp_out.0..2", "--skip"), "--skip", "clt")
+    assert_one_line_error(run_cli(capsys, *base, "--arch", "clt", "--hook", "mlp_in.0..2",
+                                  "--target", "mlp_out.1..2"), "ranges", "differ")
+    assert_one_line_error(run_cli(capsys, *base, "--arch", "topk", "--hook", "mlp_in.0..2",
+                                  "--target", "mlp_out.0..2"), "layer range", "--arch clt")
+    assert_one_line_error(run_cli(capsys, *base, "--arch", "clt", "--hook", "mlp_in.1",
+                                  "--target", "mlp_out.1"), "layer range", "mlp_in.A..B")
+    assert_one_line_error(run_cli(capsys, *base, "--arch", "clt", "--hook", "mlp_in.2..0",
+                                  "--target", "mlp_out.2..0"), "backwards")
+    tried("train", "bad input", 6)
