@@ -18,6 +18,10 @@ not at all.
   for JumpReLU, W_skip (d_out, d_in)) and `config.yaml` (model_kind transcoder_set, the input
   and output hooks as block-relative TransformerLens names). Exporting the transcoders of other
   layers into the same `--out` adds them to the set; circuit-tracer needs every layer 0..n-1.
+  A cross-layer transcoder (`jumprelu-clt` over layers 0..B) goes whole, in the layout
+  circuit-tracer's `load_clt` reads: `W_enc_i.safetensors` (W_enc_i (m, d), b_enc_i, b_dec_i,
+  threshold_i) and `W_dec_i.safetensors` (W_dec_i (m, L - i, d)) per layer, and `config.yaml`
+  (model_kind cross_layer_transcoder).
 
 The files go to a temporary folder beside `--out`, each fsynced, and it is renamed into place,
 so `--out` holds either the old export or the new one, never a mix and never stale files. A
@@ -123,6 +127,10 @@ def _saelens_files(src: Path, dest: Path) -> None:
     (rewritten in it)."""
     cfg = json.loads((src / MARKER).read_text())
     ours = cfg.get("saectl", {})
+    if ours.get("n_layers", 1) > 1:
+        raise ConfigError("SAELens has no cross-layer transcoder class (it loads a CLT's layer "
+                          "only with its decoders summed, for activations): export it with "
+                          "--format circuit-tracer")
     if not ours.get("transcoder"):
         _copy_into(src, dest)
         return
@@ -172,6 +180,8 @@ def _write_circuit_tracer(src: Path, dest: Path, out: Path, force: bool) -> None
     from saectl.sae import load_sae
 
     cfg = json.loads((src / MARKER).read_text())
+    if cfg.get("saectl", {}).get("n_layers", 1) > 1:
+        return _write_clt(src, cfg, dest)
     layer, hook_in, hook_out = _ct_hooks(cfg)
     sae = load_sae(src)
     if sae.arch not in ("relu", "jumprelu", "batchtopk", "matryoshka"):
@@ -207,6 +217,44 @@ def _write_circuit_tracer(src: Path, dest: Path, out: Path, force: bool) -> None
     _write(dest / CT_CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
 
 
+def _write_clt(src: Path, cfg: dict, dest: Path) -> None:
+    """A cross-layer transcoder in circuit-tracer's CLT layout (module docstring)."""
+    from safetensors.torch import save as st_save  # deferred: torch
+
+    from saectl.layout import layer_range
+    from saectl.sae import load_sae
+
+    meta = cfg.get("metadata") or {}
+    hooks_in, hooks_out = (layer_range(str(meta.get(k))) or [] for k in ("hook_name", "target_hook"))
+    sites = {h.rpartition(".")[0] for h in hooks_in} | {h.rpartition(".")[0] for h in hooks_out}
+    if not hooks_in or hooks_in[0].rpartition(".")[2] != "0" or \
+            {h.rpartition(".")[0] for h in hooks_out} != {"mlp_out"} or not sites <= set(_CT_HOOKS):
+        raise ConfigError(f"circuit-tracer's CLT covers the model's layers from 0, reading "
+                          f"mlp_in or resid_mid and writing mlp_out; this one maps "
+                          f"{meta.get('hook_name')} to {meta.get('target_hook')}: train over "
+                          "--hook mlp_in.0..B --target mlp_out.0..B")
+    clt = load_sae(src)
+    if clt.arch != "jumprelu-clt":
+        raise ConfigError(f"circuit-tracer runs JumpReLU and ReLU CLTs; a {clt.arch} one (TopK per "
+                          "layer) has no equivalent there: train with --arch jumprelu-clt")
+    L, d, m = clt.n_layers, clt.d_layer, clt.m
+    W_dec, thr = clt.W_dec.detach(), clt.threshold.detach()
+    for i in range(L):
+        rows = slice(i * m, (i + 1) * m)
+        enc = {f"W_enc_{i}": clt.W_enc[i].detach().T, f"b_enc_{i}": clt.b_enc[rows].detach(),
+               f"b_dec_{i}": clt.b_dec[i * d:(i + 1) * d].detach(), f"threshold_{i}": thr[rows]}
+        dec = {f"W_dec_{i}": W_dec[rows, i * d:].reshape(m, L - i, d)}
+        for name, tensors in ((f"W_enc_{i}", enc), (f"W_dec_{i}", dec)):
+            _write(dest / f"{name}.safetensors",
+                   st_save({k: v.cpu().contiguous() for k, v in tensors.items()}))
+    site = hooks_in[0].rpartition(".")[0]
+    config = {"model_kind": "cross_layer_transcoder", "feature_input_hook": _CT_HOOKS[site],
+              "feature_output_hook": _CT_HOOKS["mlp_out"], "model_name": meta.get("model_name"),
+              "scan": meta.get("model_name") or "saectl", "n_layers": L,
+              "saectl_ref": meta.get("saectl_ref")}
+    _write(dest / CT_CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+
+
 def _put_in_place(tmp: Path, out: Path) -> None:
     """Rename `tmp` to `out`; an existing `out` (checked by `_check_out`) is first renamed
     aside and deleted after, so `out` is never a mix of two exports."""
@@ -230,7 +278,8 @@ def export(art: Artifact, out: Path, fmt: str = "saelens", force: bool = False) 
         raise ConfigError(f"--format {fmt!r} is not supported; use --format "
                           f"{' or --format '.join(FORMATS)}")
     out = Path(os.path.abspath(out))  # `a/..` resolved by name, never through a link at `out`
-    adding = fmt == "circuit-tracer" and (out / CT_CONFIG).is_file() and not out.is_symlink()
+    adding = (fmt == "circuit-tracer" and (out / CT_CONFIG).is_file() and not out.is_symlink()
+              and not (out / "W_enc_0.safetensors").exists())  # a CLT export is replaced whole
     _check_out(out, force or adding)
     src = layout.sae_dir(art.path)
     sae = _sparsify_sae(src) if fmt == "sparsify" else None

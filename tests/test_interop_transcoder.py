@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from saectl import arrays, layout, metrics, store
+from saectl.sae import load_sae
 from tests.conftest import corpus_texts
 from tests.helpers import REPO, assert_one_line_error, run_cli
 from tests.test_interop import (
@@ -317,3 +318,80 @@ def test_circuit_tracer_builds_an_attribution_graph(built, tl_gpt2, tmp_path, ca
         check(f"circuit-tracer model layer {layer} latents", acts[1:], theirs[layer, 1:], 1e-4)
     assert got["features"] > 0 and got["adjacency"][0] == got["adjacency"][1] > got["features"]
     assert set(got["layers"]) <= {0, 1, 2}, got
+
+
+CT_CLT = r"""
+import sys, json, numpy as np, torch
+from pathlib import Path
+from transformers import AutoTokenizer, GPT2LMHeadModel
+from circuit_tracer import attribute
+from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+from circuit_tracer.replacement_model.replacement_model_transformerlens import (
+    TransformerLensReplacementModel)
+folder, x, tokens = Path(sys.argv[1]), torch.from_numpy(np.load(sys.argv[2])), \
+    torch.from_numpy(np.load(sys.argv[3])).long()
+clt = load_clt(str(folder), feature_input_hook="mlp.hook_in", feature_output_hook="hook_mlp_out",
+               device=torch.device("cpu"), dtype=torch.float32, lazy_decoder=False)
+with torch.no_grad():
+    np.save(folder.parent / "clt_acts.npy", clt.encode(x).numpy())   # (L, n, m)
+    np.save(folder.parent / "clt_out.npy", clt(x).numpy())            # (L, n, d)
+hf = GPT2LMHeadModel.from_pretrained("gpt2").eval()
+model = TransformerLensReplacementModel.from_pretrained_and_transcoders(
+    "gpt2", clt, hf_model=hf, tokenizer=AutoTokenizer.from_pretrained("gpt2"), device="cpu",
+    dtype=torch.float32)
+graph = attribute(tokens, model, max_n_logits=3, batch_size=32)
+print(json.dumps({"n_layers": clt.n_layers, "features": int(graph.active_features.shape[0]),
+                  "adjacency": list(graph.adjacency_matrix.shape)}))
+"""
+
+
+@needs_ct
+def test_circuit_tracer_loads_an_exported_clt(tl_gpt2, tmp_path, capsys):
+    """A JumpReLU cross-layer transcoder trained by saectl over all three layers of a local
+    tiny GPT-2 loads in circuit-tracer's `load_clt`: same latents and same outputs at every
+    layer, and its replacement model builds an attribution graph. A TopK CLT and SAELens's
+    format are refused in one line."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts(60)))
+    common = ["--store", tmp_path, "--device", "cpu"]
+    h = _cli(capsys, "harvest", "--model", tl_gpt2 / "gpt2", "--dataset", corpus, "--hooks",
+             "mlp_in.0..2,mlp_out.0..2", "--tokens", 1024, "--context-size", 16,
+             "--dtype", "float32", *common)
+    sh = _cli(capsys, "shuffle", h, "--store", tmp_path)
+    train = ["train", sh, "--hook", "mlp_in.0..2", "--target", "mlp_out.0..2", "--width", "96",
+             "--tokens", 2048, "--batch-size", 128, "--no-lm-eval", *common]
+    ref = _cli(capsys, *train, "--arch", "jumprelu-clt", "--l0", "0.01")
+    topk = _cli(capsys, *train, "--arch", "clt", "--k", "4")
+    assert_one_line_error(run_cli(capsys, "export", topk, "--format", "circuit-tracer", "--out",
+                                  tmp_path / "no", "--store", tmp_path), "jumprelu-clt")
+    assert_one_line_error(run_cli(capsys, "export", ref, "--out", tmp_path / "no2", "--store",
+                                  tmp_path), "circuit-tracer")
+    out = tmp_path / "clt"
+    _cli(capsys, "export", ref, "--format", "circuit-tracer", "--out", out, "--store", tmp_path)
+    assert {p.name for p in out.iterdir()} == {"config.yaml"} | {
+        f"W_{k}_{i}.safetensors" for k in ("enc", "dec") for i in range(3)}
+    clt = load_sae(store.sae_dir(store.open_complete(tmp_path, ref)))
+    group = store.open_complete(tmp_path, h).group()
+    xs = np.stack([arrays.read(group[layout.acts(f"mlp_in.{i}")])[:64] for i in range(3)])
+    np.save(tmp_path / "x.npy", xs.astype(np.float32))                  # (L, n, d)
+    tokens = np.asarray(group[layout.TOKENS][:])[0]
+    np.save(tmp_path / "tokens.npy", tokens)
+    shutil.copytree(tl_gpt2 / "gpt2", tmp_path / "ct/gpt2")
+    tok_cfg = tmp_path / "ct/gpt2/tokenizer_config.json"
+    tok_cfg.write_text(json.dumps({**json.loads(tok_cfg.read_text()),
+                                   "tokenizer_class": "PreTrainedTokenizerFast"}))
+    p = subprocess.run([str(CT_PY), "-c", CT_CLT, str(out), str(tmp_path / "x.npy"),
+                        str(tmp_path / "tokens.npy")], check=False, capture_output=True,
+                       text=True, timeout=600, cwd=tmp_path / "ct",
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("{")][-1])
+    x = torch.from_numpy(np.ascontiguousarray(xs.transpose(1, 0, 2).reshape(64, -1)))
+    with torch.no_grad():
+        acts = clt.encode(x)
+        y = clt.decode(acts)
+    theirs_acts, theirs_out = np.load(tmp_path / "clt_acts.npy"), np.load(tmp_path / "clt_out.npy")
+    check("circuit-tracer CLT latents", acts.reshape(64, 3, -1).transpose(0, 1),
+          theirs_acts, 1e-4)
+    check("circuit-tracer CLT outputs", y.reshape(64, 3, -1).transpose(0, 1), theirs_out, 1e-4)
+    assert got["n_layers"] == 3 and got["features"] > 0, got
