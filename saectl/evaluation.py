@@ -26,6 +26,7 @@ from saectl import stage as contract
 from saectl.config import address_params, opt
 from saectl.console import info
 from saectl.errors import ConfigError
+from saectl.layout import layer_range
 from saectl.stage import DeviceOptions, Plan, Stage
 
 NAME = "eval"
@@ -106,7 +107,7 @@ def plan(cfg: EvalConfig) -> Plan:
     if data.stage == "shuffle":
         harvest = store.open_complete(root, data.manifest()["inputs"]["harvest"])
         lineage.check_activations(lin, harvest)
-        if layout.eval_rows(lin.hook) not in data.group() or \
+        if layout.eval_rows((layer_range(lin.hook) or [lin.hook])[0]) not in data.group() or \
                 data.manifest()["summary"]["n_eval"] == 0:
             raise ConfigError(f"{data.ref} has no eval split at {lin.hook}; re-run shuffle "
                               "with --eval-fraction > 0, or pass a harvest")
@@ -147,19 +148,29 @@ def prepare(cfg: EvalConfig, plan: Plan) -> None:
 
 def batches(t: Target):
     """A callable giving a fresh iterator over the evaluated activations (module docstring)."""
-    from saectl.reader import BatchReader  # deferred: imports torch
+    from saectl.reader import BatchReader, split_rows  # deferred: imports torch
 
     hook, target = t.lin.hook, t.lin.target  # a transcoder's batches are (x, y) pairs
     g = t.data.group()
     if t.data.stage == "shuffle":
-        ev = g[layout.eval_rows(hook)]
-        ev_y = g[layout.eval_rows(target)] if target else None
+        ev = split_rows(g, hook, "eval", t.data.ref)
+        ev_y = split_rows(g, target, "eval", t.data.ref) if target else None
         return BatchReader(ev, min(BATCH, int(ev.shape[0])), 0, t.data.ref, ev_y).once
-    arr = g[layout.acts(hook)]
+    arr = _acts(t, hook)
     context = (t.data.manifest()["params"]["context_size"]
                if t.data.stage == "harvest" and not t.keep_bos else None)
     return partial(_rows, arr, t.data.ref, context, t.threshold,
-                   g[layout.acts(target)] if target else None)
+                   _acts(t, target) if target else None)
+
+
+def _acts(t: Target, hook: str):
+    """A harvest's activations at `hook`, or at every layer of a range side by side."""
+    from saectl.reader import Stacked  # deferred: imports torch
+
+    hooks = layer_range(hook)
+    g = t.data.group()
+    return g[layout.acts(hook)] if hooks is None else Stacked(
+        [g[layout.acts(h)] for h in hooks], t.data.ref)
 
 
 def _centred(rows):
@@ -205,11 +216,10 @@ def _passthrough(t: Target, n_seqs: int, C: int) -> np.ndarray | None:
     splice passes through unchanged (as train's own evaluation does)."""
     if t.data.stage == "shuffle":
         seqs = t.data.group()[layout.EVAL_SEQUENCES][:][:n_seqs]
-        return outliers.left_out(t.data, t.lin.hook, seqs, C)
+        return outliers.left_out(t.data, (layer_range(t.lin.hook) or [t.lin.hook])[0], seqs, C)
     if t.threshold is None:
         return None
-    x = arrays.read(t.data.group()[layout.acts(t.lin.hook)], slice(0, n_seqs * C),
-                    artifact=t.data.ref)
+    x = arrays.read(_acts(t, t.lin.hook), slice(0, n_seqs * C), artifact=t.data.ref)
     return (np.linalg.norm(x.astype(np.float64), axis=1) > t.threshold).reshape(n_seqs, C)
 
 
@@ -243,7 +253,7 @@ def build(cfg: EvalConfig, plan: Plan, writer: store.Writing) -> None:
     model = hook = None
     if t.model is not None:
         model = load_lm(t.model, device)
-        hook = hooks.parse_hooks(model, [t.lin.hook])[0]
+        hook = None if layer_range(t.lin.hook) else hooks.parse_hooks(model, [t.lin.hook])[0]
     else:
         info(f"eval: {t.harvest.ref} holds imported activations, so there is no model: no "
              "CE-loss/KL scores and no probing")
@@ -257,7 +267,9 @@ def build(cfg: EvalConfig, plan: Plan, writer: store.Writing) -> None:
         if not scores:
             info(f"eval: {t.lin.target or t.lin.hook} can be read but not spliced, so no "
                  "CE-loss/KL scores")
-    if model is not None and t.probe is not None:
+    if model is not None and t.probe is not None and hook is None:
+        info("eval: probing reads one hook; a cross-layer transcoder is not probed")
+    elif model is not None and t.probe is not None:
         summary["probing"] = _probe(cfg, t, sae, model, hook)
     out = plan.art.group("r+")
     out.create_array(layout.LOG_DENSITY, data=log_density.astype(np.float32), overwrite=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from saectl import store
 from saectl.errors import ArtifactError, ConfigError
+from saectl.layout import layer_range
 
 
 SAE_STAGES = ("train", "import-sae")
@@ -115,17 +116,27 @@ def check_activations(lin: Lineage, harvest: store.Artifact) -> None:
                               f"({_model_name(hm)} vs {_model_name(lin.harvest.manifest())}); "
                               "pass a harvest of the same model, or leave out --harvest")
     hooks = hm["summary"].get("hooks", {})
-    if lin.target is not None and lin.target not in hooks:
+    # a cross-layer transcoder's hook is a layer range: every layer of it must be there
+    ins, outs = layer_range(lin.hook) or [lin.hook], layer_range(lin.target or "") or [lin.target]
+    if lin.target is not None and any(h not in hooks for h in outs):
         raise ConfigError(f"{harvest.ref} has no activations at {lin.target}, the transcoder's "
                           f"target (it has {', '.join(sorted(hooks)) or 'none'}); harvest "
                           f"{lin.hook} and {lin.target} together")
-    if lin.hook not in hooks:
+    if any(h not in hooks for h in ins):
         raise ConfigError(f"{harvest.ref} has no activations at {lin.hook} (it has "
                           f"{', '.join(sorted(hooks)) or 'none'}); the SAE was trained on "
                           f"{lin.hook}: harvest that hook, or leave out --harvest")
-    if int(hooks[lin.hook]["d"]) != lin.d_in:
-        raise ConfigError(f"{harvest.ref} has width {hooks[lin.hook]['d']} at {lin.hook} but the "
+    width = sum(int(hooks[h]["d"]) for h in ins)
+    if width != lin.d_in:
+        raise ConfigError(f"{harvest.ref} has width {width} at {lin.hook} but the "
                           f"SAE takes {lin.d_in}; pass a harvest of the SAE's model")
+
+
+def one_layer(lin: Lineage, stage: str) -> None:
+    """Refuse a cross-layer transcoder in a stage that reads one hook (interpret, steer)."""
+    if layer_range(lin.hook):
+        raise ConfigError(f"{stage} does not take cross-layer transcoders yet ({lin.sae.ref[:18]} "
+                          f"spans {lin.hook}); eval and `export --format circuit-tracer` do")
 
 
 def _model_name(manifest: dict) -> str:

@@ -12,7 +12,10 @@ Three phases, each resumable inside one interpret artifact:
    rate it on held-out contexts, each beside a control (another feature's explanation on the
    same contexts): detection (activating against non-activating contexts) and fuzzing
    (correctly against wrongly marked tokens of activating contexts). Answers are cached in
-   the artifact (`responses.json`), so a re-run asks only what is missing.
+   the store apart from any artifact (`saectl.explanations_cache`, keyed by explainer, prompt
+   and examples), so a re-run asks only what is missing, and another explainer or scorer
+   (another address) takes the scan and windows of an interpret artifact that differs only
+   in those (`EXPLAIN_ONLY`) instead of scanning again.
 
 Then `report/index.html` (`saectl.dashboard`), written even when the explainer fails; the
 artifact is complete only once every chosen feature is explained. Layout: saectl/layout.py.
@@ -30,8 +33,10 @@ from saectl import autointerp, dashboard, examples, faults, layout, store
 from saectl.config import address_params, opt, parse_bytes, parse_image_shape
 from saectl.console import info, progress
 from saectl.errors import ConfigError
-from saectl.explain import ExplainerError, ResponseCache, make_client
-from saectl.lineage import Lineage, check_activations, harvest_model, logit_lens, sae_lineage
+from saectl.explain import ExplainerError, make_client
+from saectl.explanations_cache import StoreCache, copy_members, scan_donor
+from saectl.lineage import (Lineage, check_activations, harvest_model, logit_lens, one_layer,
+                            sae_lineage)
 from saectl.stage import DeviceOptions, Plan, Stage
 
 NAME = "interpret"

@@ -27,7 +27,7 @@ from saectl.config import opt
 from saectl.console import info
 from saectl.data import bos_id
 from saectl.errors import ConfigError
-from saectl.lineage import Lineage, logit_lens, sae_lineage
+from saectl.lineage import Lineage, logit_lens, one_layer, sae_lineage
 from saectl.stage import DeviceOptions, Plan, Stage
 from saectl.steer_inputs import interpret_units, model_spec, read_prompts
 from saectl.steer_report import is_sweep, plot_sweep, show
@@ -215,6 +215,7 @@ def plan(cfg: SteerConfig) -> Plan:
 
     root = store.store_root(cfg.store)
     lin = sae_lineage(root, cfg.sae)
+    one_layer(lin, "steer")
     if lin.target and cfg.mode != "add":
         raise ConfigError(f"--mode {cfg.mode} sets a latent where it is read, and a transcoder "
                           f"reads {lin.hook} but writes {lin.target}: use --mode add (it adds to "

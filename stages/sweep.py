@@ -240,10 +240,10 @@ def _train(cfg: SweepConfig, art: store.Artifact, grid: Grid, missing: list[Poin
 
 def _eval_batches(src: store.Artifact, hook: str, target: str | None = None):
     """The eval split's batches; a transcoder's are (input, target) pairs."""
-    from saectl.reader import BatchReader  # torch
+    from saectl.reader import BatchReader, split_rows  # torch
 
-    ev = src.group()[layout.eval_rows(hook)]
-    ev_y = src.group()[layout.eval_rows(target)] if target else None
+    ev = split_rows(src.group(), hook, "eval", src.ref)
+    ev_y = split_rows(src.group(), target, "eval", src.ref) if target else None
     return BatchReader(ev, min(8192, int(ev.shape[0])), 0, src.ref, ev_y).once
 
 

@@ -157,6 +157,17 @@ def test_clt_trains_evaluates_and_refuses_bad_input(family, tiny_model_dirs, tmp
     d = clt.d_layer
     assert clt.cfg.n_layers == 3 and clt.cfg.d_in == 3 * d and clt.cfg.arch == arch
     assert float((clt.W_dec.detach() * (1 - clt.decoder_mask())).abs().max()) == 0.0
+    # eval measures it as train did on the same split, and on the harvest (every layer read)
+    ev = store.open_complete(tmp_path, _cli(capsys, "eval", ref, "--lm-eval-seqs", "4",
+                                            *common)).manifest()["summary"]
+    assert ev["fvu"] == pytest.approx(s["fvu"], rel=1e-4)
+    assert ev["ce_loss_score"] == pytest.approx(s["ce_loss_score"], rel=1e-4, abs=1e-6)
+    assert "dl" in ev and "naive_bound" in ev  # None where the tolerance is out of reach
+    on_harvest = store.open_complete(tmp_path, _cli(capsys, "eval", ref, "--harvest", h,
+                                                    "--no-lm-eval", *common))
+    assert np.isfinite(on_harvest.manifest()["summary"]["fvu"])
+    assert_one_line_error(run_cli(capsys, "interpret", ref, "--no-explain", *common),
+                          "cross-layer", "export")
     # Bad input: one line each, nothing trained.
     base = ["train", sh, "--store", tmp_path, "--device", "cpu"]
     assert_one_line_error(run_cli(capsys, *base, "--arch", "clt", "--hook", "mlp_in.0..3",
@@ -173,3 +184,4 @@ def test_clt_trains_evaluates_and_refuses_bad_input(family, tiny_model_dirs, tmp
     assert_one_line_error(run_cli(capsys, *base, "--arch", "clt", "--hook", "mlp_in.2..0",
                                   "--target", "mlp_out.2..0"), "backwards")
     tried("train", "bad input", 6)
+    tried("interpret", "bad input", 1)
