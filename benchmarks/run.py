@@ -23,8 +23,8 @@ from rich.table import Table
 
 from benchmarks.common import load_average, machine
 
-SUITES = ["harvest", "codecs", "shuffle", "train", "transcoder", "sweep", "interpret", "scaling",
-          "groundtruth"]
+SUITES = ["harvest", "codecs", "shuffle", "train", "transcoder", "clt", "sweep", "interpret",
+          "scaling", "groundtruth"]
 
 # Issue 8's table of goals: (suite, what, words that the names of the rows answering it hold).
 # After a run, each goal of a suite that ran must have at least one row with a goal and a
@@ -51,6 +51,8 @@ GOALS = [
     # Issue 18: TopK transcoders (with and without the skip connection) against sparsify's.
     ("transcoder", "transcoder train tokens/s >= 1.5x sparsify",
      ("transcoder train tokens/s", "vs sparsify")),
+    ("clt", "CLT step time against width and layers (<= (L+1)/2x L per-layer transcoders)",
+     ("CLT step",)),
 ]
 
 
