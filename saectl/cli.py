@@ -189,6 +189,22 @@ def export(ref: Annotated[str, typer.Argument(help="A train or import-sae artifa
     print(out)
 
 
+@app.command("serve")
+def serve(store_: StoreOpt = None,
+          port: Annotated[int, typer.Option("--port", help="Port to listen on")] = 8765,
+          host: Annotated[str, typer.Option("--host", help="Address to listen on")] = "127.0.0.1",
+          allow_remote: Annotated[bool, typer.Option(
+              "--allow-remote", help="Listen on an address other machines reach (no login: "
+                                     "anyone who reaches it reads the store)")] = False,
+          device: Annotated[str, typer.Option("--device", help="Device for activation testing "
+                                              "and steering")] = "cpu"):
+    """A local Neuronpedia over the store: artifacts and lineage, dashboards, activation
+    testing, live steering, sweep tables (http://127.0.0.1:8765/)."""
+    from saectl.serve import serve as run_server  # starlette, uvicorn: only this command
+
+    run_server(store.store_root(store_), host, port, allow_remote, device)
+
+
 # A full disk, a file-size limit, a quota, a read-only or forbidden store: the user's to fix,
 # and the artifact stays incomplete and resumable.
 _DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}

@@ -16,26 +16,25 @@ Clients share one method, `complete(batch, max_tokens) -> list[str]` (greedy, so
 the same answers): `HFClient` runs a local Hugging Face instruct model, `OpenAIClient` any
 OpenAI-compatible endpoint (vLLM, llama.cpp, `transformers serve`, a hosted API; in
 `saectl/endpoint.py`, with the rules for the user's key).
-`ResponseCache` keeps answers in one JSON file inside the artifact, so a re-run asks nothing.
+`ResponseCache` keeps answers in one JSON file, so a re-run asks nothing; the interpret stage
+keeps them in the store apart from any artifact (`saectl/explanations_cache.py`), so another
+explainer or scorer never re-runs the scan and the same question is never asked twice.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import random
 import re
 import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 from .endpoint import ExplainerError, OpenAIClient, redact  # noqa: F401 (explain.OpenAIClient)
 from .errors import ConfigError
-from .hashing import canonical_json
-from .store import atomic_write
+
+# The answer caches live beside; explain.ResponseCache and explain.cached_complete stay valid.
+from .explanations_cache import ResponseCache, cached_complete
 
 EXPLANATION_MAX_TOKENS = 64
 DETECTION_MAX_TOKENS = 32
@@ -358,47 +357,3 @@ def make_client(explainer: str | None, explainer_model: str | None = None) -> Cl
         raise ConfigError("--explainer-model names the model of an endpoint URL; with a local "
                           f"model give only --explainer {explainer}")
     return HFClient(explainer)
-
-
-class ResponseCache:
-    """Answers keyed by sha256 of (client identity, messages, max_tokens), kept in one JSON
-    file written atomically; `path=None` keeps them in memory only."""
-
-    def __init__(self, path: str | os.PathLike | None):
-        self.path = Path(path) if path is not None else None
-        self.entries: dict[str, str] = {}
-        if self.path is not None and self.path.is_file():
-            try:
-                loaded = json.loads(self.path.read_text())
-                self.entries = {k: v for k, v in loaded.items() if isinstance(v, str)}
-            except (ValueError, AttributeError, UnicodeDecodeError):
-                pass  # a damaged cache costs only the questions asked again
-
-    @staticmethod
-    def key(client: Client, messages: list[dict], max_tokens: int) -> str:
-        doc = {"client": client.identity, "messages": messages, "max_tokens": max_tokens}
-        return hashlib.sha256(canonical_json(doc).encode()).hexdigest()
-
-    def save(self) -> None:
-        if self.path is not None:
-            atomic_write(self.path, json.dumps(self.entries, sort_keys=True, indent=0).encode())
-
-
-def cached_complete(client: Client, cache: ResponseCache | None, batch: list[list[dict]],
-                    max_tokens: int, chunk: int = 64) -> list[str]:
-    """`client.complete` for the prompts `cache` lacks (each distinct prompt once), in chunks
-    saved as they finish, so an interrupted run keeps what it was already told."""
-    if cache is None:
-        return client.complete(batch, max_tokens) if batch else []
-    keys = [cache.key(client, m, max_tokens) for m in batch]
-    first: dict[str, list[dict]] = {}
-    for k, m in zip(keys, batch):
-        if k not in cache.entries:
-            first.setdefault(k, m)
-    missing = list(first)
-    for start in range(0, len(missing), chunk):
-        part = missing[start:start + chunk]
-        answers = client.complete([first[k] for k in part], max_tokens)
-        cache.entries.update(zip(part, answers, strict=True))
-        cache.save()
-    return [cache.entries[k] for k in keys]

@@ -35,8 +35,14 @@ from saectl.console import info, progress
 from saectl.errors import ConfigError
 from saectl.explain import ExplainerError, make_client
 from saectl.explanations_cache import StoreCache, copy_members, scan_donor
-from saectl.lineage import (Lineage, check_activations, harvest_model, logit_lens, one_layer,
-                            sae_lineage)
+from saectl.lineage import (
+    Lineage,
+    check_activations,
+    harvest_model,
+    logit_lens,
+    one_layer,
+    sae_lineage,
+)
 from saectl.stage import DeviceOptions, Plan, Stage
 
 NAME = "interpret"
@@ -45,6 +51,11 @@ FIGURES = ("n_features", "dead_fraction", "n_explained", "mean_score", "mean_con
 DEFAULT_SCORERS = ("detection",)
 LENS_K = 10
 SCANNED, WINDOWED = 1, 2  # progress units
+EXPLAIN_ONLY = ("explain", "explainer", "explain_max", "scorers", "prompt_window")
+"""Address params that change only the explanations: artifacts differing in these alone share
+one scan (`explanations_cache.scan_donor`)."""
+SCAN_MEMBERS = (layout.FEATURES, layout.STATS, layout.TOP, layout.POOL, layout.LENS,
+                layout.WINDOWS)
 
 
 @dataclass(frozen=True)
@@ -71,8 +82,9 @@ class InterpretConfig(DeviceOptions):
     scorers: str = opt("detection", "Scorers of each explanation, comma-separated: detection, "
                                     "fuzzing (each asks one prompt per 5 held-out contexts, and "
                                     "as many for its control)")
-    dashboard_max: int = opt(2000, "Features whose examples the dashboard embeds (a seeded "
-                                   "sample beyond that; every feature's statistics are listed)")
+    dashboard_max: int = opt(2000, "Features whose examples the dashboard shows (a seeded "
+                                   "sample beyond that; 0: every live feature); every feature "
+                                   "is listed with its statistics and logit lens")
     image_shape: str | None = opt(None, "HxW: draw decoder directions as images (default: the "
                                         "import's --image-shape)")
     memory: str = opt("256MiB", "Working memory for SAE activations per block", address=False)
@@ -81,10 +93,11 @@ class InterpretConfig(DeviceOptions):
     def __post_init__(self):
         if not self.sae:
             raise ConfigError("give the SAE to interpret: saectl interpret TRAIN_REF")
-        for name in ("top", "quantiles", "per_quantile", "window", "prompt_window", "detection",
-                     "dashboard_max"):
+        for name in ("top", "quantiles", "per_quantile", "window", "prompt_window", "detection"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.dashboard_max < 0:
+            raise ConfigError("--dashboard-max must be at least 0 (0: every live feature)")
         if self.explain_max < 0:
             raise ConfigError("--explain-max must be at least 0")
         if self.sample is not None and self.sample < 1:
@@ -163,6 +176,7 @@ def plan(cfg: InterpretConfig) -> Plan:
     """Everything `cfg` resolves to, and the artifact it names; writes nothing."""
     root = store.store_root(cfg.store)
     lin = sae_lineage(root, cfg.sae)
+    one_layer(lin, "interpret")
     harvest = lin.harvest_or(store.open_complete(root, cfg.harvest) if cfg.harvest else None)
     check_activations(lin, harvest)
     feats = select_features(cfg, lin.d_sae)
@@ -209,6 +223,14 @@ def build(cfg: InterpretConfig, plan: Plan, writer) -> None:
     src = Source(hg[layout.acts(ctx.lineage.hook)], ctx.harvest.ref, sae, device, ctx.features,
                  ctx.n_seq, ctx.context_size, parse_bytes(cfg.memory))
     done = store.read_progress(art)
+    if not {SCANNED, WINDOWED} <= done:
+        donor = scan_donor(plan, EXPLAIN_ONLY)
+        if donor is not None:
+            copy_members(donor, art, SCAN_MEMBERS)
+            done |= {SCANNED, WINDOWED}
+            store.record_progress(art, "main", done)
+            info(f"interpret: scan and examples reused from digest {donor.digest[:12]}… (an "
+                 "interpret artifact that differs only in its explanations)")
     if SCANNED not in done:
         _scan(cfg, ctx, art, src, skip_bos)
         done.add(SCANNED)
@@ -227,7 +249,8 @@ def build(cfg: InterpretConfig, plan: Plan, writer) -> None:
         chosen = autointerp.choose(stats.fired, windows, cfg.explain_max, cfg.seed)
         explained, error = autointerp.explain_features(
             ctx.client, windows, chosen, strings, prompt_window=cfg.prompt_window,
-            seed=cfg.seed, cache=ResponseCache(art.path / layout.RESPONSES),
+            seed=cfg.seed, cache=StoreCache(art.store, ctx.client.identity,
+                                            legacy=art.path / layout.RESPONSES),
             scorers=cfg.scorer_list())
         store.atomic_write(art.path / layout.EXPLANATIONS, json.dumps(
             {str(int(ctx.features[j])): e for j, e in explained.items()}, indent=1,
@@ -291,7 +314,7 @@ def _windows(cfg: InterpretConfig, ctx: Context, art: store.Artifact, src,
 
     req = examples.choose(load(art.group()), place, ctx.n_seq, quantiles=cfg.quantiles,
                           per_quantile=cfg.per_quantile, detection=cfg.detection, seed=cfg.seed,
-                          dashboard_max=cfg.dashboard_max)
+                          dashboard_max=cfg.dashboard_max or len(ctx.features))
     with progress("interpret examples", len(req), "windows") as bar:
         acts = windows(src.read, src.encode_all, req.seq, req.start, ctx.features[req.slot],
                        place.width, src.seqs_per_block, ctx.n_seq, on_block=bar.advance)

@@ -27,7 +27,15 @@ from pathlib import Path
 
 import pytest
 
-from saectl.dashboard import CHROMIUM_FLAGS, embed_json, find_chromium, screenshot, write_dashboard
+from saectl.dashboard import (
+    CHROMIUM_FLAGS,
+    embed_json,
+    find_chromium,
+    read_dashboard,
+    read_head,
+    screenshot,
+    write_dashboard,
+)
 from saectl.errors import NotFoundError
 
 CHROMIUM = find_chromium()
@@ -97,10 +105,8 @@ def build_dashboard_data(n_features: int = 12, n_top: int = 4, ctx: int = 16, im
 
 
 def read_embedded(path: Path) -> dict:
-    text = path.read_text(encoding="utf-8")
-    m = re.search(r'<script type="application/json" id="data">(.*?)</script>', text, re.DOTALL)
-    assert m, "no data script in the page"
-    return json.loads(m.group(1))
+    """The data model back from a page and the detail files beside it."""
+    return read_dashboard(path)
 
 
 # ---------------------------------------------------------------- unit
@@ -446,7 +452,7 @@ def test_title_holding_the_markers_stays_a_title(tmp_path):
     text = write_dashboard(tmp_path, data).read_text(encoding="utf-8")
     titles = re.findall(r"<title>(.*?)</title>", text, re.DOTALL)
     assert [html.unescape(t) for t in titles] == [EVIL_TITLE]
-    assert text.count('"features":') == 1  # the data went in once, into its script
+    assert text.count('"list":') == 1  # the data went in once, into its script
     assert read_embedded(tmp_path / "index.html")["title"] == EVIL_TITLE
 
 
@@ -476,3 +482,42 @@ def test_title_with_markers_and_malformed_hash_in_chromium(tmp_path, devtools):
     devtools.js("new Promise(r => setTimeout(r, 50))")
     assert devtools.js("document.querySelector('#panel .feature').id") == "feature-2"
     assert devtools.errors() == []
+
+
+# ---------------------------------------------------------------- issue 20: at scale
+
+
+def test_detail_and_token_files_beside_the_page(tmp_path):
+    data = build_dashboard_data(70)
+    page = write_dashboard(tmp_path, data)
+    head = read_head(page)
+    assert head["list"]["index"] == list(range(70)) and "top" not in json.dumps(head["list"])
+    shards = sorted((tmp_path / "features").glob("*.js"))
+    assert [p.name for p in shards] == ["00000.js", "00001.js", "00002.js"]
+    back = read_dashboard(page)["features"]
+    assert [f["index"] for f in back] == list(range(70))
+    assert back[3]["top"][0]["tokens"] == data["features"][3]["top"][0]["tokens"]
+    # rewriting with fewer features leaves no stale file behind
+    write_dashboard(tmp_path, build_dashboard_data(5))
+    assert len(list((tmp_path / "features").glob("*.js"))) == 1
+
+
+@needs_chromium
+def test_token_search_and_a_missing_detail_file_in_chromium(tmp_path, devtools):
+    page = write_dashboard(tmp_path, build_dashboard_data(40))
+    devtools.load(page.as_uri())
+    js = devtools.js
+    js("(() => { const q = document.getElementById('tok'); q.value = 'Moon'; "
+       "q.dispatchEvent(new Event('input')); })()")
+    js("new Promise(r => setTimeout(r, 200))")
+    hits = js("[...document.querySelectorAll('#token-results a.hit')].map(a => +a.dataset.f)")
+    assert hits and all(i % 7 == 1 for i in hits[:5])  # the Moon topic's features fire on it
+    js("document.querySelector('#token-results a.hit').click()")
+    js("new Promise(r => setTimeout(r, 200))")
+    assert js("document.querySelector('#panel .feature').id") == f"feature-{hits[0]}"
+    (tmp_path / "features" / "00001.js").unlink()
+    js("location.hash = 'f=39'")
+    js("new Promise(r => setTimeout(r, 200))")
+    assert "is missing beside the page" in js("document.getElementById('panel').textContent")
+    # the one error is Chromium's own line for the missing file; the page threw nothing
+    assert [e for e in devtools.errors() if "ERR_FILE_NOT_FOUND" not in e] == []
