@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from saectl import arrays, checkpoints, faults, layout, outliers, store
+from saectl import arrays, checkpoints, distributed, faults, layout, outliers, store
 from saectl.console import info, progress
 from saectl.errors import ConfigError
 from saectl.layout import layer_range
@@ -119,13 +119,20 @@ def fit(src, manifest, harvest, points: list[Point], lm: dict) -> None:
     for group in groups.values():
         _train_group(src, group)
         for p in group:
-            _finish(src, manifest, harvest, p, lm.get(p.art.ref))
+            if distributed.rank() == 0:  # the other ranks of a data-parallel run only train
+                _finish(src, manifest, harvest, p, lm.get(p.art.ref))
 
 
 def device_for(cfg):
+    """The device of `cfg.device`; under torchrun on CUDA, this rank's own GPU (LOCAL_RANK)."""
+    import os
+
     from saectl.models import resolve_device  # deferred: imports torch
 
-    return resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
+    if distributed.active() and str(device) == "cuda":
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return device
 
 
 def _train_group(src, group: list[Point]) -> None:
@@ -138,7 +145,8 @@ def _train_group(src, group: list[Point]) -> None:
     first = group[0]
     data = split_rows(src.group(), first.hook, "train", src.ref)
     target = split_rows(src.group(), first.target, "train", src.ref) if first.target else None
-    reader = BatchReader(data, first.cfg.batch_size, first.cfg.seed, src.ref, target)
+    reader = BatchReader(data, first.cfg.batch_size, first.cfg.seed, src.ref, target,
+                         part=distributed.world())
     rows = slice(0, min(reader.n, 16384))
     sample = torch.from_numpy(arrays.read(data, rows, artifact=src.ref))
     target_sample = (torch.from_numpy(arrays.read(target, rows, artifact=src.ref))
@@ -153,6 +161,11 @@ def _train_group(src, group: list[Point]) -> None:
             p.trainer.load_state_dict(state["trainer"])
             p.log, p.window, p.start = state["log"], state["window"], state["trainer"]["step"]
             info(f"train: {p.art.ref[:18]} resuming at step {p.start:,} of {p.steps:,}")
+        if len(set(distributed.gather(p.start))) > 1:
+            raise ConfigError(f"the ranks found different checkpoints of {p.art.ref[:18]} "
+                              f"(steps {distributed.gather(p.start)}); put the store where "
+                              "every rank sees the same files")
+        distributed.broadcast_module(p.trainer.sae)  # identical weights on every rank
         p.last_save = time.monotonic()
     del sample, target_sample
     start, stop = min(p.start for p in group), max(p.steps for p in group)
@@ -179,7 +192,7 @@ def _step(p: Point, step: int, batch) -> None:
         p.window = {}
     due = time.monotonic() - p.last_save > p.cfg.checkpoint_minutes * 60 or (
         p.cfg.checkpoint_steps and (step + 1) % p.cfg.checkpoint_steps == 0)
-    if due and step + 1 < p.steps:
+    if due and step + 1 < p.steps and distributed.rank() == 0:  # one rank writes
         _save_checkpoint(p)
         p.last_save = time.monotonic()
 

@@ -54,9 +54,18 @@ def split_rows(group, hook: str, split: str = "train", artifact: str = ""):
 
 
 class BatchReader:
-    def __init__(self, arr, batch_size: int, seed: int = 0, artifact: str = "", target=None):
+    """`part=(rank, world)`: each batch is this rank's slice of the global batch, rows
+    [rank·B/world, (rank+1)·B/world) of it (data-parallel training; saectl.distributed)."""
+
+    def __init__(self, arr, batch_size: int, seed: int = 0, artifact: str = "", target=None,
+                 part: tuple[int, int] = (0, 1)):
         self.arr, self.B, self.seed, self.artifact = arr, batch_size, seed, artifact
-        self.target = target
+        self.target, self.part = target, part
+        if batch_size % part[1]:
+            from saectl.errors import ConfigError
+
+            raise ConfigError(f"--batch-size {batch_size} does not split over {part[1]} ranks; "
+                              f"give a multiple of {part[1]}")
         if target is not None and int(target.shape[0]) != int(arr.shape[0]):
             raise ArtifactError(f"{artifact}: a transcoder's input and target hold "
                                 f"{arr.shape[0]} and {target.shape[0]} rows, not the same "
@@ -98,9 +107,24 @@ class BatchReader:
             left -= take
         return out
 
+    def _local(self, segments: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """This rank's rows of the global batch's segments."""
+        rank, world = self.part
+        if world == 1:
+            return segments
+        lo, hi = rank * self.B // world, (rank + 1) * self.B // world
+        out, pos = [], 0
+        for a, b in segments:
+            s0, s1 = max(a, a + lo - pos), min(b, a + hi - pos)
+            if s0 < s1:
+                out.append((s0, s1))
+            pos += b - a
+        return out
+
     def batch(self, step: int):
-        """The rows of batch `step`: a tensor, or the pair (x, y) with a target array."""
-        segments = self._segments(step)
+        """The rows of batch `step` (this rank's part of them): a tensor, or the pair (x, y)
+        with a target array."""
+        segments = self._local(self._segments(step))
         x = self._read(self.arr, segments)
         return x if self.target is None else (x, self._read(self.target, segments))
 

@@ -24,9 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from saectl import store
+from saectl import distributed, store
 from saectl.config import opt
 from saectl.console import info
+from saectl.errors import ConfigError, SaectlError
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,10 @@ class Stage:
     """(cfg, plan) → None, on a cache miss before the lock: work that writes nothing to the store
     and may fill `plan.context` for build, so a failure there leaves no incomplete artifact
     (steer generates here; its inf/NaN errors must not leave one)."""
+    follow: Callable[[Any, Plan], None] | None = None
+    """(cfg, plan) → None: what a rank other than 0 of a torchrun group does while rank 0
+    builds (train: the same steps on its slice of each batch; it writes nothing). Stages
+    without it refuse to run under torchrun."""
     as_json: Callable[[store.Artifact], str] | None = None
     """What `saectl STAGE --json` (a config field `as_json`) prints instead of the report and
     the ref (steer's summary)."""
@@ -111,19 +116,52 @@ class Stage:
 
 
 def run(stage: Stage, cfg) -> store.Artifact:
-    """The lifecycle, the same for every stage: cache hit, lock, re-check, build."""
-    plan = stage.plan(cfg)
+    """The lifecycle, the same for every stage: cache hit, lock, re-check, build. Under
+    torchrun only rank 0 goes through it; the other ranks plan the same artifact and follow
+    (`Stage.follow`) if rank 0 says it builds (saectl.distributed)."""
+    plan = _plan(stage, cfg)
     art = plan.art
-    if art.is_complete():
-        info(f"{stage.name}: cache hit {art.ref}")
+    if distributed.rank() > 0:
+        if distributed.broadcast_flag(False):
+            stage.follow(cfg, plan)  # type: ignore[misc]
         return art
-    if stage.prepare is not None:
-        stage.prepare(cfg, plan)
-    with store.writing(art, plan.params, plan.inputs, shard=plan.shard,
-                       wait=not cfg.no_wait, origin=plan.origin) as writer:
-        if art.is_complete():  # another process finished it while we waited for the lock
-            info(f"{stage.name}: cache hit {art.ref} (written by another process)")
+    building = False
+    try:
+        if art.is_complete():
+            info(f"{stage.name}: cache hit {art.ref}")
             return art
-        stage.build(cfg, plan, writer)
+        if stage.prepare is not None:
+            stage.prepare(cfg, plan)
+        with store.writing(art, plan.params, plan.inputs, shard=plan.shard,
+                           wait=not cfg.no_wait, origin=plan.origin) as writer:
+            if art.is_complete():  # another process finished it while we waited for the lock
+                info(f"{stage.name}: cache hit {art.ref} (written by another process)")
+                return art
+            building = distributed.broadcast_flag(True)
+            stage.build(cfg, plan, writer)
+    finally:
+        if not building:  # the other ranks are told there is nothing to follow
+            distributed.broadcast_flag(False)
     return art
+
+
+def _plan(stage: Stage, cfg) -> Plan:
+    """The plan; under torchrun every rank plans, and an error on any rank (a store one node
+    cannot see) stops all of them with one line."""
+    if not distributed.active():
+        return stage.plan(cfg)
+    if stage.follow is None:
+        raise ConfigError(f"saectl {stage.name} does not run under torchrun; only train does")
+    distributed.init(getattr(cfg, "device", "cpu"))
+    plan, error = None, None
+    try:
+        plan = stage.plan(cfg)
+    except SaectlError as e:
+        error = str(e)
+    distributed.agree(error)
+    refs = distributed.gather(plan.art.ref)  # type: ignore[union-attr]
+    if len(set(refs)) > 1:
+        raise ConfigError(f"the ranks planned different artifacts ({', '.join(r[:18] for r in refs)}); "
+                          "give every rank the same command and store")
+    return plan  # type: ignore[return-value]
 

@@ -74,6 +74,9 @@ class TrainStageConfig(DeviceOptions):
     log_every: int = opt(25, "Steps per training-log window")
     checkpoint_minutes: float = opt(5.0, "Minutes between checkpoints", address=False)
     checkpoint_steps: int = opt(0, "Also checkpoint every N steps (0: off)", address=False)
+    nproc: int = opt(1, "Data-parallel ranks on this machine: runs this command under "
+                        "torchrun --nproc-per-node N (README, Training on several GPUs)",
+                     address=False)
     model: str | None = opt(None, "Where to load the model for --lm-eval if it moved "
                                   "(checked against the harvest's content hash)", address=False)
 
@@ -84,7 +87,7 @@ class TrainStageConfig(DeviceOptions):
 
         if self.arch not in arch_names():
             raise ConfigError(f"unknown --arch {self.arch!r}; choose one of {', '.join(arch_names())}")
-        for name in ("batch_size", "k", "lm_eval_seqs", "log_every"):
+        for name in ("batch_size", "k", "lm_eval_seqs", "log_every", "nproc"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.tokens is not None and self.tokens < 1:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saectl import distributed
 from saectl.errors import ConfigError, SaectlError
 from saectl.sae import ARCHS, SAE, SAEConfig
 
@@ -251,6 +252,7 @@ A transcoder is given a sample of its targets too (`target_sample`) and pairs of
         for p, alias in self._aliases:
             p.grad = alias.grad = None
         loss.backward()
+        distributed.average_gradients(sae.parameters())  # data-parallel: the global batch's
         if sae.unit_norm_decoder:
             remove_parallel_gradient(sae.W_dec)
         for p, alias in self._aliases:
@@ -262,17 +264,44 @@ A transcoder is given a sample of its targets too (`target_sample`) and pairs of
         if sae.unit_norm_decoder:
             normalize_rows(sae.W_dec)
         with torch.no_grad():
+            goal = x if y is None else y
+            if distributed.active():
+                return self._global_logs(out, goal, lr, sparsity_scale)
             n = x.shape[0]
             self.tokens_since_fired += n
             self.tokens_since_fired[out.fired] = 0
             self.tokens_seen += n
             self.step_count += 1
-            goal = x if y is None else y
             total_variance = (goal - goal.mean(0)).square().sum()
             fvu = (out.losses["mse"].detach() * n / total_variance).item()
         logs = {name: value.item() for name, value in out.losses.items()}
         logs.update(step=float(self.step_count), lr=lr, sparsity_scale=sparsity_scale,
                     l0=out.l0.item(), fvu=fvu,
+                    dead_fraction=self.dead_mask().float().mean().item())
+        return logs
+
+    def _global_logs(self, out, goal: Tensor, lr: float, sparsity_scale: float) -> dict:
+        """Data-parallel bookkeeping over the global batch: a latent fired if it fired on any
+        rank; the loss terms and l0 are means over the ranks' equal slices; FVU is the global
+        error over the global variance."""
+        n_world = distributed.world()[1]
+        fired = distributed.all_reduce(out.fired.to(torch.uint8), "max").bool()
+        n = goal.shape[0] * n_world
+        self.tokens_since_fired += n
+        self.tokens_since_fired[fired] = 0
+        self.tokens_seen += n
+        self.step_count += 1
+        names = list(out.losses)
+        g = goal.double()
+        stats = torch.cat([torch.stack([out.losses[k].detach().double() for k in names]
+                                       + [out.l0.double(), g.square().sum()]), g.sum(0)])
+        stats = distributed.all_reduce(stats, "sum")
+        means = stats[: len(names) + 1] / n_world
+        err = float(means[names.index("mse")]) * n
+        total_variance = float(stats[len(names) + 1]) - float(stats[len(names) + 2:].square().sum()) / n
+        logs = {k: float(v) for k, v in zip(names, means[: len(names)])}
+        logs.update(step=float(self.step_count), lr=lr, sparsity_scale=sparsity_scale,
+                    l0=float(means[len(names)]), fvu=err / total_variance,
                     dead_fraction=self.dead_mask().float().mean().item())
         return logs
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from saectl import fitting, store
+from saectl import distributed, fitting, store
+from saectl.errors import ConfigError
 from saectl.fitting import TrainStageConfig
 from saectl.stage import Plan, Stage
 
@@ -30,9 +31,15 @@ class Opened:
 
 
 def plan(cfg: TrainStageConfig) -> Plan:
+    n_ranks = distributed.world()[1] if distributed.active() else cfg.nproc
+    if cfg.batch_size % n_ranks:
+        raise ConfigError(f"--batch-size {cfg.batch_size} does not split over {n_ranks} ranks; "
+                          f"give a multiple of {n_ranks} (the global batch is split evenly)")
     root = store.store_root(cfg.store)
     src, manifest, harvest = fitting.open_shuffle(root, cfg.shuffle)
     point = fitting.plan(root, src, manifest, cfg)
+    if cfg.nproc > 1 and not distributed.active() and not point.art.is_complete():
+        launch(cfg.nproc)  # `--nproc N`: this same command under torchrun, then exit
     return Plan(point.art, point.params, {"shuffle": src},
                 context=Opened(src, manifest, harvest, point))
 
@@ -49,6 +56,32 @@ def build(cfg: TrainStageConfig, plan: Plan, writer: store.Writing) -> None:
     fitting.fit(o.src, o.manifest, o.harvest, [o.point], o.lm or {})
 
 
+def follow(cfg: TrainStageConfig, plan: Plan) -> None:
+    """A rank other than 0 of a data-parallel run: the same steps on its slice of each batch;
+    rank 0 checkpoints, evaluates and writes (saectl.distributed)."""
+    o: Opened = plan.context
+    fitting.fit(o.src, o.manifest, o.harvest, [o.point], {})
+
+
+def launch(nproc: int) -> None:
+    """Run this very command under `torchrun --standalone --nproc-per-node N` (one machine)
+    and exit with its status; `--nproc` itself is left out, so it runs once per rank."""
+    import subprocess
+    import sys
+
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "saectl", *args]
+    raise SystemExit(subprocess.call(cmd))
+
+
 STAGE = Stage(NAME, TrainStageConfig,
               "Train an SAE on a shuffle's train split and evaluate it on the eval split.",
-              plan, build, ("shuffle",), FIGURES, prepare=prepare)
+              plan, build, ("shuffle",), FIGURES, prepare=prepare, follow=follow)

@@ -185,3 +185,38 @@ def test_clt_trains_evaluates_and_refuses_bad_input(family, tiny_model_dirs, tmp
                                   "--target", "mlp_out.2..0"), "backwards")
     tried("train", "bad input", 6)
     tried("interpret", "bad input", 1)
+
+
+def test_topk_clt_sparse_backward_equals_dense_autograd():
+    """The TopK CLT's gradient flows only through the chosen latents (`_Selected`); it equals
+    plain autograd through the dense pre-activations, AuxK included."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    n_layers, d, m, k, n = 3, 8, 12, 3, 20
+    clt = ARCHS["clt"](SAEConfig(arch="clt", d_in=n_layers * d, d_sae=n_layers * m, k=k,
+                                 n_layers=n_layers, transcoder=True)).double()
+    with torch.no_grad():
+        clt.b_enc.normal_()
+        clt.b_dec.normal_()
+    x, y = torch.randn(n, n_layers * d).double(), torch.randn(n, n_layers * d).double()
+    dead = torch.zeros(n_layers * m, dtype=torch.bool)
+    dead[::3] = True
+    clt(x, target=y, dead_mask=dead, auxk_coefficient=0.5).losses["loss"].backward()
+    fast = {name: p.grad.clone() for name, p in clt.named_parameters()}
+    for p in clt.parameters():
+        p.grad = None
+    pre = clt.layer_pre_acts(x).transpose(0, 1).reshape(n, -1)
+    idx = (pre.detach().view(n, n_layers, m).topk(k, dim=-1).indices.reshape(n, -1)
+           + torch.arange(n_layers).repeat_interleave(k) * m)
+    y_hat = F.embedding_bag(idx, clt.W_dec, per_sample_weights=pre.gather(1, idx).relu(),
+                            mode="sum") + clt.b_dec
+    k_aux = min(n_layers * d // 2, int(dead.sum()))
+    aux_idx = pre.detach().masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1).indices
+    e_hat = F.embedding_bag(aux_idx, clt.W_dec, per_sample_weights=pre.gather(1, aux_idx).relu(),
+                            mode="sum")
+    scale = min(int(dead.sum()) / (n_layers * d // 2), 1.0)
+    aux = 0.5 * scale * (e_hat - (y - y_hat).detach()).pow(2).sum(-1).mean()
+    ((y_hat - y).pow(2).sum(-1).mean() + aux).backward()
+    for name, p in clt.named_parameters():
+        torch.testing.assert_close(fast[name], p.grad, atol=1e-10, rtol=1e-10, msg=name)

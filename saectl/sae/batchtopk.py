@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from saectl import distributed
 from saectl.sae.base import SAE, ForwardOutput, SAEConfig, register
 
 
@@ -28,8 +29,15 @@ class BatchTopKSAE(SAE):
         self.register_buffer("threshold", torch.zeros(cfg.d_sae, dtype=self.dtype))
 
     def batch_topk(self, pre: Tensor) -> Tensor:
-        """Keep the k·n largest ReLU'd entries of pre (n, d_sae), zero the rest."""
+        """Keep the k·n largest ReLU'd entries of pre (n, d_sae), zero the rest. Under
+        data-parallel training the batch is the global one: the k·B largest over every rank's
+        rows (saectl.distributed), kept where they fall."""
         flat = pre.relu().flatten()
+        if distributed.active():
+            n_global = pre.shape[0] * distributed.world()[1]
+            local = flat.topk(min(self.cfg.k * n_global, flat.numel()), sorted=False).values
+            t = distributed.kth_largest(local, self.cfg.k * n_global)
+            return flat.mul((flat >= t) & (flat > 0)).view_as(pre)
         vals, idx = flat.topk(min(self.cfg.k * pre.shape[0], flat.numel()), sorted=False)
         return torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre)
 
@@ -44,9 +52,11 @@ class BatchTopKSAE(SAE):
     def update_threshold(self, acts: Tensor) -> None:
         """Running average of the smallest positive activation (set outright the first time)."""
         positive = acts[acts > 0]
-        if positive.numel() == 0:
+        smallest = positive.min().double() if positive.numel() else acts.new_tensor(
+            float("inf"), dtype=torch.float64)
+        smallest = distributed.all_reduce(smallest, "min")  # over the global batch
+        if not torch.isfinite(smallest):
             return
-        smallest = positive.min().double()
         old = self.threshold[0].double()
         lr = self.cfg.batchtopk_threshold_lr
         self.threshold.fill_(smallest if old == 0 else (1 - lr) * old + lr * smallest)

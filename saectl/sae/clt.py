@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from saectl.errors import ConfigError
+from saectl.sae import kernels
 from saectl.sae.base import DTYPES, SAE, ForwardOutput, SAEConfig, register
 from saectl.sae.jumprelu import _JumpReLU, _Step
 
@@ -101,7 +102,8 @@ class CrossLayerTranscoder(SAE):
 
     def layer_pre_acts(self, x: Tensor) -> Tensor:
         """(L, n, m) pre-activations of x (n, L·d), each layer's encoder on its own input."""
-        x = x.to(self.dtype).reshape(-1, self.n_layers, self.d_layer).transpose(0, 1)
+        # contiguous (L, n, d): baddbmm on a transposed view runs many times slower on CPU
+        x = x.to(self.dtype).reshape(-1, self.n_layers, self.d_layer).transpose(0, 1).contiguous()
         return torch.baddbmm(self.b_enc.view(self.n_layers, 1, self.m), x, self.W_enc)
 
     def pre_acts(self, x: Tensor) -> Tensor:
@@ -146,6 +148,58 @@ class CrossLayerTranscoder(SAE):
         self.b_dec.div_(torch.as_tensor(s_out, dtype=self.dtype))
 
 
+class _Selected(torch.autograd.Function):
+    """The pre-activations of the selected latents only, with a sparse backward (as the TopK
+    kernels' in kernels.py): `vals` (n, s) were computed without gradient at the global latent
+    indices `idx` (n, s); the gradient reaches W_enc (L, d, m) and b_enc only at those latents,
+    never through a dense (L, n, m) matmul. `x_stack` (L·n, d): layer l's inputs in rows l·n..."""
+
+    @staticmethod
+    def forward(ctx, vals, W_enc, b_enc, x_stack, idx):  # type: ignore[override]
+        ctx.save_for_backward(x_stack, idx)
+        ctx.shape = W_enc.shape
+        return vals.clone()
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x_stack, idx = ctx.saved_tensors
+        L, d, m = ctx.shape
+        n = idx.shape[0]
+        latents = idx.reshape(-1)
+        tokens = torch.arange(n, device=idx.device).repeat_interleave(idx.shape[1])
+        rows = (latents // m) * n + tokens                       # the latent's layer's input
+        weights = g.reshape(-1)
+        order = torch.argsort(latents, stable=True)
+        counts = torch.bincount(latents, minlength=L * m)
+        grad_t = F.embedding_bag(rows[order], x_stack, counts.cumsum(0) - counts,
+                                 per_sample_weights=weights[order], mode="sum")   # (L·m, d)
+        grad_b = torch.zeros(L * m, dtype=g.dtype, device=g.device).index_add_(0, latents, weights)
+        return None, grad_t.view(L, m, d).transpose(1, 2), grad_b, None, None
+
+
+class _Decode(torch.autograd.Function):
+    """Σ_j vals[t, j] · W_dec[idx[t, j]] (n, L·d), with the TopK kernels' backward: a sampled
+    matmul for the values' gradient and one sort by latent for W_dec's (kernels.py)."""
+
+    @staticmethod
+    def forward(ctx, idx, vals, W_dec):  # type: ignore[override]
+        ctx.save_for_backward(idx, vals, W_dec)
+        return F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        idx, vals, W_dec = ctx.saved_tensors
+        g = g.contiguous()
+        g_vals = kernels._sddmm(idx, g, W_dec.t())
+        latents = idx.reshape(-1)
+        tokens = torch.arange(idx.shape[0], device=idx.device).repeat_interleave(idx.shape[1])
+        order = torch.argsort(latents, stable=True)
+        counts = torch.bincount(latents, minlength=W_dec.shape[0])
+        grad_W_dec = F.embedding_bag(tokens[order], g, counts.cumsum(0) - counts,
+                                     per_sample_weights=vals.reshape(-1)[order], mode="sum")
+        return None, g_vals, grad_W_dec
+
+
 @register("clt")
 class TopKCLT(CrossLayerTranscoder):
     """TopK CLT: the k largest pre-activations of each layer's latents, ReLU'd; AuxK."""
@@ -160,22 +214,45 @@ class TopKCLT(CrossLayerTranscoder):
     def forward(self, x: Tensor, *, target: Tensor | None = None,
                 dead_mask: Tensor | None = None, auxk_coefficient: float = 0.0,
                 sparsity_scale: float = 1.0) -> ForwardOutput:
+        """The top k of each layer chosen on pre-activations computed without gradient; the
+        gradient then flows only through the chosen latents (`_Selected`), as in the TopK
+        kernels, and the decoder reads only them (embedding_bag)."""
         x = x.to(self.dtype)
         y = self.target_of(x, target)
-        pre = self.layer_pre_acts(x)                                   # (L, n, m)
-        vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
-        vals = vals.relu()
-        offset = (torch.arange(self.n_layers, device=x.device) * self.m).view(-1, 1, 1)
-        n = x.shape[0]
-        idx = (idx + offset).transpose(0, 1).reshape(n, -1)             # (n, L·k), global
-        vals = vals.transpose(0, 1).reshape(n, -1)
-        y_hat = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum") + self.b_dec
-        flat_pre = pre.transpose(0, 1).reshape(n, -1)
-        terms = self._auxk_loss(y, y_hat, flat_pre, dead_mask, auxk_coefficient)
+        n, L, m = x.shape[0], self.n_layers, self.m
+        x_stack = x.reshape(n, L, self.d_layer).transpose(0, 1).reshape(L * n, self.d_layer)
+        k = self.cfg.k
+        with torch.no_grad():
+            pre = self.layer_pre_acts(x)                                      # (L, n, m)
+            local = kernels.block_topk_indices(pre.view(L * n, m), k).view(L, n, k)
+            picked = pre.gather(2, local).transpose(0, 1).reshape(n, L * k)
+            offset = torch.arange(L, device=x.device).repeat_interleave(k) * m
+            idx = local.transpose(0, 1).reshape(n, L * k) + offset            # (n, L·k), global
+        vals = _Selected.apply(picked, self.W_enc, self.b_enc, x_stack, idx).relu()
+        y_hat = _Decode.apply(idx, vals, self.W_dec) + self.b_dec
+        terms = {}
+        if dead_mask is not None and auxk_coefficient > 0 and bool(dead_mask.any()):
+            flat = pre.transpose(0, 1).reshape(n, L * m)
+            terms["auxk_loss"] = self._auxk(flat, dead_mask, x_stack, y - y_hat.detach(),
+                                            auxk_coefficient)
         rows = torch.arange(n, device=x.device).repeat_interleave(idx.shape[1])
-        acts = torch.sparse_coo_tensor(torch.stack([rows, idx.reshape(-1)]), vals.reshape(-1),
-                                       (n, self.d_sae), check_invariants=False)
+        acts = torch.sparse_coo_tensor(torch.stack([rows, idx.reshape(-1)]),
+                                       vals.detach().reshape(-1), (n, self.d_sae),
+                                       check_invariants=False)
         return self._finish(y, y_hat, acts, terms)
+
+    def _auxk(self, pre: Tensor, dead: Tensor, x_stack: Tensor, residual: Tensor,
+              coefficient: float) -> Tensor:
+        """AuxK (base.py's `_auxk_loss`): the top k_aux dead latents reconstruct the residual,
+        with the gradient through the chosen latents only."""
+        num_dead = int(dead.sum())
+        k_aux = min(self.d_in // 2, num_dead)
+        with torch.no_grad():
+            idx = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False).indices
+        vals = _Selected.apply(pre.gather(1, idx), self.W_enc, self.b_enc, x_stack, idx).relu()
+        e_hat = _Decode.apply(idx, vals, self.W_dec)
+        scale = min(num_dead / (self.d_in // 2), 1.0)
+        return coefficient * scale * (e_hat - residual).pow(2).sum(-1).mean()
 
 
 @register("jumprelu-clt")
