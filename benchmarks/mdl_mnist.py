@@ -35,7 +35,6 @@ PIPELINE = REPO / "pipelines" / "mdl-mnist.yaml"
 FILES = {"train": "train-images.idx3-ubyte.gz", "test": "t10k-images.idx3-ubyte.gz",
          "train_labels": "train-labels.idx1-ubyte.gz"}
 TEMPLATE_IMAGES = 10_000  # training images a direction is compared with (and the class means)
-TOLERANCES = (0.1, 0.15, 0.2, 0.3)
 TILES = 32  # most-used live latents drawn per SAE
 # A direction's kind, from the figures (README, "MDL on MNIST", where they are calibrated on
 # digits, class means, drawn segments and blobs).
