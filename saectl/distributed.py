@@ -59,6 +59,7 @@ def init(device: str = "cpu") -> None:
     os.environ.setdefault("RANK", str(r))
     os.environ.setdefault("WORLD_SIZE", str(n))
     os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
     import torch
 
     cuda = str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available())

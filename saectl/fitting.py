@@ -168,6 +168,10 @@ def _train_group(src, group: list[Point]) -> None:
         distributed.broadcast_module(p.trainer.sae)  # identical weights on every rank
         p.last_save = time.monotonic()
     del sample, target_sample
+    if distributed.active():
+        n = distributed.world()[1]
+        info(f"train: data-parallel over {n} ranks, {reader.B // n:,} of each {reader.B:,}-token "
+             "batch per rank")
     start, stop = min(p.start for p in group), max(p.steps for p in group)
     if stop * reader.B > reader.n:
         info(f"train: {stop * reader.B:,} tokens over a split of {reader.n:,}: "

@@ -111,3 +111,35 @@ def test_nproc_launches_torchrun_and_refuses_an_uneven_batch(shuffled, capsys):
                           "2 ranks")
     assert [p.name for p in (s / "train").iterdir()] == [ref.split("/")[1]]  # nothing written
     tried("train", "bad input", 1)
+
+
+def test_the_sbatch_script_trains_with_two_tasks(shuffled, slurm_cluster, tmp_path):  # noqa: F811
+    """pipelines/slurm/train-ddp.sbatch on the local cluster: srun's 2 tasks train one SAE
+    data-parallel; it equals the 1-process run."""
+    import time
+    from pathlib import Path
+
+    root, base, sh = shuffled
+    s, one = _copy(root, base, "slurm"), _copy(root, base, "slurm-one")
+    args = ["--arch", "topk", *TRAIN]
+    ref = _run(["train", sh, *args, "--store", one]).stdout.strip()
+    log = tmp_path / "ddp.log"
+    env = {**slurm_cluster.env, "SAECTL_STORE": str(s), "SHUFFLE": sh,
+           "SAECTL_ARGS": " ".join(args), "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    sub = subprocess.run(["sbatch", "--cpus-per-task=1", "--mem=1G", f"--output={log}",
+                          str(REPO / "pipelines" / "slurm" / "train-ddp.sbatch")], env=env,
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert sub.returncode == 0, sub.stderr
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if not slurm_cluster.run("squeue", "-h", check=False).stdout.strip():
+            break
+        time.sleep(2)
+    out = log.read_text() if log.exists() else ""
+    assert store.open_complete(s, ref).is_complete(), out + slurm_cluster.logs()
+    assert out.splitlines().count(ref) == 1, out  # rank 0 alone prints the ref
+    assert out.count("train: wrote") == 1 and "data-parallel over 2 ranks" in out, out
+    a, b = _weights(one, ref), _weights(s, ref)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=0, msg=name)
