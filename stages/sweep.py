@@ -67,6 +67,9 @@ class SweepConfig(DeviceOptions):
                             "table and report/probe_k.png); the grid's `eval:` sets its flags")
     executor: str = opt("local", "local, processes or slurm", address=False)
     jobs: int = opt(2, "Concurrent processes (--executor processes)", address=False)
+    threads: int | None = opt(None, "Threads per process (--executor processes; default: the "
+                                    "cores, or SLURM's --cpus-per-task, divided among --jobs)",
+                              address=False)
     no_wait: bool = opt(False, "slurm: submit and exit, run again to collect; any executor: "
                                "exit at once if another process is writing this sweep",
                         address=False)
@@ -87,6 +90,8 @@ class SweepConfig(DeviceOptions):
             raise ConfigError(f"--tolerance must be in (0, 1), got {self.tolerance}")
         if self.jobs < 1:
             raise ConfigError("--jobs must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError("--threads must be at least 1")
 
 
 @dataclass
@@ -222,7 +227,8 @@ def _train(cfg: SweepConfig, art: store.Artifact, grid: Grid, missing: list[Poin
         tasks.append(executors.Task(p.art.digest[:12],
                                     ["train", grid.src.ref, "--config", str(cfg_file)], p.art))
     if cfg.executor == "processes":
-        out = executors.run_processes(tasks, cfg.jobs, work / executors.LOG_DIR)
+        out = executors.run_processes(tasks, cfg.jobs, work / executors.LOG_DIR,
+                                      threads=cfg.threads)
     else:
         job, submitted = executors.submit_or_follow(tasks, grid.slurm, work)
         info(f"sweep: submitted {len(tasks)} array tasks as SLURM job {job}" if submitted

@@ -117,6 +117,36 @@ def test_pending_lists_only_incomplete_tasks(tasks, tmp_path):
     assert pending(todo) == [todo[0], todo[2]]
 
 
+def test_run_processes_divides_the_cores_among_the_jobs(tasks, tmp_path, monkeypatch):
+    """Each process gets cores // jobs threads (OMP_NUM_THREADS, which torch reads at start),
+    SLURM's --cpus-per-task standing for the cores inside a SLURM task; --threads overrides."""
+    import sys
+
+    from saectl.executors import cores
+
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f'#!/bin/sh\necho "threads=$OMP_NUM_THREADS"\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    todo = [tasks.good(s) for s in range(2)]
+    for t in todo:  # fresh artifacts: these seeds may be complete from another test
+        if t.artifact.path.exists():
+            shutil.rmtree(t.artifact.path)
+    out = run_processes(todo, jobs=2, log_dir=tmp_path / "a", python=str(wrapper))
+    assert out.ok
+    want = max(1, cores() // 2)
+    assert f"threads={want}\n" in (tmp_path / "a" / "s0.log").read_text()
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "8")
+    assert cores() == 8
+    for t in todo:
+        shutil.rmtree(t.artifact.path)
+    run_processes(todo, jobs=2, log_dir=tmp_path / "b", python=str(wrapper))
+    assert "threads=4\n" in (tmp_path / "b" / "s1.log").read_text()
+    for t in todo:
+        shutil.rmtree(t.artifact.path)
+    run_processes(todo, jobs=2, log_dir=tmp_path / "c", python=str(wrapper), threads=3)
+    assert "threads=3\n" in (tmp_path / "c" / "s0.log").read_text()
+
+
 def test_jobs_must_be_positive(tasks, tmp_path):
     with pytest.raises(ConfigError, match="--jobs must be at least 1"):
         run_processes([tasks.good(0)], jobs=0, log_dir=tmp_path)
