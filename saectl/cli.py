@@ -15,6 +15,7 @@ import typer
 from rich.pretty import pprint
 from typer.exceptions import TyperException
 
+from saectl import distributed
 from saectl import pipeline as runner
 from saectl import pipeline_spec, store
 from saectl import pipeline_view as view
@@ -38,6 +39,8 @@ STAGES: dict[str, contract.Stage] = {}
 def invoke(st: contract.Stage, cfg) -> str | None:
     """What `saectl STAGE` does with a config: the lifecycle, the stage's report, its ref."""
     out = contract.run(st, cfg)
+    if distributed.rank() > 0:  # a torchrun follower: rank 0 reports and prints the ref
+        return None
     if st.as_json is not None and getattr(cfg, "as_json", False):  # instead of report and ref
         return st.as_json(out)
     if st.report is not None:
