@@ -340,10 +340,17 @@ class HFClient:
 
 
 def make_client(explainer: str | None, explainer_model: str | None = None) -> Client:
-    """`--explainer`/`--explainer-model` → a client: nothing → the packaged SmolLM2 (or the HF
+    """`--explainer`/`--explainer-model` → a client: nothing → the packaged SmolLM2, through
+    llama.cpp's server where xllamacpp is installed (faster here), else transformers (or the HF
     model named by --explainer-model); an http(s) URL → OpenAIClient, which needs
     --explainer-model; anything else → a Hugging Face model id or folder."""
     if explainer is None:
+        if explainer_model is None:  # the packaged SmolLM2: through llama.cpp where it can
+            from .llamacpp import default_client
+
+            fast = default_client()
+            if fast is not None:
+                return fast
         return HFClient(explainer_model)
     if re.match(r"^https?://", explainer, re.IGNORECASE):
         if not urllib.parse.urlsplit(explainer).hostname:
