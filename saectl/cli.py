@@ -120,6 +120,17 @@ def show(ref: Annotated[str, typer.Argument(help="stage/digest, a digest prefix 
     pprint(manifest.get("summary"), expand_all=False, max_length=12)
 
 
+@app.command("log")
+def log_(ref: Annotated[str, typer.Argument(help="A complete train artifact")],
+         to: Annotated[str, typer.Option("--to", help="wandb or tensorboard")] = "tensorboard",
+         store_: StoreOpt = None):
+    """Replay a trained SAE's stored training log and figures into W&B or TensorBoard."""
+    from saectl import tracking
+
+    a = store.resolve(store.store_root(store_), ref)
+    info(f"log: wrote {a.ref} into {tracking.replay(a, to)}")
+
+
 @app.command("gc")
 def gc(store_: StoreOpt = None,
        dry_run: Annotated[bool, typer.Option("--dry-run", help="List, remove nothing")] = False,

@@ -54,6 +54,8 @@ class Point:
     params: dict
     art: store.Artifact
     trainer: object = None
+    tracker: object = None
+    """The --log tracker (saectl.tracking), on rank 0 only."""
     log: dict = dataclasses.field(default_factory=dict)
     window: dict = dataclasses.field(default_factory=dict)
     start: int = 0
@@ -166,6 +168,14 @@ def _train_group(src, group: list[Point]) -> None:
                               f"(steps {distributed.gather(p.start)}); put the store where "
                               "every rank sees the same files")
         distributed.broadcast_module(p.trainer.sae)  # identical weights on every rank
+        if p.cfg.log and distributed.rank() == 0:
+            from saectl import tracking
+
+            p.tracker = tracking.open_tracker(p.cfg.log, p.art.store, p.art.ref, p.params,
+                                              group=p.cfg.log_group, start_step=p.start,
+                                              strict=p.cfg.log_strict)
+            if p.tracker is not None:  # resumed: the checkpoint's windows again (module doc)
+                p.tracker.replay(p.log)
         p.last_save = time.monotonic()
     del sample, target_sample
     if distributed.active():
@@ -194,6 +204,8 @@ def _step(p: Point, step: int, batch) -> None:
         for k, v in p.window.items():
             p.log.setdefault(k, []).append(float(v[-1]) if k == "step" else float(np.mean(v)))
         p.window = {}
+        if p.tracker is not None:
+            p.tracker.log(step + 1, {k: v[-1] for k, v in p.log.items()})
     due = time.monotonic() - p.last_save > p.cfg.checkpoint_minutes * 60 or (
         p.cfg.checkpoint_steps and (step + 1) % p.cfg.checkpoint_steps == 0)
     if due and step + 1 < p.steps and distributed.rank() == 0:  # one rank writes
@@ -218,6 +230,10 @@ def _finish(src, manifest, harvest, p: Point, lm_spec) -> None:
                    k=p.sae_cfg.k, steps=p.steps, tokens=p.steps * p.cfg.batch_size,
                    epochs=p.steps * p.cfg.batch_size / manifest["summary"]["n_train"],
                    final_log={k: v[-1] for k, v in p.log.items()} if p.log else {})
+    if p.tracker is not None:
+        p.tracker.summary(summary)
+        p.tracker.close()
+        p.tracker = None
     store.mark_complete(p.art, summary)
     checkpoints.remove(layout.checkpoint(p.art.path))  # the weights are saved; free the disk
     p.trainer = None

@@ -74,6 +74,12 @@ class TrainStageConfig(DeviceOptions):
     log_every: int = opt(25, "Steps per training-log window")
     checkpoint_minutes: float = opt(5.0, "Minutes between checkpoints", address=False)
     checkpoint_steps: int = opt(0, "Also checkpoint every N steps (0: off)", address=False)
+    log: str | None = opt(None, "Also send the training curves to wandb or tensorboard (offline "
+                                "by default; README, Training curves)", address=False)
+    log_strict: bool = opt(False, "Stop if the --log tracker cannot start (default: say so in "
+                                  "one line and train on)", address=False)
+    log_group: str | None = opt(None, "The --log tracker's group (a sweep names its points')",
+                                address=False)
     nproc: int = opt(1, "Data-parallel ranks on this machine: runs this command under "
                         "torchrun --nproc-per-node N (README, Training on several GPUs)",
                      address=False)
@@ -97,6 +103,8 @@ class TrainStageConfig(DeviceOptions):
         if self.width is None and not self.expansion > 0:
             raise ConfigError("--expansion must be positive")
         self.prefix_list()
+        if self.log is not None and self.log not in ("wandb", "tensorboard"):
+            raise ConfigError(f"--log {self.log!r} is not one of wandb, tensorboard")
 
     def prefix_list(self) -> tuple[int, ...]:
         if not self.prefixes:

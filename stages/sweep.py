@@ -67,6 +67,9 @@ class SweepConfig(DeviceOptions):
                             "table and report/probe_k.png); the grid's `eval:` sets its flags")
     executor: str = opt("local", "local, processes or slurm", address=False)
     jobs: int = opt(2, "Concurrent processes (--executor processes)", address=False)
+    log: str | None = opt(None, "Send every point's training curves to wandb or tensorboard "
+                                "(one group)", address=False)
+    log_strict: bool = opt(False, "Stop if the --log tracker cannot start", address=False)
     threads: int | None = opt(None, "Threads per process (--executor processes; default: the "
                                     "cores, or SLURM's --cpus-per-task, divided among --jobs)",
                               address=False)
@@ -167,6 +170,9 @@ def plan(cfg: SweepConfig) -> Plan:
     root = store.store_root(cfg.store)
     src, manifest, harvest = open_shuffle(root, cfg.shuffle)
     base = {"shuffle": src.ref, "store": str(root), "device": cfg.device}
+    if cfg.log:  # every point's curves in one group of the tracker
+        base.update(log=cfg.log, log_strict=cfg.log_strict,
+                    log_group=f"sweep {Path(cfg.grid).stem} on {src.ref[:20]}")
     values, slurm_yaml, eval_opts = grid_points(cfg.grid, base)
     if cfg.eval and eval_opts is None:
         eval_opts = {}
