@@ -165,12 +165,9 @@ def batches(t: Target):
 
 def _acts(t: Target, hook: str):
     """A harvest's activations at `hook`, or at every layer of a range side by side."""
-    from saectl.reader import Stacked  # deferred: imports torch
+    from saectl.reader import hook_acts  # deferred: imports torch
 
-    hooks = layer_range(hook)
-    g = t.data.group()
-    return g[layout.acts(hook)] if hooks is None else Stacked(
-        [g[layout.acts(h)] for h in hooks], t.data.ref)
+    return hook_acts(t.data.group(), hook, t.data.ref)
 
 
 def _centred(rows):

@@ -44,6 +44,15 @@ class Stacked:
                                for a in self.parts], axis=1)
 
 
+def hook_acts(group, hook: str, artifact: str = ""):
+    """A harvest's (or import's) activations at `hook`, or at every layer of a range side by
+    side (a cross-layer transcoder's input)."""
+    hooks = layout.layer_range(hook)
+    if hooks is None:
+        return group[layout.acts(hook)]
+    return Stacked([group[layout.acts(h)] for h in hooks], artifact)
+
+
 def split_rows(group, hook: str, split: str = "train", artifact: str = ""):
     """A shuffle's `split` rows (train or eval) of `hook`, or of every hook of a layer range."""
     path = layout.train_rows if split == "train" else layout.eval_rows

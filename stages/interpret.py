@@ -40,7 +40,6 @@ from saectl.lineage import (
     check_activations,
     harvest_model,
     logit_lens,
-    one_layer,
     sae_lineage,
 )
 from saectl.stage import DeviceOptions, Plan, Stage
@@ -176,7 +175,6 @@ def plan(cfg: InterpretConfig) -> Plan:
     """Everything `cfg` resolves to, and the artifact it names; writes nothing."""
     root = store.store_root(cfg.store)
     lin = sae_lineage(root, cfg.sae)
-    one_layer(lin, "interpret")
     harvest = lin.harvest_or(store.open_complete(root, cfg.harvest) if cfg.harvest else None)
     check_activations(lin, harvest)
     feats = select_features(cfg, lin.d_sae)
@@ -209,6 +207,7 @@ def plan(cfg: InterpretConfig) -> Plan:
 def build(cfg: InterpretConfig, plan: Plan, writer) -> None:
     # These import torch: deferred, so `saectl --help` and a cache hit never load it.
     from saectl.models import resolve_device
+    from saectl.reader import hook_acts
     from saectl.sae import load_sae
     from saectl.scan import HIST_EDGES, Source, load, load_lens
 
@@ -220,7 +219,8 @@ def build(cfg: InterpretConfig, plan: Plan, writer) -> None:
     skip_bos = bool(ctx.harvest.manifest()["summary"].get("bos")) and ctx.context_size > 1
     width = min(cfg.window, ctx.context_size - skip_bos) if token_ids is not None else 1
     place = examples.Placement(ctx.context_size, width, skip_bos)
-    src = Source(hg[layout.acts(ctx.lineage.hook)], ctx.harvest.ref, sae, device, ctx.features,
+    src = Source(hook_acts(hg, ctx.lineage.hook, ctx.harvest.ref), ctx.harvest.ref, sae, device,
+                 ctx.features,
                  ctx.n_seq, ctx.context_size, parse_bytes(cfg.memory))
     done = store.read_progress(art)
     if not {SCANNED, WINDOWED} <= done:
@@ -305,6 +305,8 @@ def _scan(cfg: InterpretConfig, ctx: Context, art: store.Artifact, src, skip_bos
 
         model = load_model(harvest_model(ctx.harvest), "cpu")  # the unembedding, anywhere
         rows = src.sae.W_dec.detach()[torch.from_numpy(ctx.features).to(src.sae.device)]
+        if getattr(src.sae, "cross_layer", False):  # a CLT latent's writes to every later layer
+            rows = rows.view(len(rows), src.sae.n_layers, -1).sum(1)  # add up in the residual
         save_lens(g, logit_lens(rows.cpu(), model, LENS_K))
 
 

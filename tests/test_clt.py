@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from saectl import hooks, metrics, models, store
+from saectl import hooks, layout, metrics, models, store
 from saectl.sae import ARCHS, SAEConfig, load_sae
 from saectl.trainer import TrainConfig, Trainer
 from tests.conftest import corpus_texts
@@ -166,8 +166,13 @@ def test_clt_trains_evaluates_and_refuses_bad_input(family, tiny_model_dirs, tmp
     on_harvest = store.open_complete(tmp_path, _cli(capsys, "eval", ref, "--harvest", h,
                                                     "--no-lm-eval", *common))
     assert np.isfinite(on_harvest.manifest()["summary"]["fvu"])
-    assert_one_line_error(run_cli(capsys, "interpret", ref, "--no-explain", *common),
-                          "cross-layer", "export")
+    # interpret reads every layer of the range from the harvest; the lens is of the latent's
+    # writes added up in the residual stream
+    it = store.open_complete(tmp_path, _cli(capsys, "interpret", ref, "--no-explain", "--top",
+                                            "4", *common))
+    assert it.is_complete() and layout.LENS in it.group()
+    assert_one_line_error(run_cli(capsys, "steer", ref, "--feature", "0", "--prompt", "The",
+                                  "--max-new-tokens", "3", *common), "cross-layer", "export")
     # Bad input: one line each, nothing trained.
     base = ["train", sh, "--store", tmp_path, "--device", "cpu"]
     assert_one_line_error(run_cli(capsys, *base, "--arch", "clt", "--hook", "mlp_in.0..3",
@@ -184,7 +189,7 @@ def test_clt_trains_evaluates_and_refuses_bad_input(family, tiny_model_dirs, tmp
     assert_one_line_error(run_cli(capsys, *base, "--arch", "clt", "--hook", "mlp_in.2..0",
                                   "--target", "mlp_out.2..0"), "backwards")
     tried("train", "bad input", 6)
-    tried("interpret", "bad input", 1)
+    tried("steer", "bad input", 1)
 
 
 def test_topk_clt_sparse_backward_equals_dense_autograd():
