@@ -204,8 +204,11 @@ def _step(p: Point, step: int, batch) -> None:
         for k, v in p.window.items():
             p.log.setdefault(k, []).append(float(v[-1]) if k == "step" else float(np.mean(v)))
         p.window = {}
-        if p.tracker is not None:
-            p.tracker.log(step + 1, {k: v[-1] for k, v in p.log.items()})
+        if p.tracker is not None:  # and the speed, which only the tracker gets (not stored:
+            now = time.monotonic()  # a resumed artifact's log must equal an uninterrupted one's)
+            speed = p.cfg.batch_size * (step + 1 - p.tracker.last_step) / max(now - p.tracker.last_time, 1e-9)
+            p.tracker.log(step + 1, {**{k: v[-1] for k, v in p.log.items()}, "tokens_per_s": speed})
+            p.tracker.last_step, p.tracker.last_time = step + 1, now
     due = time.monotonic() - p.last_save > p.cfg.checkpoint_minutes * 60 or (
         p.cfg.checkpoint_steps and (step + 1) % p.cfg.checkpoint_steps == 0)
     if due and step + 1 < p.steps and distributed.rank() == 0:  # one rank writes

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 from saectl.console import info
@@ -37,6 +38,7 @@ class Tracker:
     def __init__(self, kind: str, root: Path, ref: str, config: dict, group: str | None,
                  start_step: int):
         self.kind, self.ref, self.run = kind, ref, None
+        self.last_step, self.last_time = start_step, time.monotonic()  # for tokens/s
         digest = ref.split("/")[-1]
         name = f"{ref.split('/')[0]}/{digest[:12]}"
         if kind == "wandb":
