@@ -1,5 +1,5 @@
 """Explanations per minute on this CPU: llama.cpp's server (xllamacpp, the packaged SmolLM2
-GGUF, 4 parallel slots) through `OpenAIClient`, against the in-process transformers client
+GGUF, 4 parallel slots; `LlamaCppClient`, the offline default explainer), against the in-process transformers client
 (`HFClient`, the same model, batched), on the same features. One feature costs what interpret
 asks of it: one explanation prompt and detection's prompts (10 contexts, 5 a prompt) for the
 explanation and for its control.
@@ -53,14 +53,16 @@ def rate(client, feats) -> tuple[float, list[str]]:
 
 
 def measure(n: int = 8) -> dict:
-    from saectl.explain import HFClient, OpenAIClient
-    from saectl.llamacpp import llamacpp_server, packaged_gguf
+    from saectl.explain import HFClient
+    from saectl.llamacpp import LlamaCppClient, packaged_gguf
 
     feats = features(n)
+    client = LlamaCppClient(packaged_gguf())  # the offline default, as interpret runs it
     t0 = time.perf_counter()
-    with llamacpp_server(packaged_gguf()) as url:
-        start_llama = time.perf_counter() - t0
-        llama, llama_texts = rate(OpenAIClient(url, "smollm2", timeout=600, workers=4), feats)
+    client.complete([[{"role": "user", "content": "hi"}]], 1)  # starts the server
+    start_llama = time.perf_counter() - t0
+    llama, llama_texts = rate(client, feats)
+    client.close()
     hf_client = HFClient(None)
     t0 = time.perf_counter()
     hf_client._load()

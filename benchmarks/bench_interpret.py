@@ -4,6 +4,8 @@ The scan (saectl.scan) does the encode and, per block, the statistics: counts, s
 histogram, the per-sequence maxima merged into the top list, and the hashed sample. The goal
 is that the bookkeeping costs little beside the encode: scan tokens/s ≥ 0.8× encode-only.
 A TopK SAE on SmolLM2's width (576), at 8× and 32×, 64 sequences of 128 tokens in blocks of 16.
+Then the dashboard at 65,536 latents in headless Chromium (benchmarks/bench_dashboard.py:
+first paint of the list, opening a feature; skipped without Playwright or chromium).
 """
 
 from __future__ import annotations
@@ -49,4 +51,6 @@ def run() -> list[Row]:
                         tokens / t["scan"], tokens / t["encode"], "tokens/s", ">= 0.8x",
                         note=f"scan {tokens / t['scan']:,.0f} vs encode alone "
                              f"{tokens / t['encode']:,.0f} tokens/s"))
-    return rows
+    from benchmarks import bench_dashboard
+
+    return rows + bench_dashboard.run()
