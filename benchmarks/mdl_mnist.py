@@ -36,9 +36,11 @@ FILES = {"train": "train-images.idx3-ubyte.gz", "test": "t10k-images.idx3-ubyte.
          "train_labels": "train-labels.idx1-ubyte.gz"}
 TEMPLATE_IMAGES = 10_000  # training images a direction is compared with (and the class means)
 TILES = 32  # most-used live latents drawn per SAE
-# A direction's kind, from the figures (README, "MDL on MNIST", where they are calibrated on
-# digits, class means, drawn segments and blobs).
-TEMPLATE_AT, STROKE_AT, FRAGMENT_EXTENT = 0.6, 0.8, 12
+# A direction's kind, from the figures: each threshold midway between the calibration medians
+# of the kinds it separates (README, "MDL on MNIST"): stroke-ness between digits (0.61) and two
+# joined segments (0.87), extent (geometrically) between a round blob (5) and a segment (16),
+# template-ness between a segment (0.60) and a digit (0.84).
+TEMPLATE_AT, STROKE_AT, FRAGMENT_EXTENT = 0.72, 0.74, 9
 
 
 def _idx(path: Path) -> np.ndarray:
@@ -91,7 +93,7 @@ def measure(row: dict, root: Path, test: torch.Tensor, refs: np.ndarray, class_m
     art = store.resolve(root, row["ref"])
     sae = load_sae(layout.sae_dir(art.path))
     prefixes = tuple(sae.cfg.matryoshka_prefixes or ()) if row["arch"] == "matryoshka" else None
-    batches = lambda: iter(test.split(2500))  # noqa: E731
+    batches = lambda: iter(test.split(2500))
     dl = mdl.description_length(sae, batches, tolerance, groups=prefixes)
     fires = torch.zeros(sae.d_sae, dtype=torch.int64)
     for x in batches():

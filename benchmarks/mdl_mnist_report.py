@@ -78,11 +78,16 @@ def plots(summary: dict, out: Path) -> None:
             continue
         line = ax.errorbar(ws, mean, yerr=[lo, hi], fmt="o-", capsize=3, label=f"TopK k={k}")[0]
         ax.plot(ws, bound, ":", color=line.get_color())
+    others = defaultdict(list)
     for p in pts:
         if p["arch"] != "topk":
-            dl = test_dl(p, tol)[0]
-            if dl is not None:
-                ax.scatter([p["width"]], [dl], marker="s", s=40, label=label(p))
+            others[label(p)].append(p)
+    for name, ps in sorted(others.items()):
+        dls = [test_dl(p, tol)[0] for p in ps]
+        if all(d is not None for d in dls):
+            m = float(np.mean(dls))
+            ax.errorbar([ps[0]["width"]], [m], yerr=[[m - min(dls)], [max(dls) - m]], fmt="s",
+                        capsize=3, label=name + (f" ({len(ps)} seeds)" if len(ps) > 1 else ""))
     dl = test_dl(chosen_p, tol)[0]
     ax.scatter([chosen_p["width"]], [dl], s=220, facecolors="none", edgecolors="red",
                label="chosen (on held-out train images)")
@@ -150,7 +155,7 @@ def tables(summary: dict) -> None:
             seeds = f"{np.mean(dls):.2f} ± {(max(dls) - min(dls)) / 2:.2f} (n={len(dls)})"
         elif len(ps) > 1:
             seeds = f"{sum(d is not None for d in dls)} of {len(dls)} feasible"
-        f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+        f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"
         mark = " **(chosen)**" if p["chosen"] else ""
         print(f"| {name}{mark} | {f(p['val_dl'])} | {f(dl)} | {seeds} | {f(bound)} | {b or '-'} "
               f"| {f(p['dl']['fvu'], 3)} | {f(p['dl']['l0'], 1)} | {p['live']} "
@@ -180,19 +185,21 @@ def tables(summary: dict) -> None:
         print(f"- ε {t}: " + ("none feasible" if c is None else
                              f"{label(c)}, {test_dl(c, t)[0]:.2f} bits (B={test_dl(c, t)[2]})"))
     print("\n### Hierarchical code (groups = Matryoshka prefixes) beside the flat code, test images")
-    print("| SAE | groups | B | flat DL | hierarchical DL | flat naive | hierarchical naive |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    rows = [(label(p), p["prefixes"], p["dl"]) for p in pts if p["prefixes"]]
-    rows += [(f"{c['arch']} {c['width']} k{c['k']} (control)", c["groups"], c["dl"])
+    print("| SAE | ε | B | flat DL | hierarchical DL | flat naive | hierarchical naive |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    rows = [(label(p), p["dl"]) for p in pts if p["prefixes"]]
+    rows += [(f"{c['arch']} {c['width']} k{c['k']} (control, same groups)", c["dl"])
              for c in summary["hierarchy_controls"]]
-    for name, groups, dl in rows:
-        b = dl["bins"]
-        if b is None:
-            print(f"| {name} | {groups} | - | infeasible at ε | | | |")
-            continue
-        e = dl["by_bins"][str(b)]
-        print(f"| {name} | {','.join(map(str, groups))} | {b} | {e['bits_per_token']:.2f} | "
-              f"{e['hierarchical_bits_per_token']:.2f} | {e['naive_bound']:.1f} | "
-              f"{e['hierarchical_naive_bound']:.1f} |")
+    for t in TOLERANCES:
+        for name, dl in rows:
+            by = {int(b): e for b, e in dl["by_bins"].items()}
+            b = mdl.select_bins(by, t)
+            if b is None:
+                print(f"| {name} | {t} | - | infeasible | | | |")
+                continue
+            e = by[b]
+            print(f"| {name} | {t} | {b} | {e['bits_per_token']:.2f} | "
+                  f"{e['hierarchical_bits_per_token']:.2f} | {e['naive_bound']:.1f} | "
+                  f"{e['hierarchical_naive_bound']:.1f} |")
     ev = summary["test_eval"]
     print(f"\n`test` step (saectl eval of the chosen SAE on the test images): {ev}")

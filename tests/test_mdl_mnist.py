@@ -39,8 +39,8 @@ def test_small_mdl_mnist_pipeline_and_analysis(tmp_path, capsys, monkeypatch):
     sets = [f"train_images.file={MNIST / 'train-images.idx3-ubyte.gz'}",
             f"test_images.file={MNIST / 't10k-images.idx3-ubyte.gz'}",
             f"sweep.grid={grid}", "sweep.tolerance=0.6",
-            "seeds.grid={arch: topk, width: [64], k: [4], seed: [1, 2], tokens: 2560, "
-            "batch_size: 256, lm_eval: false}", "seeds.tolerance=0.6", "test.tolerance=0.6"]
+            ("seeds.grid={arch: topk, width: [64], k: [4], seed: [1, 2], tokens: 2560, "
+             "batch_size: 256, lm_eval: false}"), "seeds.tolerance=0.6", "test.tolerance=0.6"]
     res = run_cli(capsys, "run", REPO / "pipelines" / "mdl-mnist.yaml", "--store", tmp_path,
                   *[a for s in sets for a in ("--set", s)])
     assert res.code == 0, res.err
