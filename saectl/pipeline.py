@@ -131,7 +131,8 @@ def _run_step(p: Pipeline, step: Step, cfg, root: Path) -> Ran:
     own = stage.address(cfg)
     before = own.is_complete()
     t0 = time.perf_counter()
-    out = contract.run(stage, cfg)
+    out, built = contract.run_built(stage, cfg)
+    before = before or not built  # finished by another process while this one waited
     seconds = time.perf_counter() - t0
     if stage.report is not None:
         stage.report(cfg, out)

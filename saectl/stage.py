@@ -119,30 +119,35 @@ def run(stage: Stage, cfg) -> store.Artifact:
     """The lifecycle, the same for every stage: cache hit, lock, re-check, build. Under
     torchrun only rank 0 goes through it; the other ranks plan the same artifact and follow
     (`Stage.follow`) if rank 0 says it builds (saectl.distributed)."""
+    return run_built(stage, cfg)[0]
+
+
+def run_built(stage: Stage, cfg) -> tuple[store.Artifact, bool]:
+    """`run`, and whether this process built (False: a cache hit, before or after the lock)."""
     plan = _plan(stage, cfg)
     art = plan.art
     if distributed.rank() > 0:
         if distributed.broadcast_flag(False):
             stage.follow(cfg, plan)  # type: ignore[misc]
-        return art
+        return art, False
     building = False
     try:
         if art.is_complete():
             info(f"{stage.name}: cache hit {art.ref}")
-            return art
+            return art, False
         if stage.prepare is not None:
             stage.prepare(cfg, plan)
         with store.writing(art, plan.params, plan.inputs, shard=plan.shard,
                            wait=not cfg.no_wait, origin=plan.origin) as writer:
             if art.is_complete():  # another process finished it while we waited for the lock
                 info(f"{stage.name}: cache hit {art.ref} (written by another process)")
-                return art
+                return art, False
             building = distributed.broadcast_flag(True)
             stage.build(cfg, plan, writer)
     finally:
         if not building:  # the other ranks are told there is nothing to follow
             distributed.broadcast_flag(False)
-    return art
+    return art, True
 
 
 def _plan(stage: Stage, cfg) -> Plan:
