@@ -253,6 +253,15 @@ def test_circuit_tracer_loads_the_exported_set(built, tmp_path, capsys):
     assert MEASURED
 
 
+def _ct_model(tl_gpt2: Path, tmp_path: Path) -> None:
+    """The tiny GPT-2 at tmp_path/ct/gpt2, where transformers 4 (circuit-tracer's) reads its
+    tokenizer; circuit-tracer runs with that folder as its working directory."""
+    shutil.copytree(tl_gpt2 / "gpt2", tmp_path / "ct/gpt2")
+    tok_cfg = tmp_path / "ct/gpt2/tokenizer_config.json"
+    tok_cfg.write_text(json.dumps({**json.loads(tok_cfg.read_text()),
+                                   "tokenizer_class": "PreTrainedTokenizerFast"}))
+
+
 CT_GRAPH = r"""
 import sys, json, yaml, numpy as np, torch
 from pathlib import Path
@@ -299,11 +308,7 @@ def test_circuit_tracer_builds_an_attribution_graph(built, tl_gpt2, tmp_path, ca
     group = store.open_complete(tmp_path, h).group()
     tokens = np.asarray(group[layout.TOKENS][:])[0]
     np.save(tmp_path / "tokens.npy", tokens)
-    # the same model where transformers 4 (circuit-tracer's) reads its tokenizer
-    shutil.copytree(tl_gpt2 / "gpt2", tmp_path / "ct/gpt2")
-    tok_cfg = tmp_path / "ct/gpt2/tokenizer_config.json"
-    tok_cfg.write_text(json.dumps({**json.loads(tok_cfg.read_text()),
-                                   "tokenizer_class": "PreTrainedTokenizerFast"}))
+    _ct_model(tl_gpt2, tmp_path)
     p = subprocess.run([str(CT_PY), "-c", CT_GRAPH, str(out), str(tmp_path / "tokens.npy")],
                        check=False, capture_output=True, text=True, timeout=600,
                        cwd=tmp_path / "ct",
@@ -376,10 +381,7 @@ def test_circuit_tracer_loads_an_exported_clt(tl_gpt2, tmp_path, capsys):
     np.save(tmp_path / "x.npy", xs.astype(np.float32))                  # (L, n, d)
     tokens = np.asarray(group[layout.TOKENS][:])[0]
     np.save(tmp_path / "tokens.npy", tokens)
-    shutil.copytree(tl_gpt2 / "gpt2", tmp_path / "ct/gpt2")
-    tok_cfg = tmp_path / "ct/gpt2/tokenizer_config.json"
-    tok_cfg.write_text(json.dumps({**json.loads(tok_cfg.read_text()),
-                                   "tokenizer_class": "PreTrainedTokenizerFast"}))
+    _ct_model(tl_gpt2, tmp_path)
     p = subprocess.run([str(CT_PY), "-c", CT_CLT, str(out), str(tmp_path / "x.npy"),
                         str(tmp_path / "tokens.npy")], check=False, capture_output=True,
                        text=True, timeout=600, cwd=tmp_path / "ct",

@@ -26,7 +26,7 @@ Inputs and targets are normalised per layer (saectl.trainer), folded into the sa
 
 from __future__ import annotations
 
-import math
+import abc
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from saectl.errors import ConfigError
 from saectl.sae import kernels
 from saectl.sae.base import DTYPES, SAE, ForwardOutput, SAEConfig, register
-from saectl.sae.jumprelu import _JumpReLU, _Step
+from saectl.sae.jumprelu import Thresholds
 
 
 class CrossLayerTranscoder(SAE):
@@ -111,9 +111,9 @@ class CrossLayerTranscoder(SAE):
         pre = self.layer_pre_acts(x).transpose(0, 1)
         return pre.reshape(*lead, self.cfg.d_sae)
 
+    @abc.abstractmethod
     def activate(self, pre: Tensor, layer: int | None = None) -> Tensor:
         """σ of pre-activations (..., m) of one layer, or (L, n, m) of every layer."""
-        raise NotImplementedError
 
     def encode(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
@@ -256,44 +256,11 @@ class TopKCLT(CrossLayerTranscoder):
 
 
 @register("jumprelu-clt")
-class JumpReLUCLT(CrossLayerTranscoder):
+class JumpReLUCLT(Thresholds, CrossLayerTranscoder):
     """JumpReLU CLT: per-latent thresholds learned through the straight-through estimator,
-    with the L0 penalty (jumprelu.py); circuit-tracer's CLTs run this activation."""
-
-    def __init__(self, cfg: SAEConfig, *, generator: torch.Generator | None = None):
-        super().__init__(cfg, generator=generator)
-        self.log_threshold = nn.Parameter(
-            torch.full((cfg.d_sae,), math.log(cfg.jumprelu_threshold_init), dtype=self.dtype))
-
-    @property
-    def threshold(self) -> Tensor:
-        return self.log_threshold.exp()
+    with the L0 penalty (jumprelu.py's `Thresholds`); circuit-tracer's CLTs run this."""
 
     def activate(self, pre: Tensor, layer: int | None = None) -> Tensor:
         t = self.threshold
         t = t[self._latents(layer)] if layer is not None else t.view(self.n_layers, 1, self.m)
         return pre * (pre > t)
-
-    def forward(self, x: Tensor, *, target: Tensor | None = None,
-                dead_mask: Tensor | None = None, auxk_coefficient: float = 0.0,
-                sparsity_scale: float = 1.0) -> ForwardOutput:
-        x = x.to(self.dtype)
-        y = self.target_of(x, target)
-        pre = self.pre_acts(x)                                          # (n, L·m)
-        bandwidth = self.cfg.jumprelu_bandwidth
-        acts = _JumpReLU.apply(pre, self.threshold, bandwidth)
-        y_hat = self.decode(acts)
-        l0 = _Step.apply(pre, self.threshold, bandwidth).sum(-1).mean()
-        return self._finish(y, y_hat, acts,
-                            {"l0_loss": self.cfg.l0_coefficient * sparsity_scale * l0})
-
-    def saved_tensors(self) -> dict[str, Tensor]:
-        tensors = super().saved_tensors()
-        tensors["threshold"] = tensors.pop("log_threshold").exp()
-        return tensors
-
-    def load_saved_tensors(self, tensors: dict[str, Tensor]) -> None:
-        tensors = dict(tensors)
-        if "threshold" in tensors:
-            tensors["log_threshold"] = tensors.pop("threshold").log()
-        self._load_strict(tensors)

@@ -54,23 +54,19 @@ class _Step(torch.autograd.Function):
         return None, grad_threshold, None
 
 
-@register("jumprelu")
-class JumpReLUSAE(SAE):
-    saelens_architecture = "jumprelu"
-    loads_saelens = True
+class Thresholds:
+    """What every JumpReLU dictionary shares, an SAE's (below) or a cross-layer transcoder's
+    (clt.py): a learned threshold per latent, the loss with the L0 penalty, and the files'
+    `threshold` (not its log). Listed before the base class, which does the rest."""
 
     def __init__(self, cfg: SAEConfig, *, generator: torch.Generator | None = None):
-        super().__init__(cfg, generator=generator)
+        super().__init__(cfg, generator=generator)  # type: ignore[call-arg]
         self.log_threshold = nn.Parameter(
             torch.full((cfg.d_sae,), math.log(cfg.jumprelu_threshold_init), dtype=self.dtype))
 
     @property
     def threshold(self) -> Tensor:
         return self.log_threshold.exp()
-
-    def encode(self, x: Tensor) -> Tensor:
-        pre = self.pre_acts(x)
-        return pre * (pre > self.threshold)
 
     def forward(self, x: Tensor, *, target: Tensor | None = None,
                 dead_mask: Tensor | None = None, auxk_coefficient: float = 0.0,
@@ -87,7 +83,7 @@ class JumpReLUSAE(SAE):
                             {"l0_loss": self.cfg.l0_coefficient * sparsity_scale * l0})
 
     def saved_tensors(self) -> dict[str, Tensor]:
-        tensors = super().saved_tensors()
+        tensors = super().saved_tensors()  # type: ignore[misc]
         tensors["threshold"] = tensors.pop("log_threshold").exp()
         return tensors
 
@@ -96,3 +92,13 @@ class JumpReLUSAE(SAE):
         if "threshold" in tensors:
             tensors["log_threshold"] = tensors.pop("threshold").log()
         self._load_strict(tensors)
+
+
+@register("jumprelu")
+class JumpReLUSAE(Thresholds, SAE):
+    saelens_architecture = "jumprelu"
+    loads_saelens = True
+
+    def encode(self, x: Tensor) -> Tensor:
+        pre = self.pre_acts(x)
+        return pre * (pre > self.threshold)
