@@ -148,11 +148,9 @@ def broadcast_module(module) -> None:
 
 
 def kth_largest(values, k: int):
-    """The k-th largest value over every rank's `values` (1-D, the same length on each)."""
+    """The k-th largest value over every rank's `values` (1-D, the same length on each); only
+    under torchrun (one process takes its top k directly)."""
     import torch
-
-    if not active():
-        return values.topk(k, sorted=False).values.min()
     import torch.distributed as dist
 
     parts = [torch.empty_like(values) for _ in range(world()[1])]
