@@ -206,8 +206,10 @@ def _step(p: Point, step: int, batch) -> None:
         p.window = {}
         if p.tracker is not None:  # and the speed, which only the tracker gets (not stored:
             now = time.monotonic()  # a resumed artifact's log must equal an uninterrupted one's)
-            speed = p.cfg.batch_size * (step + 1 - p.tracker.last_step) / max(now - p.tracker.last_time, 1e-9)
-            p.tracker.log(step + 1, {**{k: v[-1] for k, v in p.log.items()}, "tokens_per_s": speed})
+            tokens = p.cfg.batch_size * (step + 1 - p.tracker.last_step)
+            speed = tokens / max(now - p.tracker.last_time, 1e-9)
+            p.tracker.log(step + 1, {**{k: v[-1] for k, v in p.log.items()},
+                                     "tokens_per_s": speed})
             p.tracker.last_step, p.tracker.last_time = step + 1, now
     due = time.monotonic() - p.last_save > p.cfg.checkpoint_minutes * 60 or (
         p.cfg.checkpoint_steps and (step + 1) % p.cfg.checkpoint_steps == 0)

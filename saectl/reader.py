@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from saectl import arrays, layout
-from saectl.errors import ArtifactError
+from saectl.errors import ArtifactError, ConfigError
 
 
 class Stacked:
@@ -47,15 +47,16 @@ class Stacked:
 def hook_acts(group, hook: str, artifact: str = ""):
     """A harvest's (or import's) activations at `hook`, or at every layer of a range side by
     side (a cross-layer transcoder's input)."""
-    hooks = layout.layer_range(hook)
-    if hooks is None:
-        return group[layout.acts(hook)]
-    return Stacked([group[layout.acts(h)] for h in hooks], artifact)
+    return _arrays(group, hook, layout.acts, artifact)
 
 
 def split_rows(group, hook: str, split: str = "train", artifact: str = ""):
     """A shuffle's `split` rows (train or eval) of `hook`, or of every hook of a layer range."""
-    path = layout.train_rows if split == "train" else layout.eval_rows
+    return _arrays(group, hook, layout.train_rows if split == "train" else layout.eval_rows,
+                   artifact)
+
+
+def _arrays(group, hook: str, path, artifact: str):
     hooks = layout.layer_range(hook)
     if hooks is None:
         return group[path(hook)]
@@ -71,8 +72,6 @@ class BatchReader:
         self.arr, self.B, self.seed, self.artifact = arr, batch_size, seed, artifact
         self.target, self.part = target, part
         if batch_size % part[1]:
-            from saectl.errors import ConfigError
-
             raise ConfigError(f"--batch-size {batch_size} does not split over {part[1]} ranks; "
                               f"give a multiple of {part[1]}")
         if target is not None and int(target.shape[0]) != int(arr.shape[0]):
