@@ -68,6 +68,10 @@ class TrainStageConfig(DeviceOptions):
     b_dec_init: str = into("train.b_dec_init", "geometric_median",
                            "geometric_median, mean or zeros")
     seed: int = into("train.seed", 0, "Seed of the initialisation and of the epoch orders")
+    autocast: str | None = into("train.autocast", None,
+                                "bfloat16: train with the encoder/decoder products in bf16 "
+                                "(fp32 accumulation, weights, Adam state and loss; README, "
+                                "Training in bfloat16). Slower on CPUs without avx512_bf16/amx")
     lm_eval: bool = opt(True, "Splice the SAE into the model for CE-loss/KL scores "
                               "(--no-lm-eval for imported activations)")
     lm_eval_seqs: int = opt(16, "Held-out sequences for the downstream evaluation")
@@ -103,6 +107,9 @@ class TrainStageConfig(DeviceOptions):
         if self.width is None and not self.expansion > 0:
             raise ConfigError("--expansion must be positive")
         self.prefix_list()
+        from saectl import precision
+
+        precision.check(self.autocast)
         if self.log is not None and self.log not in ("wandb", "tensorboard"):
             raise ConfigError(f"--log {self.log!r} is not one of wandb, tensorboard")
 
@@ -214,6 +221,8 @@ def address_for(cfg: TrainStageConfig, sae_cfg, train_cfg, hook: str,
     train = dataclasses.asdict(train_cfg)
     if train["decoder_lr_multiplier"] == 1.0:  # absent at its default: addresses as they were
         del train["decoder_lr_multiplier"]
+    if train["autocast"] is None:  # absent unless given (fp32): addresses as they were
+        del train["autocast"]
     params.update(hook=hook, sae=sae_cfg.to_dict(), train=train)
     if target is not None:  # absent for an SAE: its address is as it was
         params["target"] = target

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saectl import distributed
+from saectl import distributed, precision
 from saectl.errors import ConfigError, SaectlError
 from saectl.sae import ARCHS, SAE, SAEConfig
 
@@ -71,6 +71,9 @@ class TrainConfig:
     """W_dec's learning rate as a multiple of the scheduled one. Unit-norm rows move by about
     the LR per Adam step, ten times less than SAELens's rows at norm 0.1 do; `saectl train`
     resolves 10 for the k architectures (saectl.fitting.DECODER_LR_MULT, measured there)."""
+    autocast: str | None = None
+    """"bfloat16": the forward's products in bf16 with fp32 accumulation, fp32 master weights,
+    Adam state and loss (saectl.precision says which part runs in which and why); None: fp32."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
@@ -94,6 +97,7 @@ class TrainConfig:
         if self.b_dec_init not in B_DEC_INITS:
             raise ConfigError(f"b_dec_init={self.b_dec_init!r} is unknown; use one of "
                               f"{', '.join(B_DEC_INITS)}")
+        precision.check(self.autocast)
 
     def resolved_lr(self, d_sae: int) -> float:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(d_sae / 2**14)
@@ -218,6 +222,8 @@ A transcoder is given a sample of its targets too (`target_sample`) and pairs of
         self.tokens_seen = 0
         self.tokens_since_fired = torch.zeros(sae_cfg.d_sae, dtype=torch.long,
                                               device=self.device)
+        if cfg.autocast is not None:
+            precision.say_if_emulated(self.device)
 
     @property
     def lr(self) -> float:
@@ -239,10 +245,12 @@ A transcoder is given a sample of its targets too (`target_sample`) and pairs of
             group["lr"] = lr * group["lr_mult"]
         dead = self.dead_mask()
         use_aux = sae.uses_auxk and cfg.auxk_coefficient > 0
-        out = sae(x, **({"target": y} if y is not None else {}),
-                  dead_mask=dead if use_aux else None,
-                  auxk_coefficient=cfg.auxk_coefficient if use_aux else 0.0,
-                  sparsity_scale=sparsity_scale)
+        # --autocast: the forward only; backward replays the recorded dtypes (torch's advice)
+        with precision.autocast(self.device, cfg.autocast):
+            out = sae(x, **({"target": y} if y is not None else {}),
+                      dead_mask=dead if use_aux else None,
+                      auxk_coefficient=cfg.auxk_coefficient if use_aux else 0.0,
+                      sparsity_scale=sparsity_scale)
         loss = out.losses["loss"]
         loss_value = loss.item()
         if not math.isfinite(loss_value):

@@ -26,7 +26,9 @@ further on CPU:
 
 `topk_autoencode_eager` is the reference the tests compare against (dense, plain autograd).
 `SAECTL_EAGER=1` makes the TopK SAE use it; `SAECTL_BF16_SELECT=0/1` forces the bfloat16
-candidate selection off or on (default: on where the hardware has fast bfloat16).
+candidate selection off or on (default: on where the hardware has fast bfloat16). Training
+with `--autocast bfloat16` turns it on whatever the size and the hardware (saectl.precision):
+the selection is this kernel's only dense product, so it is what bf16 training means here.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from saectl.precision import active_bf16, cpu_has_native_bf16
 
 FAST = os.environ.get("SAECTL_EAGER", "").lower() not in ("1", "true", "yes")
 """Use the sparse kernels (chosen once at import; SAECTL_EAGER=1 turns them off)."""
@@ -57,17 +61,8 @@ def _row_chunk(width: int, dtype: torch.dtype) -> int:
     return max(64, min(1024, 1 << max(rows, 1).bit_length() - 1))
 
 
-def _cpu_has_fast_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 _BF16_ENV = os.environ.get("SAECTL_BF16_SELECT")
-_CPU_BF16 = _cpu_has_fast_bf16()
+_CPU_BF16 = cpu_has_native_bf16()
 
 
 def bf16_select(device: torch.device, encoder_numel: int) -> bool:
@@ -293,11 +288,17 @@ def topk_autoencode(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_de
     (indices sorted within rows), and aux_hat (n, d_in) = decode of the top-k_aux latents
     among dead_idx without b_dec (an empty tensor when k_aux == 0 or no dead latents).
     bf16: select candidates in bfloat16 (module docstring); None decides by the hardware and
-    the size (small encoders gain nothing from it).
+    the size (small encoders gain nothing from it). Under bf16 autocast (`saectl train
+    --autocast bfloat16`) it is always on.
     """
-    if bf16 is None:
+    if active_bf16(x.device):  # `--autocast bfloat16` (saectl.precision): always select in bf16
+        bf16 = True
+    elif bf16 is None:
         bf16 = x.dtype == torch.float32 and bf16_select(x.device, W_enc.numel())
-    return _TopKAutoencode.apply(x, W_enc, b_enc, W_dec, b_dec, k, dead_idx, k_aux, bf16)
+    # Autocast off inside: the one bf16 product is the selection's, chosen above; the exact
+    # values, the sparse decode, the dense AuxK and the backward stay fp32 (precision.py).
+    with torch.autocast(x.device.type, enabled=False):
+        return _TopKAutoencode.apply(x, W_enc, b_enc, W_dec, b_dec, k, dead_idx, k_aux, bf16)
 
 
 def topk_autoencode_eager(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor,
