@@ -323,7 +323,9 @@ class SAE(nn.Module, metaclass=abc.ABCMeta):
         scale = min(num_dead / (self.d_in // 2), 1.0)
         masked = pre.masked_fill(~dead_mask, float("-inf"))
         vals, idx = masked.topk(k_aux, dim=-1, sorted=False)
-        e_hat = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals.relu(), mode="sum")
+        # in W_dec's dtype: under bf16 autocast (saectl.precision) pre is bf16, AuxK runs fp32
+        e_hat = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals.relu().to(self.dtype),
+                                mode="sum")
         residual = (x - x_hat).detach()
         auxk = (e_hat - residual).pow(2).sum(-1).mean()
         return {"auxk_loss": coefficient * scale * auxk}

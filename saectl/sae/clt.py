@@ -225,7 +225,8 @@ class TopKCLT(CrossLayerTranscoder):
         with torch.no_grad():
             pre = self.layer_pre_acts(x)                                      # (L, n, m)
             local = kernels.block_topk_indices(pre.view(L * n, m), k).view(L, n, k)
-            picked = pre.gather(2, local).transpose(0, 1).reshape(n, L * k)
+            # in the weights' dtype: under bf16 autocast (saectl.precision) pre is bf16
+            picked = pre.gather(2, local).transpose(0, 1).reshape(n, L * k).to(self.dtype)
             offset = torch.arange(L, device=x.device).repeat_interleave(k) * m
             idx = local.transpose(0, 1).reshape(n, L * k) + offset            # (n, L·k), global
         vals = _Selected.apply(picked, self.W_enc, self.b_enc, x_stack, idx).relu()
@@ -249,7 +250,8 @@ class TopKCLT(CrossLayerTranscoder):
         k_aux = min(self.d_in // 2, num_dead)
         with torch.no_grad():
             idx = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False).indices
-        vals = _Selected.apply(pre.gather(1, idx), self.W_enc, self.b_enc, x_stack, idx).relu()
+        vals = _Selected.apply(pre.gather(1, idx).to(self.dtype), self.W_enc, self.b_enc,
+                               x_stack, idx).relu()
         e_hat = _Decode.apply(idx, vals, self.W_dec)
         scale = min(num_dead / (self.d_in // 2), 1.0)
         return coefficient * scale * (e_hat - residual).pow(2).sum(-1).mean()

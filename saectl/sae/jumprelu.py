@@ -78,7 +78,9 @@ class Thresholds:
         bandwidth = self.cfg.jumprelu_bandwidth
         acts = _JumpReLU.apply(pre, threshold, bandwidth)
         x_hat = self.decode(acts)
-        l0 = _Step.apply(pre, threshold, bandwidth).sum(-1).mean()
+        # counted in the weights' dtype: a bf16 pre (--autocast, saectl.precision) would
+        # round a count above 256
+        l0 = _Step.apply(pre, threshold, bandwidth).to(self.dtype).sum(-1).mean()
         return self._finish(y, x_hat, acts,
                             {"l0_loss": self.cfg.l0_coefficient * sparsity_scale * l0})
 
