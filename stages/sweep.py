@@ -67,6 +67,9 @@ class SweepConfig(DeviceOptions):
                             "table and report/probe_k.png); the grid's `eval:` sets its flags")
     executor: str = opt("local", "local, processes or slurm", address=False)
     jobs: int = opt(2, "Concurrent processes (--executor processes)", address=False)
+    autocast: str | None = opt(None, "bfloat16: train every point with bf16 products (a grid "
+                                     "may set `autocast:` per point instead); in the points' "
+                                     "addresses", address=False)
     log: str | None = opt(None, "Send every point's training curves to wandb or tensorboard "
                                 "(one group)", address=False)
     log_strict: bool = opt(False, "Stop if the --log tracker cannot start", address=False)
@@ -170,6 +173,8 @@ def plan(cfg: SweepConfig) -> Plan:
     root = store.store_root(cfg.store)
     src, manifest, harvest = open_shuffle(root, cfg.shuffle)
     base = {"shuffle": src.ref, "store": str(root), "device": cfg.device}
+    if cfg.autocast is not None:  # a default for every point; each point's address holds it
+        base["autocast"] = cfg.autocast
     if cfg.log:  # every point's curves in one group of the tracker
         base.update(log=cfg.log, log_strict=cfg.log_strict,
                     log_group=f"sweep {Path(cfg.grid).stem} on {src.ref[:20]}")
