@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable, Collection
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Collection, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from difflib import get_close_matches
 
@@ -267,6 +267,24 @@ def reading(model: nn.Module, hook: HookPoint, into: dict):
         handle.remove()
 
 
+@contextmanager
+def editing(model: nn.Module, replacements: Sequence[tuple[HookPoint, Callable]] = (),
+            reads: Sequence[HookPoint] = (), into: dict | None = None):
+    """`replacing` at every (hook, fn) and `reading` every hook in `reads` into `into`, at once
+    (a cross-layer transcoder writes to several MLP outputs and reads several MLP inputs)."""
+    with ExitStack() as stack:
+        for hook, fn in replacements:
+            stack.enter_context(replacing(model, hook, fn))
+        for hook in reads:
+            stack.enter_context(reading(model, hook, into))
+        yield
+
+
+def forward_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits (batch, seq, vocab) of one full forward pass, without the KV cache."""
+    return model(input_ids.to(_device(model)), use_cache=False).logits
+
+
 def run_with_replacement(model: nn.Module, hook: HookPoint,
                          fn: Callable[[torch.Tensor], torch.Tensor],
                          input_ids: torch.Tensor) -> torch.Tensor:
@@ -274,13 +292,13 @@ def run_with_replacement(model: nn.Module, hook: HookPoint,
     replaced by fn(activation). Honours the caller's grad mode, so fn may hold trainable
     parameters (steering vectors) or run an SAE under no_grad (spliced CE loss)."""
     with replacing(model, hook, fn):
-        return model(input_ids.to(_device(model)), use_cache=False).logits
+        return forward_logits(model, input_ids)
 
 
 @torch.inference_mode()
 def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *,
-             hook: HookPoint | None = None,
-             edit: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+             edits: Sequence[tuple[HookPoint, Callable[[torch.Tensor, torch.Tensor],
+                                                         torch.Tensor]]] = (),
              temperature: float = 0.0, generator: torch.Generator | None = None,
              stop_ids: Collection[int] = ()) -> torch.Tensor:
     """Continue one sequence `input_ids` (1, P) by up to `max_new_tokens` tokens with the KV
@@ -288,8 +306,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *,
 
     Greedy when `temperature` is 0, else sampled from softmax(logits / temperature) with
     `generator` (a CPU generator: the same seed gives the same draws whatever the model does,
-    so two runs differ only where their distributions do). With `hook` and `edit`, the
-    activation there is edit(act, positions) in every forward pass, `positions` holding the
+    so two runs differ only where their distributions do). For each (hook, edit) in `edits`,
+    the activation at hook is edit(act, positions) in every forward pass, `positions` holding the
     absolute positions (t,) of act's sequence dimension (the prompt first, then one new
     token per step). Inf/NaN logits raise FloatingPointError naming the step."""
     ids = input_ids.to(_device(model))
@@ -297,10 +315,10 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *,
     # transformers 5.x renamed the KV cache argument and output `past_key_values` → `cache`
     # (the old name warns, and goes in 5.40); older versions know only the old name.
     new_name = "cache" in inspect.signature(model.forward).parameters
-    context = (replacing(model, hook, lambda a: edit(a, torch.arange(start, start + a.shape[1],
-                                                                      device=a.device)))
-               if edit is not None else nullcontext())
-    with context:
+    def at_positions(edit):
+        return lambda a: edit(a, torch.arange(start, start + a.shape[1], device=a.device))
+
+    with editing(model, [(hook, at_positions(edit)) for hook, edit in edits]):
         for step in range(max_new_tokens):
             if new_name:
                 out = model(ids, cache=past, use_cache=True)

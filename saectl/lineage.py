@@ -132,13 +132,6 @@ def check_activations(lin: Lineage, harvest: store.Artifact) -> None:
                           f"SAE takes {lin.d_in}; pass a harvest of the SAE's model")
 
 
-def one_layer(lin: Lineage, stage: str) -> None:
-    """Refuse a cross-layer transcoder in a stage that reads one hook (interpret, steer)."""
-    if layer_range(lin.hook):
-        raise ConfigError(f"{stage} does not take cross-layer transcoders yet ({lin.sae.ref[:18]} "
-                          f"spans {lin.hook}); eval and `export --format circuit-tracer` do")
-
-
 def _model_name(manifest: dict) -> str:
     return manifest.get("origin", {}).get("model", {}).get("name") or "unknown"
 

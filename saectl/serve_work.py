@@ -111,10 +111,9 @@ class Loaded:
     model: object
     tok: object
     sae: object
-    read: object
-    """The hook the SAE reads (HookPoint)."""
-    write: object
-    """The hook steering writes to: a transcoder's output, else `read`."""
+    sites: object
+    """Where the SAE reads and steering writes (`saectl.steering.Sites`): a transcoder's
+    input and output, a cross-layer transcoder's every layer."""
 
 
 class Models:
@@ -126,7 +125,7 @@ class Models:
 
     def get(self, ref: str, progress: Callable[[str], None]) -> Loaded:
         # deferred: torch and transformers load only when a page asks for a model
-        from saectl import hooks, models, store
+        from saectl import models, steering, store
         from saectl.sae import load_sae
         from saectl.steer_inputs import model_spec
 
@@ -139,14 +138,10 @@ class Models:
         device = models.resolve_device(self.device)
         tok = models.load_tokenizer(spec)
         model = models.load_model(spec, device=device)
-        read = hooks.parse_hooks(model, [lin.hook])[0]
-        write = hooks.parse_hooks(model, [lin.target or lin.hook])[0]
-        if hooks.hook_dim(model, read) != lin.d_in:
-            raise ConfigError(f"{spec.name} has width {hooks.hook_dim(model, read)} at "
-                              f"{lin.hook} but the SAE takes {lin.d_in}")
+        sites = steering.sites_of(model, lin, spec.name)
         progress(f"loading the SAE {lin.sae.ref[:18]}")
         sae = load_sae(store.sae_dir(lin.sae), device)
-        self.loaded[lin.sae.ref] = Loaded(lin, spec.name, model, tok, sae, read, write)
+        self.loaded[lin.sae.ref] = Loaded(lin, spec.name, model, tok, sae, sites)
         while len(self.loaded) > self.keep:
             self.loaded.popitem(last=False)
         return self.loaded[lin.sae.ref]
@@ -166,18 +161,14 @@ def activations(m: Loaded, text: str, k: int = 5) -> dict:
     and the latents with the largest activation anywhere in it."""
     import torch  # deferred: only model work needs it
 
-    from saectl.hooks import run_with_replacement
+    from saectl.hooks import editing, forward_logits
+    from saectl.steering import latents
 
     ids = _prompt_ids(m.tok, text, MAX_TEXT_TOKENS)
-    seen = []
-
-    def keep(act):
-        seen.append(act)
-        return act
-
-    with torch.inference_mode():
-        run_with_replacement(m.model, m.read, keep, torch.tensor([ids]))
-        acts = m.sae.encode(seen[0][0].float()).float().cpu()
+    seen = {}
+    with torch.inference_mode(), editing(m.model, (), m.sites.reads, seen):
+        forward_logits(m.model, torch.tensor([ids]))
+        acts = latents(m.sae, [seen[h.name][0] for h in m.sites.reads]).float().cpu()
     k = max(1, min(int(k), acts.shape[1]))
     vals, idx = acts.topk(k, dim=-1)
     tokens = [m.tok.decode([i]) for i in ids]
@@ -245,12 +236,13 @@ def steer(m: Loaded, root: Path, prompt: str, features: str, mode: str = "add",
     if len(ids) < 2:
         raise ConfigError("the prompt has no tokens; type text for the model to continue")
     device = m.sae.W_dec.device
-    lens = logit_lens(m.sae.W_dec.detach()[feats], m.model, LENS_K)[0].cpu()
+    writes = steering.decoder_writes(m.sae.W_dec.detach(), feats, len(m.sites.writes)).sum(0)
+    lens = logit_lens(writes, m.model, LENS_K)[0].cpu()  # a CLT's writes added up
     stop = {m.tok.eos_token_id, *_as_list(getattr(m.model.generation_config, "eos_token_id",
                                                   None))} - {None}
     progress(f"generating {n_new} tokens, without and with steering")
     try:
-        out = steering.steer_prompts(m.model, m.write, m.sae, feats, lens, [ids],
+        out = steering.steer_prompts(m.model, m.sites, m.sae, feats, lens, [ids],
                                      [(strengths * unit).to(device)], mode=mode,
                                      generated_only=False, max_new_tokens=n_new, stop_ids=stop)
     except steering.Overflow as e:

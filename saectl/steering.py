@@ -9,12 +9,18 @@ Interventions at the SAE's hook point (SAELens's steering hooks; Templeton et al
   but the feature moves: x ← x̂(a with a_f = s_f) + (x − x̂(a)) = x + (s_f − a_f)·d_f.
 - **ablate**: clamp to 0.
 
+A transcoder reads one hook and writes another: its latents are read at its input (an MLP's),
+and add mode adds s_f·d_f to its output (the MLP's). A cross-layer transcoder's latent f writes
+to its own layer's MLP output and every later one: add mode adds each block of d_f at the layer
+it belongs to, as the replacement model would (`Sites`). Clamp needs the latent read and written
+at one place, so it is for SAEs only.
+
 Strengths here are raw activation units (s·d_f is what the feature writes when it fires at s).
 Generation is greedy, or sampled from a generator seeded per prompt, so baseline and steered
 runs draw the same numbers and differ only by the intervention. Figures of one continuation
 (`Measure`), per prompt and averaged over prompts (`mean_figures`):
 
-- `act[f]`: mean activation of f over the generated tokens, read at the hook by the SAE while
+- `act[f]`: mean activation of f over the generated tokens, read where the SAE reads while
   the *unmodified* model runs over prompt + continuation: what the text evokes, not the pushed
   activation itself (which add mode would raise by construction).
 - `dlogp[f]`: mean over generation steps of log P_steered(T_f) − log P_base(T_f), T_f the
@@ -33,7 +39,47 @@ import numpy as np
 import torch
 
 from saectl.console import progress
-from saectl.hooks import HookPoint, generate, run_with_replacement
+from saectl.errors import ConfigError
+from saectl.hooks import HookPoint, editing, forward_logits, generate, hook_dim, parse_hooks
+from saectl.layout import layer_range
+
+
+@dataclass(frozen=True)
+class Sites:
+    """Where an SAE's latents read and where its decoder writes, in the model: one hook for an
+    SAE; the input and the output hook for a transcoder; each covered layer's MLP input and
+    output for a cross-layer transcoder (whose decoder row is one block of d per written layer,
+    zero for the layers before the latent's own)."""
+
+    reads: list[HookPoint]
+    writes: list[HookPoint]
+
+
+def sites_of(model, lin, name: str) -> Sites:
+    """Where the SAE of lineage `lin` reads and writes in `model` (named `name` in errors): its
+    hook; a transcoder's input and target; each layer of a cross-layer transcoder's ranges.
+    Raises ConfigError where the model's widths are not the SAE's."""
+    reads = parse_hooks(model, layer_range(lin.hook) or [lin.hook])
+    writes = parse_hooks(model, layer_range(lin.target) or [lin.target]) if lin.target else reads
+    for hook in {*reads, *writes}:
+        width = hook_dim(model, hook)
+        if width * len(reads) != lin.d_in:
+            raise ConfigError(f"{name} has width {width} at {hook.name} but the SAE takes "
+                              f"{lin.d_in // len(reads)}; pass the model the SAE was trained on")
+    return Sites(reads, writes)
+
+
+def latents(sae, acts: list[torch.Tensor]) -> torch.Tensor:
+    """The SAE's latents (..., d_sae) from the activations at `Sites.reads` (a CLT's layers
+    side by side, as it was trained)."""
+    x = acts[0] if len(acts) == 1 else torch.cat(acts, -1)
+    return sae.encode(x.float())
+
+
+def decoder_writes(W_dec, features: list[int], n_writes: int) -> torch.Tensor:
+    """(n_writes, n_f, d): each feature's decoder row cut into what it writes at each hook."""
+    rows = W_dec[features]
+    return rows.view(len(features), n_writes, -1).transpose(0, 1)
 
 
 def clamp(sae, x, features: list[int], targets):
@@ -47,22 +93,15 @@ def clamp(sae, x, features: list[int], targets):
     return (x + delta.to(x.dtype)), clamped
 
 
-def intervention(sae, features: list[int], raw, mode: str, start: int):
-    """edit(act, positions) for hooks.generate and teacher-forced passes: steers the positions
-    >= `start` by `raw` (n_f,) strengths in activation units (ablate is clamp to 0). Raises
+def _from(start: int, change):
+    """edit(act, positions) that applies change(x) to the positions >= `start` only. Raises
     FloatingPointError when the result is not finite."""
-    with torch.no_grad():
-        push = raw.to(sae.dtype) @ sae.W_dec[features]  # add mode: Σ s_f·d_f
 
     def edit(act, positions):
         mask = positions >= start
         if not bool(mask.any()):
             return act
-        x = act[..., mask, :]
-        if mode == "add":
-            new = x + push.to(x.dtype)
-        else:
-            new = clamp(sae, x, features, raw)[0]
+        new = change(act[..., mask, :])
         if not bool(torch.isfinite(new).all()):
             raise FloatingPointError("the steered activations are inf/NaN")
         out = act.clone()
@@ -72,36 +111,58 @@ def intervention(sae, features: list[int], raw, mode: str, start: int):
     return edit
 
 
+def intervention(sae, features: list[int], raw, mode: str, start: int):
+    """edit(act, positions) at the SAE's one hook, for hooks.generate and teacher-forced
+    passes: steers the positions >= `start` by `raw` (n_f,) strengths in activation units
+    (ablate is clamp to 0)."""
+    if mode == "add":
+        with torch.no_grad():
+            push = raw.to(sae.dtype) @ sae.W_dec[features]  # Σ s_f·d_f
+        return _from(start, lambda x: x + push.to(x.dtype))
+    return _from(start, lambda x: clamp(sae, x, features, raw)[0])
+
+
+def interventions(sae, sites: Sites, features: list[int], raw, mode: str, start: int):
+    """[(hook, edit)] for `hooks.generate`: `intervention` at an SAE's or a transcoder's one
+    hook; for a cross-layer transcoder (add mode only) each written hook gets Σ s_f·d_f of the
+    features' blocks there, and hooks they do not write to are left alone."""
+    if len(sites.writes) == 1:
+        return [(sites.writes[0], intervention(sae, features, raw, mode, start))]
+    assert mode == "add", "a cross-layer transcoder is steered by adding its writes"
+    with torch.no_grad():
+        pushes = (raw.to(sae.dtype)[None, None] @ decoder_writes(sae.W_dec, features,
+                                                                  len(sites.writes)))[:, 0]
+    return [(hook, _from(start, lambda x, p=push: x + p.to(x.dtype)))
+            for hook, push in zip(sites.writes, pushes) if bool(push.ne(0).any())]
+
+
 class Measure:
     """The effect figures of one continuation (module docstring): one pass of the unmodified
-    model over prompt + continuation (activations at the hook and next-token distributions),
-    and for a steered run one teacher-forced pass with the intervention."""
+    model over prompt + continuation (the activations the latents read, and next-token
+    distributions), and for a steered run one teacher-forced pass with the interventions."""
 
-    def __init__(self, model, hook: HookPoint, sae, features: list[int], lens):
-        self.model, self.hook, self.sae, self.features, self.lens = (model, hook, sae, features,
-                                                                     lens)
+    def __init__(self, model, sites: Sites, sae, features: list[int], lens):
+        self.model, self.sites, self.sae, self.features, self.lens = (model, sites, sae,
+                                                                      features, lens)
 
-    def _pass(self, seq, edit=None):
-        seen = []
-
-        def fn(act):
-            out = act if edit is None else edit(act, torch.arange(act.shape[1],
-                                                                  device=act.device))
-            seen.append(act)
-            return out
-
-        with torch.inference_mode():
-            logits = run_with_replacement(self.model, self.hook, fn, seq)[0].float()
+    def _pass(self, seq, edits=()):
+        """(log-probabilities (seq, vocab), the activations at the read hooks (seq, d) of an
+        unmodified pass; none for an edited one)."""
+        fns = [(hook, lambda a, e=e: e(a, torch.arange(a.shape[1], device=a.device)))
+               for hook, e in edits]
+        reads, seen = ([] if edits else self.sites.reads), {}
+        with torch.inference_mode(), editing(self.model, fns, reads, seen):
+            logits = forward_logits(self.model, seq)[0].float()
         if not bool(torch.isfinite(logits).all()):
             raise FloatingPointError("the logits are inf/NaN")
-        return logits.log_softmax(-1), seen[0][0]
+        return logits.log_softmax(-1), [seen[h.name][0] for h in reads]
 
     def _clean(self, ids, new):
         seq = torch.tensor([list(ids) + new.tolist()])
         P, n = len(ids), len(new)
-        logp, act = self._pass(seq)
+        logp, read = self._pass(seq)
         with torch.inference_mode():
-            acts = self.sae.encode(act.float())[:, self.features].cpu()
+            acts = latents(self.sae, read)[:, self.features].cpu()
         logp = logp[P - 1:P + n - 1]  # the distributions the new tokens were drawn from
         nll = -logp.gather(1, new.view(-1, 1).to(logp.device)).mean()
         return seq, logp, acts, {"tokens": n, "ppl": float(nll.exp()),
@@ -115,10 +176,10 @@ class Measure:
         figs["act_max"] = self._per_feature(acts[1:].max(0).values)  # all but BOS
         return figs
 
-    def steered(self, ids, new, edit) -> dict:
+    def steered(self, ids, new, edits) -> dict:
         seq, logp_u, _, figs = self._clean(ids, new)
         P, n = len(ids), len(new)
-        logp_s = self._pass(seq, edit)[0][P - 1:P + n - 1]
+        logp_s = self._pass(seq, edits)[0][P - 1:P + n - 1]
         kl = (logp_u.exp() * (logp_u - logp_s)).sum(-1).mean()
         lens = self.lens.to(logp_u.device)
         dlogp = [(logp_s[:, lens[j]].logsumexp(-1) - logp_u[:, lens[j]].logsumexp(-1)).mean()
@@ -165,7 +226,7 @@ class Generated:
     steered_figures: list[list[dict]]
 
 
-def steer_prompts(model, hook: HookPoint, sae, features: list[int], lens,
+def steer_prompts(model, sites: Sites, sae, features: list[int], lens,
                   prompt_ids: list[list[int]], raw_runs: list[torch.Tensor], *, mode: str,
                   generated_only: bool, max_new_tokens: int, temperature: float = 0.0,
                   seed: int = 0, stop_ids: Collection[int] = ()) -> Generated:
@@ -173,11 +234,11 @@ def steer_prompts(model, hook: HookPoint, sae, features: list[int], lens,
     measure each continuation. Prompts start with BOS, which is never steered (training left
     it out); with `generated_only`, only the positions that produce new tokens are (the last
     prompt position and every generated one). Raises `Overflow` on inf/NaN."""
-    m = Measure(model, hook, sae, features, lens)
+    m = Measure(model, sites, sae, features, lens)
 
-    def continuation(i, ids, edit=None):
+    def continuation(i, ids, edits=()):
         g = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        return generate(model, torch.tensor([ids]), max_new_tokens, hook=hook, edit=edit,
+        return generate(model, torch.tensor([ids]), max_new_tokens, edits=edits,
                         temperature=temperature, generator=g, stop_ids=stop_ids)
 
     out = Generated([], [], [[] for _ in raw_runs], [[] for _ in raw_runs])
@@ -189,11 +250,11 @@ def steer_prompts(model, hook: HookPoint, sae, features: list[int], lens,
             bar.advance(1)
             start = len(ids) - 1 if generated_only else 1
             for r, raw in enumerate(raw_runs):
-                edit = intervention(sae, features, raw, mode, start)
+                edits = interventions(sae, sites, features, raw, mode, start)
                 try:
-                    new = continuation(i, ids, edit)
+                    new = continuation(i, ids, edits)
                     out.steered[r].append(new)
-                    out.steered_figures[r].append(m.steered(ids, new, edit))
+                    out.steered_figures[r].append(m.steered(ids, new, edits))
                 except FloatingPointError as e:
                     raise Overflow(r, i, str(e)) from None
                 bar.advance(1)

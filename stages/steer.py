@@ -27,7 +27,7 @@ from saectl.config import opt
 from saectl.console import info
 from saectl.data import bos_id
 from saectl.errors import ConfigError
-from saectl.lineage import Lineage, logit_lens, one_layer, sae_lineage
+from saectl.lineage import Lineage, logit_lens, sae_lineage
 from saectl.stage import DeviceOptions, Plan, Stage
 from saectl.steer_inputs import interpret_units, model_spec, read_prompts
 from saectl.steer_report import is_sweep, plot_sweep, show
@@ -215,7 +215,6 @@ def plan(cfg: SteerConfig) -> Plan:
 
     root = store.store_root(cfg.store)
     lin = sae_lineage(root, cfg.sae)
-    one_layer(lin, "steer")
     if lin.target and cfg.mode != "add":
         raise ConfigError(f"--mode {cfg.mode} sets a latent where it is read, and a transcoder "
                           f"reads {lin.hook} but writes {lin.target}: use --mode add (it adds to "
@@ -239,7 +238,7 @@ def prepare(cfg: SteerConfig, p: Plan) -> None:
     # deferred: torch and transformers (these modules import them) load only to generate
     import torch
 
-    from saectl import hooks, models, steering
+    from saectl import models, steering
     from saectl.sae import load_sae
 
     ctx: Steering = p.context
@@ -248,13 +247,11 @@ def prepare(cfg: SteerConfig, p: Plan) -> None:
     info(f"steer: loading {spec.name} on {device}")
     tok = models.load_tokenizer(spec)
     model = models.load_model(spec, device=device)
-    hook = hooks.parse_hooks(model, [lin.target or lin.hook])[0]  # a transcoder writes there
-    width = hooks.hook_dim(model, hook)
-    if width != lin.d_in:
-        raise ConfigError(f"{spec.name} has width {width} at {lin.hook} but the SAE takes "
-                          f"{lin.d_in}; pass the model the SAE was trained on")
+    sites = steering.sites_of(model, lin, spec.name)
     sae = load_sae(store.sae_dir(lin.sae), device)
-    lens = logit_lens(sae.W_dec.detach()[r.features], model, LENS_K)[0].cpu()
+    # the logit lens of what a feature writes, added up over the layers it writes to (a CLT)
+    writes = steering.decoder_writes(sae.W_dec.detach(), r.features, len(sites.writes)).sum(0)
+    lens = logit_lens(writes, model, LENS_K)[0].cpu()
     stop = {tok.eos_token_id, *_as_list(getattr(model.generation_config, "eos_token_id", None))}
     stop.discard(None)
     prompt_ids = [[bos_id(tok), *tok(t, add_special_tokens=False)["input_ids"]]
@@ -271,7 +268,7 @@ def prepare(cfg: SteerConfig, p: Plan) -> None:
     raw = [torch.tensor(s, dtype=torch.float32, device=device) * unit for _, s in runs]
     try:
         out = steering.steer_prompts(
-            model, hook, sae, r.features, lens, prompt_ids, raw, mode=cfg.mode,
+            model, sites, sae, r.features, lens, prompt_ids, raw, mode=cfg.mode,
             generated_only=cfg.positions == "generated", max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature, seed=cfg.seed, stop_ids=stop)
     except steering.Overflow as e:

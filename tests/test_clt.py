@@ -171,8 +171,15 @@ def test_clt_trains_evaluates_and_refuses_bad_input(family, tiny_model_dirs, tmp
     it = store.open_complete(tmp_path, _cli(capsys, "interpret", ref, "--no-explain", "--top",
                                             "4", *common))
     assert it.is_complete() and layout.LENS in it.group()
+    # steer adds a latent's writes at every layer it writes to; clamp is for SAEs
+    late = 2 * clt.m + 1  # a latent of the last layer: it writes to mlp_out.2 only
+    st = store.open_complete(tmp_path, _cli(capsys, "steer", ref, "--feature", "0:4",
+                                            "--feature", f"{late}:4", "--prompt", "The",
+                                            "--max-new-tokens", "3", "--units", "raw",
+                                            *common)).manifest()["summary"]
+    assert st["hook"] == "mlp_out.0..2" and np.isfinite(st["runs"][0]["mean"]["kl"])
     assert_one_line_error(run_cli(capsys, "steer", ref, "--feature", "0", "--prompt", "The",
-                                  "--max-new-tokens", "3", *common), "cross-layer", "export")
+                                  "--mode", "clamp", *common), "--mode add", "mlp_out.0..2")
     # Bad input: one line each, nothing trained.
     base = ["train", sh, "--store", tmp_path, "--device", "cpu"]
     assert_one_line_error(run_cli(capsys, *base, "--arch", "clt", "--hook", "mlp_in.0..3",
@@ -190,6 +197,59 @@ def test_clt_trains_evaluates_and_refuses_bad_input(family, tiny_model_dirs, tmp
                                   "--target", "mlp_out.2..0"), "backwards")
     tried("train", "bad input", 6)
     tried("steer", "bad input", 1)
+
+
+def test_steering_a_clt_latent_adds_each_block_where_it_writes(tiny_model_dirs):
+    """A CLT latent of layer 1 (of 0..2) steered by s adds s·(its block j) to mlp_out.j for
+    j = 1, 2 and leaves mlp_out.0 alone; its `act` figure is read from the MLP inputs of the
+    unmodified model, every layer side by side, as the CLT was trained."""
+    from saectl import steering
+
+    spec = models.resolve_model(str(tiny_model_dirs["gpt_neox"]))
+    model = models.load_model(spec, device="cpu")
+    tok = models.load_tokenizer(spec)
+    ids = torch.tensor([[tok.bos_token_id, *tok("The cat sat on", add_special_tokens=False)
+                         ["input_ids"]]])
+    reads = hooks.parse_hooks(model, layout.layer_range("mlp_in.0..2"))
+    writes = hooks.parse_hooks(model, layout.layer_range("mlp_out.0..2"))
+    d, m = hooks.hook_dim(model, writes[0]), 8
+    torch.manual_seed(0)
+    clt = ARCHS["clt"](SAEConfig(arch="clt", d_in=3 * d, d_sae=3 * m, k=2, n_layers=3,
+                                 transcoder=True))
+    with torch.inference_mode():  # a layer-1 latent that fires on this text
+        x = hooks.run_with_hooks(model, reads, ids)
+        lat = clt.encode(torch.cat([x[h.name][0] for h in reads], -1))
+    sites, f, s = steering.Sites(reads, writes), m + int(lat[1:, m:2 * m].sum(0).argmax()), 2.5
+    edits = steering.interventions(clt, sites, [f], torch.tensor([s]), "add", 1)
+    assert [h.name for h, _ in edits] == ["mlp_out.1", "mlp_out.2"]
+    block = clt.W_dec.detach()[f].view(3, d)
+    assert float(block[0].abs().max()) == 0.0 and float(block[1:].abs().min()) > 0
+
+    def run(edit_hooks):
+        seen = {}
+        fns = [(h, lambda a, e=e: e(a, torch.arange(a.shape[1]))) for h, e in edits
+               if h.name in edit_hooks]
+        with torch.inference_mode(), hooks.editing(model, fns, writes, seen):
+            hooks.forward_logits(model, ids)
+        return seen
+
+    clean, first, both = run(()), run(("mlp_out.1",)), run(("mlp_out.1", "mlp_out.2"))
+    assert torch.equal(both["mlp_out.0"], clean["mlp_out.0"])
+    for j, (before, after) in ((1, (clean, both)), (2, (first, both))):
+        diff = after[f"mlp_out.{j}"] - before[f"mlp_out.{j}"]
+        assert torch.equal(diff[:, :1], torch.zeros_like(diff[:, :1]))  # BOS is not steered
+        torch.testing.assert_close(diff[:, 1:], (s * block[j]).expand_as(diff[:, 1:]),
+                                   atol=1e-5, rtol=0)
+    # the act figure: the CLT's latents of the unmodified model's MLP inputs
+    new = torch.tensor([5, 6])
+    lens = torch.zeros(1, 2, dtype=torch.long)
+    figs = steering.Measure(model, sites, clt, [f], lens).baseline(ids[0].tolist(), new)
+    with torch.inference_mode():
+        seq = torch.cat([ids[0], new])[None]
+        x = hooks.run_with_hooks(model, reads, seq)
+        want = clt.encode(torch.cat([x[h.name][0] for h in reads], -1))[1:, f].max()
+    assert float(want) > 0
+    assert figs["act_max"][str(f)] == pytest.approx(float(want), abs=1e-6)
 
 
 def test_topk_clt_sparse_backward_equals_dense_autograd():
