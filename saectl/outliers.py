@@ -74,6 +74,17 @@ def stream_norms(art, src_arr, hook: str, step: int, src_ref: str) -> Path:
     return path
 
 
+def write_norms(art, hook: str, norms: np.ndarray) -> None:
+    """Every row's norm, already computed (the shuffle's in-memory path read the hook), into
+    the file stream_norms would write, recorded as streamed: find then reads no activations."""
+    path = layout.norms_scratch(art.path, hook)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    norms.astype("<f4").tofile(path)
+    state = _state(art)
+    state.setdefault("rows", {})[hook] = len(norms)
+    _save(art, state)
+
+
 def _scan(path: Path, C: int, first: int, budget: int):
     """(rows, norms) of the rows a split can hold (position ≥ `first`), a block at a time: its
     temporaries take ~32 bytes a row, a 64th of --memory as a read of the shuffle does."""

@@ -3,7 +3,9 @@ train and eval by *sequence* (no eval token's sequence has a token in train).
 
 The permutation is a keyed Feistel bijection on [0, n_train) with cycle walking, so the
 destination of any row is computed on the fly: no n-sized permutation array, whatever n is.
-Two passes per hook, each within `--memory`:
+When a hook's harvest fits half of `--memory`, it is read once and written in place, with no
+buckets (`saectl/shuffle_memory.py`: the same arrays, bit for bit). Otherwise two passes per
+hook, each within `--memory`:
   1. read the harvest sequentially, send each train row to the on-disk bucket that holds its
      destination (`scratch/<hook>/<bucket>.bin`), accumulating normalisation statistics;
   2. load one bucket at a time, place its rows at their destinations, write the output chunks.
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from saectl import arrays, faults, layout, outliers, store
+from saectl import arrays, faults, layout, outliers, shuffle_memory, store
 from saectl.config import address_params, opt, parse_bytes
 from saectl.console import info, progress
 from saectl.errors import ConfigError
@@ -193,13 +195,20 @@ def build(cfg: ShuffleConfig, plan: Plan, writer) -> None:
     made = src.manifest()["summary"]
     n_seq, C = made["n_seq"], made["context_size"]
     split = make_split(n_seq, C, cfg, has_bos=made.get("bos", True))
-    measured = {}
+    measured, held = {}, {}
+    step_of = lambda a: _read_step(cfg.budget, a)  # noqa: E731
+    srcs = {h: hin[layout.acts(h)] for h in hooks}
+    if sum(shuffle_memory.need(a, step_of(a)) for a in srcs.values()) <= cfg.budget // 2:
+        # Every hook fits at once: one read each serves the outliers and the shuffle.
+        for h, a in srcs.items():
+            held[h] = shuffle_memory.load(a, step_of(a), src.ref, h, split)
+            if cfg.max_activation_norm_multiple > 0:
+                shuffle_memory.give_norms(art, h, held[h])
     if cfg.max_activation_norm_multiple > 0:
         # BOS stays --keep-bos's to decide: outliers are sought among the other positions.
         excluded, measured = outliers.find(
-            art, {h: hin[layout.acts(h)] for h in hooks}, C, 1 if made.get("bos", True) else 0,
-            cfg.max_activation_norm_multiple, cfg.budget, lambda a: _read_step(cfg.budget, a),
-            src.ref)
+            art, srcs, C, 1 if made.get("bos", True) else 0,
+            cfg.max_activation_norm_multiple, cfg.budget, step_of, src.ref)
         split = dataclasses.replace(split, excluded=excluded)
     n_train, n_eval = split.counts()
     out = art.group("r+")
@@ -208,8 +217,8 @@ def build(cfg: ShuffleConfig, plan: Plan, writer) -> None:
     out.create_array(layout.ROWS_EVAL, data=split.rows(want_eval=True), overwrite=True)
     stats = {}
     for i, hook in enumerate(hooks):
-        stats[hook] = _shuffle_hook(art, out, hin[layout.acts(hook)], hook, split, n_train,
-                                    n_eval, cfg, src.ref, write_rows=i == 0)
+        stats[hook] = _shuffle_hook(art, out, srcs[hook], hook, split, n_train, n_eval, cfg,
+                                    src.ref, write_rows=i == 0, held=held.pop(hook, None))
         shares = stats[hook].pop("shares")
         if hook in measured:
             stats[hook]["outliers"] = {**measured[hook], **shares,
@@ -257,7 +266,7 @@ def _record(dtype: np.dtype, d: int) -> np.dtype:
 
 
 def _shuffle_hook(art, out, src_arr, hook, split: Split, n_train: int, n_eval: int,
-                  cfg: ShuffleConfig, src_ref: str, write_rows: bool) -> dict:
+                  cfg: ShuffleConfig, src_ref: str, write_rows: bool, held=None) -> dict:
     d = src_arr.shape[1]
     storage = src_arr.attrs.get("dtype", str(src_arr.dtype))
     rec = _record(src_arr.dtype, d)
@@ -278,14 +287,24 @@ def _shuffle_hook(art, out, src_arr, hook, split: Split, n_train: int, n_eval: i
     scratch = layout.scratch(art.path, hook)
     scratch.mkdir(parents=True, exist_ok=True)
     state = _load_state(art, hook)
-
-    if not state.get("pass1_done"):
+    step = _read_step(cfg.budget, src_arr)
+    if not state.get("done") and (
+            held or shuffle_memory.need(src_arr, step) <= cfg.budget // 2):
+        held = held or shuffle_memory.load(src_arr, step, src_ref, hook, split)
+        shares = outliers.Shares(d) if len(split.excluded) else None
+        state = {"done": True, "n_buckets": 0, **shuffle_memory.shuffle_hook(
+            held, dst, dst_eval, rows_arr if write_rows else None, split, perm, n_train,
+            storage, src_arr.chunks[0], step, shares, hook)}
+        del held
+        _save_state(art, hook, state)
+    n_buckets = state.get("n_buckets", n_buckets)
+    if not state.get("done") and not state.get("pass1_done"):
         state = _pass1(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets,
                        scratch, state, cfg.budget, src_ref)
     done = set(state.get("buckets_done", []))
     with progress(f"shuffle {hook}: place", n_buckets, "buckets", done=len(done)) as bar:
         for b in range(n_buckets):
-            if b in done:
+            if b in done or state.get("done"):
                 continue
             lo, hi = b * bucket_rows, min((b + 1) * bucket_rows, n_train)
             records = np.fromfile(scratch / f"{b}.bin", dtype=rec)
