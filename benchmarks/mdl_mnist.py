@@ -21,6 +21,8 @@ import argparse
 import gzip
 import json
 import math
+import os
+import resource
 import time
 from pathlib import Path
 
@@ -36,6 +38,14 @@ FILES = {"train": "train-images.idx3-ubyte.gz", "test": "t10k-images.idx3-ubyte.
          "train_labels": "train-labels.idx1-ubyte.gz"}
 TEMPLATE_IMAGES = 10_000  # training images a direction is compared with (and the class means)
 TILES = 32  # most-used live latents drawn per SAE
+# The figures cost ~20-40 ms per direction (stroke-ness tries 52,344 segments), so an SAE with
+# more live latents than EXACT is measured on a sample: DRAWS latents drawn with probability ∝
+# use (with replacement; their plain mean estimates the use-weighted mean, standard error
+# σ/√DRAWS) and UNIFORM drawn uniformly (their median estimates the median), besides the TILES
+# most used. Seed replicas get DL only: their figures would repeat seed 0's.
+EXACT, DRAWS, UNIFORM = 384, 256, 128
+NEAR = 4  # the feasible points of least held-out DL that get seeds 1 and 2 and a longer run
+LONG = 4  # how many times as long that run trains (a check of convergence at the minimum)
 # A direction's kind, from the figures: each threshold midway between the calibration medians
 # of the kinds it separates (README, "MDL on MNIST"): stroke-ness between digits (0.61) and two
 # joined segments (0.87), extent (geometrically) between a round blob (5) and a segment (16),
@@ -70,12 +80,52 @@ def run_pipeline(data: Path, root: Path) -> float:
     return time.time() - t
 
 
-def sweep_rows(root: Path, step: str) -> list[dict]:
-    s = store.resolve(root, f"refs/mdl-mnist/{step}.sweep").manifest()["summary"]
+def sweep_rows(root: Path, ref: str, name: str) -> list[dict]:
+    s = store.resolve(root, ref).manifest()["summary"]
     rows = [dict(zip(s["columns"], r)) if isinstance(r, list) else dict(r) for r in s["table"]]
     for r in rows:
-        r["sweep"], r["chosen"] = step, r["point"] == s["chosen"]
+        r["sweep"], r["chosen"] = name, name == "sweep" and r["point"] == s["chosen"]
+        r["seed"] = store.resolve(root, r["ref"]).manifest()["params"]["train"]["seed"]
     return rows
+
+
+def grid_point(root: Path, ref: str, **change) -> dict:
+    """The sweep point that trains the SAE at `ref` again, with `change` (seed, tokens)."""
+    prm = store.resolve(root, ref).manifest()["params"]
+    sae, train = prm["sae"], prm["train"]
+    out = {"arch": sae["arch"], "width": sae["d_sae"], "k": sae["k"],
+           "tokens": train["total_steps"] * prm["batch_size"], "batch_size": prm["batch_size"],
+           "dead_tokens": train["dead_window_tokens"], "lm_eval": False, "seed": train["seed"]}
+    if sae["arch"] == "jumprelu":
+        out["l0"] = sae["l0_coefficient"]
+    if sae["matryoshka_prefixes"]:
+        out["prefixes"] = ",".join(map(str, sae["matryoshka_prefixes"]))
+    if train["lr"] is not None:
+        out["lr"] = train["lr"]
+    return {**out, **change}
+
+
+def checks(root: Path, rows: list[dict], tolerance: float, work: Path,
+           near: int = NEAR) -> dict[str, str]:
+    """The two checks on the minimum, as sweeps of their own (sweep ref by name): seeds 1 and 2
+    of the NEAR feasible points of least held-out DL, and those points trained LONG times as
+    long (seed 0), to see whether more training moves the choice."""
+    from saectl import stage
+    from stages import sweep
+
+    ok = sorted((r for r in rows if r["dl"] is not None), key=lambda r: r["dl"])[:near]
+    grids = {"seeds": [grid_point(root, r["ref"], seed=s) for r in ok for s in (1, 2)],
+             "long": [grid_point(root, r["ref"], tokens=LONG * grid_point(root, r["ref"])["tokens"])
+                      for r in ok]}
+    out = {}
+    for name, points in grids.items():
+        path = work / f"mdl-mnist-{name}.yaml"
+        path.write_text(json.dumps({"points": points}))  # JSON is YAML
+        art = stage.run(sweep.STAGE, sweep.SweepConfig(
+            store=str(root), shuffle="refs/mdl-mnist/shuffle", grid=str(path),
+            tolerance=tolerance, executor="processes", jobs=2))
+        out[name] = art.ref
+    return out
 
 
 def converged(art: store.Artifact) -> float:
@@ -99,24 +149,40 @@ def measure(row: dict, root: Path, test: torch.Tensor, refs: np.ndarray, class_m
     for x in batches():
         fires += (sae.encode(x) > 0).sum(0)
     live = fires.numpy() > 0
-    dirs = sae.W_dec.detach().float().numpy()[live]
-    fig = strokes.figures(dirs, (28, 28), refs)
-    if class_means is not None:
-        fig["template_class"] = strokes.template(dirs, class_means)
-    w = fires.numpy()[live].astype(np.float64)
-    kinds = kind(fig)
     out = {k: row.get(k) for k in ("point", "sweep", "chosen", "arch", "width", "k", "seed",
                                    "l0", "ref")}
     out.update(val_dl=row["dl"], val_fvu=row["fvu"], val_quantised_fvu=row["quantised_fvu"],
                dl=dl.as_dict(), live=int(live.sum()), convergence=converged(art),
-               figures={k: {"weighted_mean": float((v * w).sum() / w.sum()),
-                            "median": float(np.median(v))} for k, v in fig.items()},
-               kinds={k: float((w * (kinds == k)).sum() / w.sum())
-                      for k in ("template", "stroke", "fragment", "other")},
                prefixes=list(prefixes) if prefixes else None)
+    if row["sweep"] != "sweep":
+        return out
+    dirs = sae.W_dec.detach().float().numpy()[live]
+    w = fires.numpy()[live].astype(np.float64)
     order = np.argsort(-w)[:TILES]
+    if len(w) <= EXACT:
+        pick, weighted, uniform = np.arange(len(w)), None, None
+    else:  # a sample: see EXACT
+        rng = np.random.default_rng(0)
+        weighted = rng.choice(len(w), DRAWS, p=w / w.sum())
+        uniform = rng.choice(len(w), UNIFORM, replace=False)
+        pick = np.unique(np.concatenate([order, weighted, uniform]))
+    fig = strokes.figures(dirs[pick], (28, 28), refs)
+    if class_means is not None:
+        fig["template_class"] = strokes.template(dirs[pick], class_means)
+    at = np.full(len(w), -1)
+    at[pick] = np.arange(len(pick))
+    kinds = kind(fig)
+    if weighted is None:
+        ww, wi, med = w, at, at
+    else:  # each draw counts once, so the plain mean over draws is the use-weighted estimate
+        ww, wi, med = np.ones(DRAWS), at[weighted], at[uniform]
+    out.update(figures={k: {"weighted_mean": float((v[wi] * ww).sum() / ww.sum()),
+                            "median": float(np.median(v[med]))} for k, v in fig.items()},
+               kinds={k: float((ww * (kinds[wi] == k)).sum() / ww.sum())
+                      for k in ("template", "stroke", "fragment", "other")},
+               measured=int(len(pick)), sampled=weighted is not None)
     out["tiles"] = {"dirs": dirs[order].tolist(), "fires": w[order].tolist(),
-                    **{k: np.asarray(v)[order].tolist() for k, v in fig.items()}}
+                    **{k: np.asarray(v)[at[order]].tolist() for k, v in fig.items()}}
     return out
 
 
@@ -143,8 +209,8 @@ def hierarchy_controls(rows: list[dict], root: Path, test: torch.Tensor, toleran
         art = store.resolve(root, m["ref"])
         groups = tuple(load_sae(layout.sae_dir(art.path)).cfg.matryoshka_prefixes)
         for r in rows:
-            if r["arch"] in ("topk", "batchtopk") and r["width"] == m["width"] \
-                    and r["k"] == m["k"] and r.get("seed", 0) in (0, None):
+            if r["sweep"] == "sweep" and r["arch"] in ("topk", "batchtopk") \
+                    and r["width"] == m["width"] and r["k"] == m["k"]:
                 sae = load_sae(layout.sae_dir(store.resolve(root, r["ref"]).path))
                 dl = mdl.description_length(sae, lambda: iter(test.split(2500)), tolerance,
                                             groups=groups)
@@ -187,9 +253,11 @@ def main(argv=None) -> None:
     ap.add_argument("--store", type=Path, default=Path("mnist-store"))
     ap.add_argument("--out", type=Path, default=REPO / "docs", help="where the plots go")
     ap.add_argument("--skip-run", action="store_true", help="the pipeline has run already")
+    ap.add_argument("--near", type=int, default=NEAR,
+                    help="points nearest the minimum that get seeds 1, 2 and a longer run")
     a = ap.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    t0 = time.time()
+    t0, load0 = time.time(), os.getloadavg()
     pipeline_s = None if a.skip_run else run_pipeline(a.data, a.store)
     root = store.store_root(a.store)
     train_x = store.resolve(root, "refs/mdl-mnist/train_images").group()["acts/pixels"]
@@ -201,10 +269,11 @@ def main(argv=None) -> None:
     labels = _idx(find(a.data, "train_labels"))
     class_means = np.stack([all_train[labels == c].mean(0) for c in range(10)])
     tolerance = store.resolve(root, "refs/mdl-mnist/sweep.sweep").manifest()["summary"]["tolerance"]
-    rows = sweep_rows(root, "sweep") + sweep_rows(root, "seeds")
-    for r in rows:
-        r.setdefault("seed", 0)
-        r["seed"] = r["seed"] if r["seed"] is not None else 0
+    rows = sweep_rows(root, "refs/mdl-mnist/sweep.sweep", "sweep")
+    t = time.time()
+    refs_of = checks(root, rows, tolerance, root, a.near)
+    checks_s = time.time() - t
+    rows += [r for name, ref in refs_of.items() for r in sweep_rows(root, ref, name)]
     test = torch.from_numpy(test_np)
     results = []
     for r in rows:
@@ -218,15 +287,23 @@ def main(argv=None) -> None:
                "calibration": calibration(refs, class_means, test_np),
                "test_eval": {k: test_eval.get(k) for k in ("fvu", "l0", "dead_fraction", "dl",
                                                           "dl_bins", "n_tokens")},
-               "pipeline_s": pipeline_s, "analysis_s": None}
+               "pipeline_s": pipeline_s, "checks_s": checks_s, "analysis_s": None,
+               "long_factor": LONG}
     from benchmarks import mdl_mnist_report as report  # matplotlib
 
     report.plots(summary, a.out)
-    summary["analysis_s"] = time.time() - t0 - (pipeline_s or 0)
+    summary["analysis_s"] = time.time() - t0 - (pipeline_s or 0) - checks_s
+    summary["wall_s"] = time.time() - t0
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    summary["cpu_s"] = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    summary["load_average"] = {"start": load0, "end": os.getloadavg()}
     path = root / "mdl-mnist-results.json"
     path.write_text(json.dumps(summary, default=float))
     report.tables(summary)
-    print(f"pipeline {pipeline_s or 0:.0f}s, analysis {summary['analysis_s']:.0f}s; "
+    print(f"pipeline {pipeline_s or 0:.0f}s, seeds and longer runs {checks_s:.0f}s, analysis "
+          f"{summary['analysis_s']:.0f}s: {summary['wall_s'] / 60:.1f} min wall, "
+          f"{summary['cpu_s'] / 60:.1f} CPU-min (this process and its children), load average "
+          f"{load0[0]:.1f} at the start, {summary['load_average']['end'][0]:.1f} at the end; "
           f"results in {path}")
 
 

@@ -52,7 +52,7 @@ def shown(summary: dict) -> dict[str, dict]:
 def plots(summary: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tol = summary["tolerance"]
-    pts = summary["points"]
+    pts = [p for p in summary["points"] if p["sweep"] != "long"]
     topk = [p for p in pts if p["arch"] == "topk"]
     by_k = defaultdict(list)
     for p in topk:
@@ -138,7 +138,7 @@ def tiles(p: dict, path: Path, title: str) -> None:
 
 def tables(summary: dict) -> None:
     tol = summary["tolerance"]
-    pts = summary["points"]
+    pts = [p for p in summary["points"] if p["sweep"] != "long"]
     print(f"\n### DL on the test images at quantised FVU <= {tol} (seed 0; seeds: mean ± half range)")
     print("| SAE | val DL | test DL | seeds | naive | B | test FVU | L0 | live | conv. |")
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -160,14 +160,17 @@ def tables(summary: dict) -> None:
         print(f"| {name}{mark} | {f(p['val_dl'])} | {f(dl)} | {seeds} | {f(bound)} | {b or '-'} "
               f"| {f(p['dl']['fvu'], 3)} | {f(p['dl']['l0'], 1)} | {p['live']} "
               f"| {p['convergence'] * 100:.1f}% |")
-    print("\n### Direction figures (weighted mean over live latents; median in brackets) and kinds")
+    long_table(summary)
+    print("\n### Direction figures (weighted mean over live latents; median in brackets) and kinds;"
+          " * = estimated from a sample of latents (mdl_mnist.EXACT)")
     print("| SAE | test DL | template-ness | extent | stroke-ness | components | template / stroke "
           "/ fragment / other |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for p in sorted((p for p in pts if p["sweep"] == "sweep"), key=lambda p: (p["arch"], p["k"], p["width"])):
         fg, kd = p["figures"], p["kinds"]
         dl = test_dl(p, tol)[0]
-        print(f"| {label(p)}{' **(chosen)**' if p['chosen'] else ''} | "
+        print(f"| {label(p)}{' **(chosen)**' if p['chosen'] else ''}"
+              f"{' *' if p.get('sampled') else ''} | "
               f"{'-' if dl is None else f'{dl:.1f}'} | "
               + " | ".join(f"{fg[k]['weighted_mean']:.2f} ({fg[k]['median']:.2f})"
                            for k in ("template", "extent", "stroke", "components"))
@@ -203,3 +206,27 @@ def tables(summary: dict) -> None:
                   f"{e['hierarchical_naive_bound']:.1f} |")
     ev = summary["test_eval"]
     print(f"\n`test` step (saectl eval of the chosen SAE on the test images): {ev}")
+
+
+def long_table(summary: dict) -> None:
+    """The points nearest the minimum, trained `long_factor` times as long (seed 0): test FVU and
+    DL before and after, and which of them the longer training would choose."""
+    tol, factor = summary["tolerance"], summary.get("long_factor")
+    long = [p for p in summary["points"] if p["sweep"] == "long"]
+    if not long:
+        return
+    base = {label(p): p for p in summary["points"] if p["sweep"] == "sweep"}
+    print(f"\n### Convergence at the minimum: the same points trained {factor}x as long (seed 0, "
+          f"test images, ε {tol})")
+    print("| SAE | test FVU | FVU, longer | change | test DL (B) | DL, longer (B) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    f = lambda v: "infeasible" if v[0] is None else f"{v[0]:.2f} ({v[2]})"
+    for p in sorted(long, key=lambda p: test_dl(p, tol)[0] or math.inf):
+        b = base[label(p)]
+        fv0, fv1 = b["dl"]["fvu"], p["dl"]["fvu"]
+        print(f"| {label(p)} | {fv0:.3f} | {fv1:.3f} | {(fv1 / fv0 - 1) * 100:+.1f}% | "
+              f"{f(test_dl(b, tol))} | {f(test_dl(p, tol))} |")
+    for name, ps in (("as trained", [base[label(p)] for p in long]), ("longer", long)):
+        ok = [(test_dl(p, tol)[0], label(p)) for p in ps if test_dl(p, tol)[0] is not None]
+        print(f"- least test DL among them, {name}: " + (f"{min(ok)[1]} ({min(ok)[0]:.2f})"
+                                                         if ok else "none feasible"))
