@@ -26,6 +26,8 @@ from datetime import timedelta
 from saectl.errors import ConfigError
 
 TIMEOUT = timedelta(minutes=float(os.environ.get("SAECTL_DIST_TIMEOUT_MINUTES", "30")))
+_MESH = None
+"""The (data, latents) device mesh when the latents are sharded (`mesh`); None otherwise."""
 
 
 def world() -> tuple[int, int]:
@@ -77,6 +79,38 @@ def init(device: str = "cpu") -> None:
                           "install the same saectl on every node")
 
 
+def mesh(shards: int, device: str = "cpu") -> None:
+    """Lay the ranks out as a 2-D mesh, data × latents with `shards` ranks per latent group
+    (torch.distributed.device_mesh; saectl.sharding), consecutive ranks sharing the data."""
+    global _MESH
+    if shards <= 1:
+        return
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device_type = "cuda" if str(device).startswith("cuda") else "cpu"
+    _MESH = init_device_mesh(device_type, (world()[1] // shards, shards),
+                             mesh_dim_names=("data", "latents"))
+
+
+def data_part() -> tuple[int, int]:
+    """(index, count) of this rank's part of each global batch: its rank and the world size,
+    or with sharded latents its place along the mesh's data dimension."""
+    if _MESH is None:
+        return world()
+    return _MESH.get_local_rank("data"), _MESH.size(0)
+
+
+def data_group():
+    """The process group over which gradients are averaged (None: every rank)."""
+    return None if _MESH is None else _MESH.get_group("data")
+
+
+def latent_group():
+    """(group, this rank's shard) of the latent-sharded mesh dimension."""
+    assert _MESH is not None, "distributed.mesh(shards) first"
+    return _MESH.get_group("latents"), _MESH.get_local_rank("latents")
+
+
 def gather(obj) -> list:
     """Every rank's `obj`, in rank order (just [obj] with one process)."""
     if not active():
@@ -109,28 +143,29 @@ def broadcast_flag(flag: bool) -> bool:
     return bool(t.item())
 
 
-def all_reduce(t, op: str = "sum"):
-    """In place over the ranks: sum, max or min."""
+def all_reduce(t, op: str = "sum", group=None):
+    """In place over the ranks (of `group`; None: all of them): sum, max or min."""
     if not active():
         return t
     import torch.distributed as dist
 
     dist.all_reduce(t, {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
-                        "min": dist.ReduceOp.MIN}[op])
+                        "min": dist.ReduceOp.MIN}[op], group=group)
     return t
 
 
 def average_gradients(params) -> None:
-    """Each gradient replaced by its mean over the ranks, in one flat all-reduce."""
-    if not active():
+    """Each gradient replaced by its mean over the ranks that hold other data (all of them,
+    or with sharded latents the mesh's data dimension), in one flat all-reduce."""
+    if not active() or data_part()[1] == 1:
         return
     import torch
     import torch.distributed as dist
 
     grads = [p.grad for p in params if p.grad is not None]
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, dist.ReduceOp.SUM)
-    flat /= world()[1]
+    dist.all_reduce(flat, dist.ReduceOp.SUM, group=data_group())
+    flat /= data_part()[1]
     pos = 0
     for g in grads:
         g.copy_(flat[pos:pos + g.numel()].view_as(g))
@@ -159,6 +194,8 @@ def kth_largest(values, k: int):
 
 
 def shutdown() -> None:
+    global _MESH
+    _MESH = None
     if active():
         import torch.distributed as dist
 

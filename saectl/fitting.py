@@ -121,6 +121,7 @@ def fit(src, manifest, harvest, points: list[Point], lm: dict) -> None:
     for group in groups.values():
         _train_group(src, group)
         for p in group:
+            p.trainer.unshard()  # sharded latents: every rank gathers the whole SAE
             if distributed.rank() == 0:  # the other ranks of a data-parallel run only train
                 _finish(src, manifest, harvest, p, lm.get(p.art.ref))
 
@@ -147,8 +148,9 @@ def _train_group(src, group: list[Point]) -> None:
     first = group[0]
     data = split_rows(src.group(), first.hook, "train", src.ref)
     target = split_rows(src.group(), first.target, "train", src.ref) if first.target else None
+    distributed.mesh(first.cfg.shards, device_for(first.cfg))  # data × latents (sharding)
     reader = BatchReader(data, first.cfg.batch_size, first.cfg.seed, src.ref, target,
-                         part=distributed.world())
+                         part=distributed.data_part())
     rows = slice(0, min(reader.n, 16384))
     sample = torch.from_numpy(arrays.read(data, rows, artifact=src.ref))
     target_sample = (torch.from_numpy(arrays.read(target, rows, artifact=src.ref))
@@ -168,6 +170,7 @@ def _train_group(src, group: list[Point]) -> None:
                               f"(steps {distributed.gather(p.start)}); put the store where "
                               "every rank sees the same files")
         distributed.broadcast_module(p.trainer.sae)  # identical weights on every rank
+        p.trainer.shard(p.cfg.shards)  # then each keeps its slice of the latents, if sharded
         if p.cfg.log and distributed.rank() == 0:
             from saectl import tracking
 
@@ -179,9 +182,10 @@ def _train_group(src, group: list[Point]) -> None:
         p.last_save = time.monotonic()
     del sample, target_sample
     if distributed.active():
-        n = distributed.world()[1]
+        n = distributed.data_part()[1]
         info(f"train: data-parallel over {n} ranks, {reader.B // n:,} of each {reader.B:,}-token "
-             "batch per rank")
+             "batch per rank" + (f"; the latents split over {first.cfg.shards} ranks"
+                                 if first.cfg.shards > 1 else ""))
     start, stop = min(p.start for p in group), max(p.steps for p in group)
     if stop * reader.B > reader.n:
         info(f"train: {stop * reader.B:,} tokens over a split of {reader.n:,}: "
@@ -213,15 +217,19 @@ def _step(p: Point, step: int, batch) -> None:
             p.tracker.last_step, p.tracker.last_time = step + 1, now
     due = time.monotonic() - p.last_save > p.cfg.checkpoint_minutes * 60 or (
         p.cfg.checkpoint_steps and (step + 1) % p.cfg.checkpoint_steps == 0)
-    if due and step + 1 < p.steps and distributed.rank() == 0:  # one rank writes
+    sharded = p.trainer.shards > 1
+    if sharded:  # every rank gathers its shard into the checkpoint, so all must agree when
+        due = distributed.broadcast_flag(bool(due))
+    if due and step + 1 < p.steps and (sharded or distributed.rank() == 0):  # one rank writes
         _save_checkpoint(p)
         p.last_save = time.monotonic()
 
 
 def _save_checkpoint(p: Point) -> None:
     state = {"trainer": p.trainer.state_dict(), "log": p.log, "window": p.window}
-    checkpoints.save(layout.checkpoint(p.art.path), state)
-    faults.point("train.checkpointed")
+    if distributed.rank() == 0:
+        checkpoints.save(layout.checkpoint(p.art.path), state)
+        faults.point("train.checkpointed")
 
 
 def _finish(src, manifest, harvest, p: Point, lm_spec) -> None:

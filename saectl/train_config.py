@@ -87,6 +87,9 @@ class TrainStageConfig(DeviceOptions):
     nproc: int = opt(1, "Data-parallel ranks on this machine: runs this command under "
                         "torchrun --nproc-per-node N (README, Training on several GPUs)",
                      address=False)
+    shards: int = opt(1, "Split the latents over this many ranks (tensor parallel, topk and "
+                         "batchtopk; the rest of the ranks split the batch): for SAEs too wide "
+                         "for one device (README, Training on several GPUs)", address=False)
     model: str | None = opt(None, "Where to load the model for --lm-eval if it moved "
                                   "(checked against the harvest's content hash)", address=False)
 
@@ -97,7 +100,7 @@ class TrainStageConfig(DeviceOptions):
 
         if self.arch not in arch_names():
             raise ConfigError(f"unknown --arch {self.arch!r}; choose one of {', '.join(arch_names())}")
-        for name in ("batch_size", "k", "lm_eval_seqs", "log_every", "nproc"):
+        for name in ("batch_size", "k", "lm_eval_seqs", "log_every", "nproc", "shards"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.tokens is not None and self.tokens < 1:

@@ -208,8 +208,19 @@ A transcoder is given a sample of its targets too (`target_sample`) and pairs of
         self.sae = init_sae(sae_cfg, out * self.target_scale, b_dec_init=cfg.b_dec_init,
                             generator=self.generator).to(self.device).train()
         self.step_count = 0
+        self.shards = 1
+        """Ranks the latents are split over (`shard`); 1: this rank holds the whole SAE."""
+        self._make_optimizer()
+        self.tokens_seen = 0
+        self.tokens_since_fired = torch.zeros(sae_cfg.d_sae, dtype=torch.long,
+                                              device=self.device)
+        if cfg.autocast is not None:
+            precision.say_if_emulated(self.device)
+
+    def _make_optimizer(self) -> None:
         # The optimizer steps contiguous aliases of transposed parameters (W_enc is stored as
         # W_encᵀ): fused Adam is several times slower on non-contiguous tensors.
+        cfg = self.cfg
         self._aliases = [(p, _contiguous_alias(p)) for p in self.sae.parameters()]
         fused = self.device.type in ("cpu", "cuda") and self.sae.dtype == torch.float32
         # W_dec in a group of its own, stepped at decoder_lr_multiplier × the scheduled LR
@@ -219,11 +230,29 @@ A transcoder is given a sample of its targets too (`target_sample`) and pairs of
             [{"params": rest, "lr_mult": 1.0},
              {"params": dec, "lr_mult": cfg.decoder_lr_multiplier}],
             lr=self.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, fused=fused or None)
-        self.tokens_seen = 0
-        self.tokens_since_fired = torch.zeros(sae_cfg.d_sae, dtype=torch.long,
-                                              device=self.device)
-        if cfg.autocast is not None:
-            precision.say_if_emulated(self.device)
+
+    def shard(self, shards: int) -> None:
+        """From here on hold only this rank's slice of the latents and of their Adam state
+        (saectl.sharding); call on every rank, after any checkpoint is loaded."""
+        from saectl import sharding  # torch.distributed: only where latents are sharded
+
+        if shards == 1:
+            return
+        group, r = distributed.latent_group()
+        state, dims = self.optimizer.state_dict(), sharding.param_shard_dims(self)
+        self.sae = sharding.Sharded(self.sae, r, shards, group)
+        self.shards = shards
+        self._make_optimizer()
+        self.optimizer.load_state_dict(sharding.slice_optimizer_state(
+            state, dims, self.sae.lo, self.sae.hi))
+
+    def unshard(self) -> None:
+        """Gather the whole SAE back onto every rank (a collective), to export it."""
+        if self.shards > 1:
+            full = ARCHS[self.sae_cfg.arch](self.sae_cfg).to(self.device)
+            full.load_state_dict(self.sae.full_state())
+            self.sae, self.shards = full.train(), 1
+            self._make_optimizer()  # Adam's state is not needed past this point
 
     @property
     def lr(self) -> float:
@@ -292,7 +321,7 @@ A transcoder is given a sample of its targets too (`target_sample`) and pairs of
         """Data-parallel bookkeeping over the global batch: a latent fired if it fired on any
         rank; the loss terms and l0 are means over the ranks' equal slices; FVU is the global
         error over the global variance."""
-        n_world = distributed.world()[1]
+        n_world = distributed.data_part()[1]  # the ranks of a latent group hold the same rows
         fired = distributed.all_reduce(out.fired.to(torch.uint8), "max").bool()
         n = goal.shape[0] * n_world
         self.tokens_since_fired += n
@@ -303,7 +332,7 @@ A transcoder is given a sample of its targets too (`target_sample`) and pairs of
         g = goal.double()
         stats = torch.cat([torch.stack([out.losses[k].detach().double() for k in names]
                                        + [out.l0.double(), g.square().sum()]), g.sum(0)])
-        stats = distributed.all_reduce(stats, "sum")
+        stats = distributed.all_reduce(stats, "sum", distributed.data_group())
         means = stats[: len(names) + 1] / n_world
         err = float(means[names.index("mse")]) * n
         total_variance = float(stats[len(names) + 1]) - float(stats[len(names) + 2:].square().sum()) / n
@@ -323,11 +352,18 @@ A transcoder is given a sample of its targets too (`target_sample`) and pairs of
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly; the tensors are live (torch.save them)."""
+        sae, optimizer = self.sae.state_dict(), self.optimizer.state_dict()
+        if self.shards > 1:  # gathered into the whole SAE's layout (a collective)
+            from saectl import sharding
+
+            sae = self.sae.full_state()
+            optimizer = sharding.gather_optimizer_state(
+                optimizer, sharding.param_shard_dims(self), self.sae.group, self.shards)
         return {
             "sae_cfg": self.sae_cfg.to_dict(),
             "train_cfg": dataclasses.asdict(self.cfg),
-            "sae": self.sae.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "sae": sae,
+            "optimizer": optimizer,
             "step": self.step_count,
             "tokens_seen": self.tokens_seen,
             "tokens_since_fired": self.tokens_since_fired,
@@ -337,6 +373,7 @@ A transcoder is given a sample of its targets too (`target_sample`) and pairs of
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        assert self.shards == 1, "load the checkpoint before sharding"
         if state["sae_cfg"] != self.sae_cfg.to_dict():
             raise ConfigError("the checkpoint was made for another SAE config; resume with "
                               "the config it was started with")

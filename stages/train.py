@@ -32,12 +32,20 @@ class Opened:
 
 def plan(cfg: TrainStageConfig) -> Plan:
     n_ranks = distributed.world()[1] if distributed.active() else cfg.nproc
-    if cfg.batch_size % n_ranks:
-        raise ConfigError(f"--batch-size {cfg.batch_size} does not split over {n_ranks} ranks; "
-                          f"give a multiple of {n_ranks} (the global batch is split evenly)")
+    if cfg.shards > 1 and n_ranks == 1:
+        raise ConfigError(f"--shards {cfg.shards} splits the latents over ranks; add --nproc "
+                          f"{cfg.shards} (or run under torchrun or srun)")
+    n_data = n_ranks // cfg.shards  # ranks that read different rows
+    if n_data and cfg.batch_size % n_data:
+        raise ConfigError(f"--batch-size {cfg.batch_size} does not split over {n_data} ranks; "
+                          f"give a multiple of {n_data} (the global batch is split evenly)")
     root = store.store_root(cfg.store)
     src, manifest, harvest = fitting.open_shuffle(root, cfg.shuffle)
     point = fitting.plan(root, src, manifest, cfg)
+    if cfg.shards > 1:
+        from saectl import sharding  # torch.distributed: only where latents are sharded
+
+        sharding.check(point.sae_cfg.arch, point.sae_cfg.d_sae, cfg.shards, n_ranks)
     if cfg.nproc > 1 and not distributed.active() and not point.art.is_complete():
         launch(cfg.nproc)  # `--nproc N`: this same command under torchrun, then exit
     return Plan(point.art, point.params, {"shuffle": src},

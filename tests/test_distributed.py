@@ -100,6 +100,58 @@ def test_a_killed_rank_resumes_on_one_process(shuffled):
         torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_latents_sharded_over_two_ranks_equal_one_process(shuffled, arch):
+    """--shards 2: each rank holds half the latents (and their Adam state); TopK's and
+    BatchTopK's selection runs across the shards, so the steps are the unsharded ones."""
+    root, base, sh = shuffled
+    args = ["train", sh, "--arch", arch, *TRAIN]
+    one, two = _copy(root, base, f"one-sh-{arch}"), _copy(root, base, f"sharded-{arch}")
+    ref1 = _run([*args, "--store", one]).stdout.strip()
+    p = _run([*args, "--shards", "2", "--store", two], launcher=TORCHRUN)
+    assert p.stdout.strip() == ref1, "the address does not depend on the sharding"
+    assert "the latents split over 2 ranks" in p.stderr
+    a, b = _weights(one, ref1), _weights(two, ref1)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=0, msg=name)
+    s1 = store.open_complete(one, ref1).manifest()["summary"]
+    s2 = store.open_complete(two, ref1).manifest()["summary"]
+    assert s2["final_log"]["fvu"] == pytest.approx(s1["final_log"]["fvu"], rel=1e-3)
+    assert s2["final_log"]["l0"] == pytest.approx(s1["final_log"]["l0"], rel=1e-4)
+
+
+def test_a_sharded_run_killed_mid_run_resumes_unsharded(shuffled):
+    """Checkpoints gather the shards into the unsharded layout (weights and Adam state): rank 0
+    killed after its 2nd checkpoint; the run resumed in one process equals the uninterrupted."""
+    root, base, sh = shuffled
+    args = ["train", sh, "--arch", "topk", *TRAIN, "--checkpoint-steps", "8"]
+    straight, broken = _copy(root, base, "sh-straight"), _copy(root, base, "sh-broken")
+    ref = _run([*args, "--store", straight]).stdout.strip()
+    p = _run([*args, "--shards", "2", "--store", broken], launcher=TORCHRUN, check=False,
+             env={"SAECTL_FAULTS": "train.checkpointed:2"})
+    assert p.returncode != 0
+    resumed = _run([*args, "--store", broken])
+    assert "resuming at step 16" in resumed.stderr
+    a, b = _weights(straight, ref), _weights(broken, ref)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_sharding_refuses_what_it_cannot_split(shuffled, capsys):
+    root, base, sh = shuffled
+    s = _copy(root, base, "sh-bad")
+    args = ["train", sh, *TRAIN, "--store", s]
+    for extra, words in ((["--arch", "jumprelu", "--shards", "2", "--nproc", "2"],
+                          ("--shards", "jumprelu")),
+                         (["--width", "63", "--shards", "2", "--nproc", "2"],
+                          ("width 63", "2 shards")),
+                         (["--shards", "3", "--nproc", "2"], ("2 ranks", "3 shards")),
+                         (["--shards", "2"], ("--shards 2", "--nproc 2"))):
+        assert_one_line_error(run_cli(capsys, *args, *extra), *words)
+    assert not (s / "train").exists() or not any((s / "train").iterdir())  # nothing written
+    tried("train", "bad input", 4)
+
+
 def test_nproc_launches_torchrun_and_refuses_an_uneven_batch(shuffled, capsys):
     root, base, sh = shuffled
     s = _copy(root, base, "nproc")
