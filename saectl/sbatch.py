@@ -13,7 +13,10 @@ from pathlib import Path
 
 from saectl.errors import ConfigError
 
-_EXAMPLES = {"partition": "gpu", "time": "2:00:00", "gres": "gpu:1", "mem": "16G"}
+_EXAMPLES = {"partition": "gpu", "time": "2:00:00", "gres": "gpu:1", "mem": "16G",
+             "gpus-per-task": "1"}
+_COUNTS = ("cpus-per-task", "ntasks", "nodes")
+"""Options whose value is a whole number."""
 
 
 def _one_word(value: str) -> bool:
@@ -34,6 +37,13 @@ class SlurmOptions:
     """`--cpus-per-task`."""
     mem: str | None = None
     """`--mem` per task, e.g. "16G"."""
+    ntasks: int | None = None
+    """`--ntasks` per array task: above 1, each point trains data-parallel over that many
+    ranks started by `srun` (saectl.distributed), e.g. one per GPU with `gpus_per_task`."""
+    nodes: int | None = None
+    """`--nodes` per array task (a point spread over several machines)."""
+    gpus_per_task: str | None = None
+    """`--gpus-per-task`, e.g. "1": one GPU per rank."""
     extra: tuple[str, ...] = ()
     """Free-form lines for site rules ("#SBATCH --account=abc" or just "--account=abc")."""
     python: str = sys.executable
@@ -43,10 +53,10 @@ class SlurmOptions:
         # Each value becomes an `#SBATCH --k=v` line: whitespace would split it and a newline
         # would start a line of its own, which the job's shell runs as a command.
         for flag, value in self._values().items():
-            if flag == "cpus-per-task":
+            if flag in _COUNTS:
                 if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                           or value < 1):
-                    raise ConfigError(f"--cpus-per-task must be a whole number of at least 1, "
+                    raise ConfigError(f"--{flag} must be a whole number of at least 1, "
                                       f"got {value!r}")
             elif value is not None and not _one_word(str(value)):
                 raise ConfigError(f"SLURM option --{flag} {str(value)!r} must be one word, "
@@ -59,7 +69,13 @@ class SlurmOptions:
 
     def _values(self) -> dict:
         return {"partition": self.partition, "time": self.time, "gres": self.gres,
-                "cpus-per-task": self.cpus_per_task, "mem": self.mem}
+                "cpus-per-task": self.cpus_per_task, "mem": self.mem, "ntasks": self.ntasks,
+                "nodes": self.nodes, "gpus-per-task": self.gpus_per_task}
+
+    @property
+    def ranks(self) -> bool:
+        """Whether each array task runs several ranks (srun), not one process."""
+        return (self.ntasks or 1) > 1 or (self.nodes or 1) > 1
 
     def directives(self) -> list[str]:
         """The `#SBATCH` lines these options stand for."""
@@ -98,7 +114,18 @@ def job_script(n: int, opts: SlurmOptions, log_dir: Path, tasks_json: Path) -> s
         "# Written by saectl: array task I runs `python -m saectl.cli ARGV` with the argv of",
         f"# entry I of {tasks_json.name}; completion is read from the artifact store, not "
         "from SLURM.",
-        f"exec {shlex.quote(opts.python)} -c {shlex.quote(pick)} {shlex.quote(str(tasks_json))}",
+        *(_RANKS if opts.ranks else []),
+        f"exec {'srun --kill-on-bad-exit=1 ' if opts.ranks else ''}{shlex.quote(opts.python)} "
+        f"-c {shlex.quote(pick)} {shlex.quote(str(tasks_json))}",
         "",
     ])
+
+
+_RANKS = [
+    "# Several tasks per point: srun starts one rank each; they meet at the first node",
+    "# (saectl/distributed.py reads SLURM_PROCID/SLURM_NTASKS) and rank 0 writes the artifact.",
+    'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+    "export MASTER_ADDR",
+    'export MASTER_PORT="$((20000 + SLURM_JOB_ID % 20000))"',
+]
 

@@ -48,7 +48,8 @@ EXECUTORS = ("local", "processes", "slurm")
 # Train flags a grid may not set: how a stage runs (set once for the sweep), the sweep's own
 # input, and `model`, a path on this machine rather than a hyperparameter.
 NOT_GRID = (*RUNNER_FIELDS, "shuffle", "model")
-SLURM_KEYS = ("partition", "time", "gres", "cpus_per_task", "mem", "extra")
+SLURM_KEYS = ("partition", "time", "gres", "cpus_per_task", "mem", "ntasks", "nodes",
+              "gpus_per_task", "extra")
 FIGURES = ("chosen", "tolerance")  # summary figures `saectl run` shows (and the chosen SAE's)
 TABLE = "table.csv"  # in report/, beside the plots
 PLOTS = ("l0_fvu.png", "dl_width.png", "ce_l0.png")
@@ -84,6 +85,11 @@ class SweepConfig(DeviceOptions):
     gres: str | None = opt(None, "sbatch --gres, e.g. gpu:1", address=False)
     cpus_per_task: int | None = opt(None, "sbatch --cpus-per-task", address=False)
     mem: str | None = opt(None, "sbatch --mem, e.g. 16G", address=False)
+    ntasks: int | None = opt(None, "slurm: ranks per point (sbatch --ntasks); above 1 each point "
+                                   "trains data-parallel under srun", address=False)
+    nodes: int | None = opt(None, "slurm: nodes per point (sbatch --nodes)", address=False)
+    gpus_per_task: str | None = opt(None, "slurm: sbatch --gpus-per-task, e.g. 1 (a GPU per "
+                                          "rank)", address=False)
 
     def __post_init__(self):
         if not self.shuffle:
@@ -192,6 +198,11 @@ def plan(cfg: SweepConfig) -> Plan:
                               "remove the duplicate")
         seen[p.art.digest] = i
     slurm = slurm_options(cfg, slurm_yaml) if cfg.executor == "slurm" else None
+    ranks = (slurm.ntasks or slurm.nodes or 1) if slurm else 1
+    for p in points:  # each point trains data-parallel over `ranks` (SLURM tasks)
+        if p.cfg.batch_size % ranks:
+            raise ConfigError(f"batch_size {p.cfg.batch_size} does not split over the {ranks} "
+                              f"ranks of --ntasks; give a multiple of {ranks}")
     params = {"points": sorted(p.art.ref for p in points), "tolerance": cfg.tolerance}
     if eval_opts is not None:  # only then, so a sweep without --eval keeps its address
         params["eval"] = evaluation.settings(_eval_config(cfg, eval_opts, "-"))

@@ -155,6 +155,33 @@ def test_slurm_sweep_no_wait_then_collect(split, slurm_cluster, monkeypatch, cap
                           store.list_artifacts(other, "sweep")[0].manifest()["summary"]["table"]}
 
 
+def test_slurm_sweep_gives_each_point_several_ranks(split, slurm_cluster, monkeypatch, capsys,
+                                                    tmp_path):
+    """--ntasks 2: each array task is one point trained data-parallel by 2 srun ranks; the
+    addresses are those of one-process training, and an uneven batch is refused in planning."""
+    root, sh, grid = split
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    small = tmp_path / "two.yaml"
+    small.write_text(GRID.replace("k: [3, 6]", "k: [3]").replace("width: [48, 96]", "width: 48"))
+    args = ["sweep", sh, "--grid", small, "--store", root, "--tolerance", "0.9", "--executor",
+            "slurm", "--device", "cpu", "--ntasks", "2", "--cpus-per-task", "1"]
+    res = run_cli(capsys, *args)
+    assert res.code == 0, res.err + slurm_cluster.logs()
+    logs = list(root.glob("sweep/*/work/logs/*.log")) or list(root.rglob("*.log"))
+    assert any("data-parallel over 2 ranks" in f.read_text() for f in logs), [
+        f.read_text()[-500:] for f in logs]
+    other = tmp_path / "one"
+    other.mkdir()
+    local = run_cli(capsys, "sweep", make_split(other, capsys), "--grid", small, "--store",
+                    other, "--tolerance", "0.9", "--device", "cpu")
+    assert local.out == res.out  # the same point, whatever the number of ranks
+    odd = tmp_path / "odd.yaml"
+    odd.write_text(small.read_text().replace("batch_size: 500", "batch_size: 501"))
+    assert_one_line_error(run_cli(capsys, *[a if a != small else odd for a in args]),
+                          "batch_size 501", "2 ranks")
+
+
 def test_slurm_options_are_checked_before_anything_runs(split, tmp_path, capsys):
     """Issue 15.7: a line break in a SLURM option (flag or the grid's `slurm:` section) went
     into the job script as a command of its own. It is refused while planning, in one line
