@@ -23,7 +23,7 @@ from rich.table import Table
 
 from benchmarks.common import load_average, machine
 
-SUITES = ["harvest", "codecs", "shuffle", "train", "transcoder", "clt", "ddp", "sweep",
+SUITES = ["harvest", "codecs", "shuffle", "train", "transcoder", "clt", "ddp", "gpu", "sweep",
           "interpret", "scaling", "groundtruth"]
 
 # Issue 8's table of goals: (suite, what, words that the names of the rows answering it hold).

@@ -242,9 +242,15 @@ def skeleton(spec: ModelSpec) -> nn.Module:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """`auto` → cuda if available, else cpu; anything unusable here → ConfigError."""
+    """`auto` → cuda if available, else cpu; `balanced` (a model spread over every GPU, see
+    `load_model`) → the first GPU, where the inputs go; anything unusable here → ConfigError."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device) == SPREAD:
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {SPREAD} spreads the model over the GPUs, and CUDA is "
+                              "not available here; use --device cpu or auto")
+        return torch.device("cuda:0")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -260,9 +266,15 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+SPREAD = "balanced"
+"""The device that spreads a model too large for one GPU over all of them, block by block
+(accelerate's `device_map="balanced"`); the hooks read each block where it runs."""
+
+
 def load_model(spec: ModelSpec, device: str | torch.device = "cpu",
                dtype: torch.dtype | str = torch.float32) -> nn.Module:
-    """The causal LM in eval mode with gradients off, weights on `device` in `dtype`."""
+    """The causal LM in eval mode with gradients off, weights on `device` in `dtype`
+    (`balanced`: over every GPU, see SPREAD)."""
     from transformers import AutoModelForCausalLM  # deferred: heavy, only when loading
 
     if isinstance(dtype, str):
@@ -272,7 +284,8 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu",
     dev = resolve_device(device)
     # device_map loads straight onto the device (no CPU copy of a big model); dtype is explicit
     # because transformers 5 defaults to the checkpoint's own dtype.
-    model = _from_pretrained(AutoModelForCausalLM, spec, dtype=dtype, device_map=str(dev))
+    device_map = SPREAD if str(device) == SPREAD else str(dev)
+    model = _from_pretrained(AutoModelForCausalLM, spec, dtype=dtype, device_map=device_map)
     model.eval().requires_grad_(False)
     return model
 

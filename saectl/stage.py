@@ -45,7 +45,9 @@ class RunnerOptions:
 class DeviceOptions(RunnerOptions):
     """`RunnerOptions` plus the torch device, for stages that run a model or an SAE."""
 
-    device: str = opt("auto", "Torch device: auto, cpu, cuda, cuda:1, mps", address=False)
+    device: str = opt("auto", "Torch device: auto, cpu, cuda, cuda:1, mps, or balanced (a "
+                              "model too large for one GPU spread over all of them)",
+                      address=False)
 
 
 RUNNER_FIELDS = tuple(f for f in DeviceOptions.__dataclass_fields__)

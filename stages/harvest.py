@@ -149,7 +149,9 @@ def prepare(cfg: HarvestConfig, plan: Plan) -> None:
     hookpoints.parse_hooks(models.skeleton(ctx.model_spec), cfg.hook_list)
     info(f"harvest: loading {ctx.model_spec.name} on {ctx.device}")
     tokenizer = models.load_tokenizer(ctx.model_spec)
-    ctx.model = models.load_model(ctx.model_spec, device=ctx.device)
+    # `--device balanced` spreads the model over the GPUs; the inputs go to the first
+    ctx.model = models.load_model(ctx.model_spec, device=cfg.device if cfg.device == models.SPREAD
+                                  else ctx.device)
     ctx.hooks = hookpoints.parse_hooks(ctx.model, cfg.hook_list)
     ctx.dims = {h.name: hookpoints.hook_dim(ctx.model, h) for h in ctx.hooks}
     info(f"harvest: tokenizing {ctx.data_spec.name} into {cfg.n_seq:,} contexts of "

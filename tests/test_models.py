@@ -161,6 +161,9 @@ def test_resolve_device():
         with pytest.raises(ConfigError) as e:
             resolve_device("cuda")
         _one_line_error(e, "CUDA is not available", "--device cpu")
+        with pytest.raises(ConfigError) as e:  # a model spread over the GPUs needs GPUs
+            resolve_device("balanced")
+        _one_line_error(e, "--device balanced", "CUDA is not available")
 
 
 # --- hook points --------------------------------------------------------------------------------
