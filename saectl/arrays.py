@@ -112,6 +112,26 @@ def read(arr: zarr.Array, selection=slice(None), *, artifact: str = "", raw: boo
     return from_storage(data, arr.attrs["dtype"])
 
 
+def read_ahead(arr: zarr.Array, start: int, step: int, *, artifact: str = ""):
+    """(lo, hi, raw values of arr[lo:hi]) for lo = start, start + step, ... to the end, the
+    next read decoding on a thread while the caller works on this one: a small --memory
+    reads a chunk at a time, which Zarr decodes on one core."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = arr.shape[0]
+
+    def get(lo):
+        return read(arr, slice(lo, min(lo + step, n)), artifact=artifact, raw=True)
+
+    with ThreadPoolExecutor(1) as pool:
+        nxt = pool.submit(get, start) if start < n else None
+        for lo in range(start, n, step):
+            raw = nxt.result()
+            if lo + step < n:
+                nxt = pool.submit(get, lo + step)
+            yield lo, min(lo + step, n), raw
+
+
 def _bad_chunk(arr: zarr.Array, selection) -> str:
     """The key ('c/3/0') of the first chunk along axis 0 of `selection` that fails to decode."""
     sel = selection if isinstance(selection, slice) else slice(None)

@@ -62,14 +62,14 @@ def stream_norms(art, src_arr, hook: str, step: int, src_ref: str) -> Path:
     with open(path, "ab") as fh:
         fh.truncate(done * 4)
     with progress(f"shuffle {hook}: norms", n, "rows", done=done) as bar, open(path, "ab") as fh:
-        for lo in range(done, n, step):
-            hi = min(lo + step, n)
-            fh.write(norms_of(arrays.read(src_arr, slice(lo, hi), artifact=src_ref, raw=True),
-                              storage).tobytes())
-            fh.flush()
-            state["rows"][hook] = hi
-            _save(art, state)
-            faults.point("shuffle.norms")
+        for i, (lo, hi, raw) in enumerate(arrays.read_ahead(src_arr, done, step,
+                                                             artifact=src_ref)):
+            fh.write(norms_of(raw, storage).tobytes())
+            if i % 16 == 15 or hi == n:  # each save is an fsync: not after every small read
+                fh.flush()
+                state["rows"][hook] = hi
+                _save(art, state)
+                faults.point("shuffle.norms")
             bar.advance(hi - lo)
     return path
 

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -273,7 +274,7 @@ def _shuffle_hook(art, out, src_arr, hook, split: Split, n_train: int, n_eval: i
     chunk_rows = arrays.rows_per_chunk(d * src_arr.dtype.itemsize)
     # Our buffers take half of --memory; the other half is slack for the allocator and Zarr's
     # encoding copies (bounded by writing the block a few chunks at a time). Pass 2 holds one
-    # bucket's records and its output block: a sixth of --memory.
+    # bucket's records and its output block, a sixth of --memory, and the next bucket's records.
     per_row = rec.itemsize + d * src_arr.dtype.itemsize + 8
     bucket_rows = max(chunk_rows, (cfg.budget // 6) // per_row // chunk_rows * chunk_rows)
     n_buckets = max(1, math.ceil(n_train / bucket_rows))
@@ -302,12 +303,17 @@ def _shuffle_hook(art, out, src_arr, hook, split: Split, n_train: int, n_eval: i
         state = _pass1(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets,
                        scratch, state, cfg.budget, src_ref)
     done = set(state.get("buckets_done", []))
-    with progress(f"shuffle {hook}: place", n_buckets, "buckets", done=len(done)) as bar:
-        for b in range(n_buckets):
-            if b in done or state.get("done"):
-                continue
+    todo = [] if state.get("done") else [b for b in range(n_buckets) if b not in done]
+
+    def load(i):  # the next bucket is read on a thread while this one is placed and encoded
+        return np.fromfile(scratch / f"{todo[i]}.bin", dtype=rec) if i < len(todo) else None
+
+    with progress(f"shuffle {hook}: place", n_buckets, "buckets", done=len(done)) as bar, \
+            ThreadPoolExecutor(1) as pool:
+        nxt = pool.submit(load, 0)
+        for i, b in enumerate(todo):
+            records, nxt = nxt.result(), pool.submit(load, i + 1)
             lo, hi = b * bucket_rows, min((b + 1) * bucket_rows, n_train)
-            records = np.fromfile(scratch / f"{b}.bin", dtype=rec)
             if len(records) != hi - lo:
                 raise store.ArtifactError(f"shuffle scratch of {art.ref} is inconsistent "
                                           f"(bucket {b}); remove the artifact and re-run")
@@ -371,9 +377,10 @@ def _pass1(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, sc
             bucket = allrec["dest"] // bucket_rows
             order = np.argsort(bucket, kind="stable")
             bounds = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
+            allrec = allrec[order]  # one gather; each bucket's share is then a slice of it
             for b in np.flatnonzero(np.diff(bounds)):
                 with open(scratch / f"{b}.bin", "ab") as fh:
-                    fh.write(allrec[order[bounds[b]:bounds[b + 1]]].tobytes())
+                    fh.write(allrec[bounds[b]:bounds[b + 1]].view(np.uint8))
                 lengths[b] += int(bounds[b + 1] - bounds[b])
             del allrec
         _save_state(art, hook, {"rows_read": rows_read, "lengths": lengths,
@@ -382,10 +389,8 @@ def _pass1(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, sc
         faults.point("shuffle.flushed")
 
     with progress(f"shuffle {hook}: scatter", n_rows, "rows", done=start) as bar:
-        for lo in range(start, n_rows, step):
-            hi = min(lo + step, n_rows)
+        for lo, hi, raw in arrays.read_ahead(src_arr, start, step, artifact=src_ref):
             idx = np.arange(lo, hi)
-            raw = arrays.read(src_arr, slice(lo, hi), artifact=src_ref, raw=True)
             emask, et = split.index(idx, want_eval=True)
             if len(et):  # eval rows of these sequences are contiguous in the eval split
                 dst_eval[int(et[0]):int(et[-1]) + 1] = raw[emask]

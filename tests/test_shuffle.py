@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -396,3 +398,115 @@ def test_every_hook_is_shuffled_alike(tiny_model_dirs, tiny_corpus, tmp_path, ca
         for hook in ("mlp_in.1", "mlp_out.1", "resid_mid.1"):
             src = arrays.read(h.group()[f"acts/{hook}"])
             np.testing.assert_array_equal(arrays.read(g[f"{split}/{hook}"]), src[rows])
+
+
+# ---------------------------------------------------------------------------------------------
+# The in-memory path (issue 22): the same artifact as the scratch buckets, within --memory
+
+
+def _artifact(root, ref):
+    art = store.open_complete(root, ref)
+    g = art.group()
+    names = sorted(k for k in _names(g) if not k.startswith("acts"))
+    return {k: g[k][:] for k in names}, art.manifest()["summary"]
+
+
+def _names(group, prefix=""):
+    with warnings.catch_warnings():  # Zarr warns of the artifact's own files beside its arrays
+        warnings.simplefilter("ignore")
+        subs = list(group.groups())
+    yield from (prefix + k for k in group.array_keys())
+    for k, sub in subs:
+        yield from _names(sub, prefix + k + "/")
+
+
+def _same(a, b):
+    arrs_a, sum_a = a
+    arrs_b, sum_b = b
+    assert arrs_a.keys() == arrs_b.keys()
+    for k in arrs_a:
+        assert np.array_equal(arrs_a[k], arrs_b[k], equal_nan=True), k
+    for s in (sum_a, sum_b):
+        for h in s["hooks"].values():
+            h.pop("n_buckets", None)
+    assert sum_a == sum_b
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_in_memory_and_out_of_core_give_the_same_artifact(dtype, tmp_path, capsys, monkeypatch):
+    """Outliers left out (their chunks' sums redone), eval rows, the statistics: bit for bit."""
+    monkeypatch.setattr(arrays, "CHUNK_BYTES", 4096)
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(6000, 24)).astype(np.float32)
+    x[[3, 140, 159, 830, 3005, 5992]] *= 500
+    np.save(tmp_path / "x.npy", x)
+    refs, runs = set(), {}
+    for memory in ("2GiB", "256KiB"):
+        root = tmp_path / memory
+        ref = run_cli(capsys, "import", tmp_path / "x.npy", "--hook", "h", "--context-size", 20,
+                      "--dtype", dtype, "--store", root).out.strip()
+        res = run_cli(capsys, "shuffle", ref, "--store", root, "--memory", memory,
+                      "--eval-fraction", "0.2", "--seed", "5")
+        assert res.code == 0, res.err
+        refs.add(res.out.strip())
+        runs[memory] = _artifact(root, res.out.strip())
+    assert len(refs) == 1  # --memory is not part of the address
+    assert runs["2GiB"][1]["hooks"]["h"]["n_buckets"] == 0  # in memory
+    assert runs["256KiB"][1]["hooks"]["h"]["n_buckets"] > 1  # through the buckets
+    assert runs["2GiB"][1]["n_outliers"] == 6
+    _same(runs["2GiB"], runs["256KiB"])
+
+
+def test_every_hook_alike_in_memory_one_at_a_time_and_out_of_core(tiny_model_dirs, tiny_corpus,
+                                                                  tmp_path, capsys, monkeypatch):
+    """Three hooks: all held at once (one read each), one at a time (the outliers measured from
+    the store first), or through the buckets: the same artifact."""
+    from stages import shuffle
+    from saectl import shuffle_memory
+
+    monkeypatch.setattr(arrays, "CHUNK_BYTES", 2048)
+    res = run_cli(capsys, "harvest", "--model", tiny_model_dirs["llama"], "--dataset", tiny_corpus,
+                  "--hooks", "mlp_in.1,mlp_out.1,resid_mid.1", "--tokens", 60 * 16,
+                  "--context-size", 16, "--store", tmp_path, "--device", "cpu")
+    assert res.code == 0, res.err
+    h = store.open_complete(tmp_path, res.out.strip())
+    acts = h.group("r+")["acts/mlp_out.1"]
+    acts[5 * 16 + 3] = arrays.read(acts, slice(5 * 16 + 3, 5 * 16 + 4))[0] * 1000
+    srcs = [h.group()[f"acts/{k}"] for k in ("mlp_in.1", "mlp_out.1", "resid_mid.1")]
+
+    def needs(budget):
+        each = [shuffle_memory.need(a, shuffle._read_step(budget, a)) for a in srcs]
+        return sum(each), max(each)
+
+    one = next(b for b in (1 << k for k in range(16, 30)) if needs(b)[1] <= b // 2)
+    assert needs(one)[0] > one // 2, "the budget must hold one hook, not all three"
+    small = next(b for b in (1 << k for k in range(14, 30))
+                 if b >= 64 * max(a.chunks[0] * a.shape[1] * a.dtype.itemsize for a in srcs))
+    assert needs(small)[1] > small // 2
+    runs, refs = {}, set()
+    for memory in ("2GiB", str(one), str(small)):
+        out = run_cli(capsys, "shuffle", h.ref, "--store", tmp_path, "--eval-fraction", "0.2",
+                      "--memory", memory)
+        assert out.code == 0, out.err
+        refs.add(out.out.strip())
+        runs[memory] = _artifact(tmp_path, out.out.strip())
+        assert (runs[memory][1]["hooks"]["mlp_in.1"]["n_buckets"] == 0) == (memory != str(small))
+        shutil.rmtree(store.open_complete(tmp_path, out.out.strip()).path)  # not a cache hit
+    assert len(refs) == 1
+    _same(runs["2GiB"], runs[str(one)])
+    _same(runs["2GiB"], runs[str(small)])
+
+
+def test_in_memory_path_stays_within_budget(tmp_path, capsys, monkeypatch):
+    """A 23 MiB harvest with a 96 MiB budget is shuffled in memory, and the real command's peak
+    RSS growth stays under the budget."""
+    budget = 96 << 20
+    monkeypatch.setattr(arrays, "CHUNK_BYTES", 64 << 10)
+    ref, _ = make_import(tmp_path, capsys, n=100_000, d=60, context_size=50)
+    growth = _peak_growth("shuffle", ref, "--store", tmp_path, "--memory", budget)
+    monkeypatch.setenv("SAECTL_STORE", str(tmp_path))
+    res = run_cli(capsys, "shuffle", ref, "--memory", budget)
+    art = store.open_complete(tmp_path, res.out.strip())
+    assert art.manifest()["summary"]["hooks"]["h"]["n_buckets"] == 0  # it was the in-memory path
+    print(f"{growth / 2**20:.1f} MiB of {budget >> 20} MiB")
+    assert growth <= budget, growth
