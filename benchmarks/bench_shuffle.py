@@ -6,14 +6,19 @@ Data: synthetic float16 activations at d_in 576 (SmolLM2's width), BENCH_SHUFFLE
 chunks (2,048 rows). Budget: BENCH_SHUFFLE_MEMORY (default 160MiB, about half the data, so the
 shuffle runs out of core: ~22 buckets).
 
-- Throughput, at the default --memory (2GiB: the data fits in two buckets) and at the tight
-  budget: `saectl.stage.run(shuffle.STAGE, cfg)` in this process (its artifact removed between runs) against
-  the baseline, a sequential chunk-by-chunk copy of the same array into a new Zarr array with
+- Throughput, at the default --memory (2GiB: the data fits, so the shuffle reads it once and
+  writes it in place, no buckets) and at the tight budget (out of core, through the buckets):
+  `saectl.stage.run(shuffle.STAGE, cfg)` in this process (its artifact removed between runs)
+  against the baseline, a sequential chunk-by-chunk copy of the same array into a new Zarr array with
   the same chunks and codecs (read, decode, encode, write: the least any rewrite of the store
-  does). Shuffle reads once, writes every row to a scratch bucket, reads the buckets back and
-  writes the output, so it does twice the copy's I/O plus the scatter; goal ≥ 0.5×.
-- Memory: the real `saectl shuffle --memory BUDGET` in a fresh process; peak RSS growth over
-  the RSS it held before the command (VmHWM, reset at start); goal ≤ the budget.
+  does). In memory the shuffle decodes and encodes once, as the copy does, plus the gather,
+  the outliers' norms and the statistics: goal ≥ 0.5×. Out of core it also measures the norms
+  in a read of its own, writes every row to a scratch bucket and reads the buckets back: goal
+  ≥ 0.4× (issue 22). A tenth of the data (30 MiB) is below what the 4 MiB chunks need (64
+  chunks: 151 MiB), so the tight budget is the smallest that takes them.
+- Memory: the real `saectl shuffle --memory BUDGET` in a fresh process, at the tight budget
+  and at the default (the in-memory path); peak RSS growth over the RSS it held before the
+  command (VmHWM, reset at start); goal ≤ the budget.
 """
 
 from __future__ import annotations
@@ -64,12 +69,15 @@ def _where_time_goes(cfg, shuffle) -> str:
                ("array.py", "__getitem__"): "Zarr reads",
                ("array.py", "__setitem__"): "Zarr writes",
                ("arrays.py", "from_storage"): "statistics", ("einsumfunc.py", "einsum"):
-               "statistics", ("~", "<built-in method numpy.fromfile>"): "bucket reads"}.get(
+               "statistics", ("~", "<built-in method numpy.fromfile>"): "bucket reads",
+               ("shuffle_memory.py", "load"): "in-memory read and analysis",
+               ("shuffle_memory.py", "write_gathered"): "in-memory gather and write"}.get(
                    (Path(path).name, name))
         if key:
             cum[key] = cum.get(key, 0.0) + ct
     parts = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(cum.items(), key=lambda kv: -kv[1]))
-    return f"profiled default shuffle {total:.1f}s: {parts} (overlapping)"
+    return (f"profiled default shuffle {total:.1f}s: {parts} (overlapping; the main thread's "
+            "view: work on the workers shows as waits)")
 
 
 def run() -> list[Row]:
@@ -115,6 +123,8 @@ def run() -> list[Row]:
 
         budget = parse_bytes(MEMORY)
         growth = peak_growth("shuffle", ref, "--store", work, "--memory", MEMORY)
+        shutil.rmtree(shuffle.STAGE.address(cfgs["default"]).path, ignore_errors=True)
+        growth_default = peak_growth("shuffle", ref, "--store", work, "--memory", "2GiB")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     mb = raw_bytes / 1e6
@@ -126,11 +136,15 @@ def run() -> list[Row]:
             note=f"{mb:.0f} MB in {buckets['default']} bucket(s): shuffle {t['default']:.1f}s, "
                  + copy_note + "; " + split),
         Row(f"shuffle MB/s (raw fp16), {N_ROWS:,} x {D_IN}, --memory {MEMORY} (out of core)",
-            mb / t["tight"], mb / t["copy"], "MB/s", ">= 0.5x",
+            mb / t["tight"], mb / t["copy"], "MB/s", ">= 0.4x",
             note=f"{mb:.0f} MB in {buckets['tight']} buckets: shuffle {t['tight']:.1f}s, "
                  + copy_note),
         Row(f"shuffle peak RSS growth MiB, {N_ROWS:,} x {D_IN} ({mb:.0f} MB)",
             growth / 2**20, budget / 2**20, "MiB", "<= 1x",
             note=f"real `saectl shuffle --memory {MEMORY}` in a fresh process; VmHWM over the "
                  f"RSS before the command"),
+        Row(f"shuffle peak RSS growth MiB, {N_ROWS:,} x {D_IN} ({mb:.0f} MB), default --memory "
+            "2GiB (in memory)", growth_default / 2**20, 2048, "MiB", "<= 1x",
+            note="real `saectl shuffle` in a fresh process: the data held once, and the blocks "
+                 "in flight"),
     ]
