@@ -23,7 +23,7 @@ from rich.table import Table
 
 from benchmarks.common import load_average, machine
 
-SUITES = ["harvest", "codecs", "shuffle", "train", "transcoder", "clt", "ddp", "gpu", "sweep",
+SUITES = ["harvest", "codecs", "shuffle", "train", "bf16", "transcoder", "clt", "ddp", "gpu", "sweep",
           "interpret", "scaling", "groundtruth"]
 
 # Issue 8's table of goals: (suite, what, words that the names of the rows answering it hold).
@@ -54,6 +54,10 @@ GOALS = [
      ("transcoder train tokens/s", "vs sparsify")),
     ("clt", "CLT step time against width and layers (<= (L+1)/2x L per-layer transcoders)",
      ("CLT step",)),
+    # Issue 23: training in bfloat16 (benchmarks/bench_bf16.py).
+    ("bf16", "bf16 train tokens/s >= 1.6x saectl fp32", ("bf16 train tokens/s", "vs saectl fp32")),
+    ("bf16", "bf16 train tokens/s >= 4x sparsify", ("bf16 train tokens/s", "vs sparsify")),
+    ("bf16", "bf16 quality on SmolLM2: FVU within 1% of fp32", ("bf16 train quality", "FVU")),
 ]
 
 

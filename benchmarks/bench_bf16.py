@@ -1,0 +1,180 @@
+"""Training in bfloat16 (issue 23): TopK training tokens/s with `--autocast bfloat16` against
+saectl's own float32 in the same run (goal >= 1.6x) and against sparsify as its trainer runs
+here (goal >= 4x), at 8x and 32x width of d_in 576 (SmolLM2-135M), k 32; and the quality of a
+bf16 run against an fp32 one on SmolLM2-135M activations (relative FVU difference <= 1%).
+
+- saectl fp32: `Trainer.step` as `saectl train` runs it (on a CPU with avx512_bf16/amx its
+  TopK kernel already selects candidates from a bf16 product; not on this host).
+- saectl bf16: the same with `TrainConfig(autocast="bfloat16")` (saectl.precision).
+- sparsify: bench_train's driver of `SparseCoder`; its forward is under bf16 autocast on CUDA
+  only (`@torch.autocast("cuda", enabled=torch.cuda.is_bf16_supported())`), so fp32 on a CPU.
+
+On a CPU without avx512_bf16/amx_bf16 every bf16 product is emulated and ~30x slower than
+fp32: the rows say so, and the defaults there shrink the batch (512 tokens, 3 timed steps) so
+the suite ends in minutes; tokens/s hardly depend on the batch at these widths.
+
+    .bench-venv/bin/python benchmarks/bench_bf16.py
+    BENCH_BF16_WIDTHS=8 BENCH_BF16_QUALITY=0 .bench-venv/bin/python benchmarks/bench_bf16.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import bench_train  # noqa: E402
+from saectl import precision  # noqa: E402
+
+D_IN, K = bench_train.D_IN, bench_train.K
+NATIVE = not precision.emulated("cpu")
+BATCH = int(os.environ.get("BENCH_BF16_BATCH", "4096" if NATIVE else "512"))
+STEPS = int(os.environ.get("BENCH_BF16_STEPS", "7" if NATIVE else "3"))
+WIDTHS = [int(w) for w in os.environ.get("BENCH_BF16_WIDTHS", "8,32").split(",") if w]
+QUALITY = os.environ.get("BENCH_BF16_QUALITY", "1") == "1"
+Q_HOOK, Q_TOKENS = "resid_post.15", int(os.environ.get("BENCH_BF16_Q_TOKENS", "16384"))
+Q_STEPS, Q_BATCH, Q_EXPANSION = int(os.environ.get("BENCH_BF16_Q_STEPS", "40")), 1024, 4
+WARMUP = 1
+
+
+def why() -> str:
+    if NATIVE:
+        return "this CPU has avx512_bf16/amx_bf16: oneDNN runs the bf16 products natively"
+    return ("this CPU lacks avx512_bf16/amx_bf16: bf16 products are emulated (~30x slower than "
+            f"fp32), so bf16 cannot be faster here; batch {BATCH}, {STEPS} timed steps")
+
+
+def make_saectl(d_sae: int, sample: torch.Tensor, autocast: str | None):
+    from saectl.sae import SAEConfig
+    from saectl.trainer import TrainConfig, Trainer
+
+    trainer = Trainer(SAEConfig(arch="topk", d_in=D_IN, d_sae=d_sae, k=K),
+                      TrainConfig(total_steps=10_000, lr_warmup_steps=0, autocast=autocast),
+                      sample)
+    return trainer.step
+
+
+def time_all(d_sae: int, with_sparsify: bool) -> dict[str, float]:
+    """Median tokens/s of each, one step each in turn (the order rotating), after a warm-up."""
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(BATCH, D_IN, generator=g) for _ in range(2)]
+    steps = {"fp32": make_saectl(d_sae, data[0], None),
+             "bf16": make_saectl(d_sae, data[0], "bfloat16")}
+    if with_sparsify:
+        steps["sparsify"] = bench_train.make_sparsify(d_sae, data[0])
+    names = list(steps)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(WARMUP + STEPS):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            steps[name](data[r % 2])
+            if r >= WARMUP:
+                times[name].append(time.perf_counter() - t0)
+    return {n: BATCH / statistics.median(ts) for n, ts in times.items()}
+
+
+def _saectl(*args) -> str:
+    p = subprocess.run([sys.executable, "-m", "saectl", *map(str, args)], capture_output=True,
+                       text=True, cwd=ROOT)
+    if p.returncode:
+        raise RuntimeError(f"saectl {args[0]} failed: {p.stderr.strip()[-500:]}")
+    return p.stdout.strip()
+
+
+def quality() -> dict:
+    """fp32 and bf16 TopK SAEs (4x, k 32, Q_STEPS × 1024 tokens) on SmolLM2-135M's
+    resid_post.15 over Q_TOKENS harvested tokens: their eval FVUs, and MMCS of the bf16
+    decoder against the fp32 one beside that of a second fp32 seed (what "the same" means)."""
+    from saectl import store
+    from saectl.sae import load_sae
+
+    with tempfile.TemporaryDirectory(prefix="bench-bf16-") as tmp:
+        root = store.store_root(tmp)
+        h = _saectl("harvest", "--hooks", Q_HOOK, "--tokens", Q_TOKENS, "--store", root)
+        sh = _saectl("shuffle", h, "--store", root)
+        base = ["train", sh, "--store", root, "--arch", "topk", "--k", K, "--expansion",
+                Q_EXPANSION, "--tokens", Q_STEPS * Q_BATCH, "--batch-size", Q_BATCH,
+                "--no-lm-eval", "--device", "cpu"]
+        refs = {"fp32": _saectl(*base), "bf16": _saectl(*base, "--autocast", "bfloat16"),
+                "fp32 seed 1": _saectl(*base, "--seed", "1")}
+        arts = {n: store.open_complete(root, r) for n, r in refs.items()}
+        fvu = {n: a.manifest()["summary"]["fvu"] for n, a in arts.items()}
+        W = {}
+        for n, a in arts.items():
+            w = load_sae(store.sae_dir(a)).W_dec.detach()
+            W[n] = w / w.norm(dim=1, keepdim=True)
+
+        def mmcs(a, b):
+            return float((W[a] @ W[b].T).max(1).values.mean())
+
+        return {"fvu": fvu, "mmcs_bf16": mmcs("bf16", "fp32"),
+                "mmcs_seed": mmcs("fp32 seed 1", "fp32")}
+
+
+def _progress(what: str) -> None:
+    load = " ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"bench bf16: {what} (load {load}, {torch.get_num_threads()} threads)",
+          file=sys.stderr, flush=True)
+
+
+def run():
+    """Rows for `benchmarks/run.py`."""
+    from benchmarks.common import Row
+
+    skipped = bench_train.missing().get("sparsify")
+    rows = []
+    for mult in WIDTHS:
+        d_sae = mult * D_IN
+        width = f"{mult}x ({d_sae})"
+        _progress(f"{width} speed")
+        t = time_all(d_sae, skipped is None)
+        note = (f"bf16 {t['bf16']:,.0f}, fp32 {t['fp32']:,.0f} tokens/s; {why()}; "
+                f"{torch.get_num_threads()} torch threads")
+        rows.append(Row(f"bf16 train tokens/s {width} vs saectl fp32", t["bf16"], t["fp32"],
+                        "tokens/s", ">= 1.6x", note=note))
+        if skipped:
+            rows.append(Row(f"bf16 train tokens/s {width} vs sparsify", t["bf16"], 0.0,
+                            "tokens/s", "", note=f"skipped (goal >= 4x): {skipped}"))
+        else:
+            rows.append(Row(f"bf16 train tokens/s {width} vs sparsify", t["bf16"],
+                            t["sparsify"], "tokens/s", ">= 4x",
+                            note=f"sparsify {t['sparsify']:,.0f} tokens/s (fp32: its autocast "
+                                 f"is CUDA-only); {note}"))
+    if QUALITY:
+        _progress("quality on SmolLM2 activations")
+        try:
+            q = quality()
+        except Exception as e:  # noqa: BLE001 -- no model here: say so, keep the speed rows
+            rows.append(Row("bf16 train quality on SmolLM2: relative FVU difference", 0.0, 0.0,
+                            "", "", note=f"skipped: {type(e).__name__}: {e}"))
+            return rows
+        fa, fb = q["fvu"]["fp32"], q["fvu"]["bf16"]
+        rows.append(Row(f"bf16 train quality on SmolLM2 {Q_HOOK}: relative FVU difference",
+                        abs(fb - fa) / fa, 0.0, "", "<= 0.01",
+                        note=f"eval FVU fp32 {fa:.4f}, bf16 {fb:.4f}, fp32 seed 1 "
+                             f"{q['fvu']['fp32 seed 1']:.4f}; topk {Q_EXPANSION}x k{K}, "
+                             f"{Q_STEPS} steps of {Q_BATCH} tokens on {Q_TOKENS:,} tokens"))
+        rows.append(Row(f"bf16 train quality on SmolLM2 {Q_HOOK}: MMCS bf16 vs fp32 decoder",
+                        q["mmcs_bf16"], q["mmcs_seed"], "", "",
+                        note=f"mean max cosine of the bf16 decoder's rows to the fp32 one's: "
+                             f"{q['mmcs_bf16']:.4f}; a second fp32 seed's: "
+                             f"{q['mmcs_seed']:.4f} (the baseline column)"))
+    return rows
+
+
+def main() -> None:
+    print(json.dumps([r.as_dict() for r in run()], indent=1))
+
+
+if __name__ == "__main__":
+    main()
