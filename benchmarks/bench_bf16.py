@@ -33,8 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import bench_train  # noqa: E402
-from saectl import precision  # noqa: E402
+from benchmarks import bench_train
+from saectl import precision
 
 D_IN, K = bench_train.D_IN, bench_train.K
 NATIVE = not precision.emulated("cpu")
@@ -84,8 +84,8 @@ def time_all(d_sae: int, with_sparsify: bool) -> dict[str, float]:
 
 
 def _saectl(*args) -> str:
-    p = subprocess.run([sys.executable, "-m", "saectl", *map(str, args)], capture_output=True,
-                       text=True, cwd=ROOT)
+    p = subprocess.run([sys.executable, "-m", "saectl", *map(str, args)], check=False,
+                       capture_output=True, text=True, cwd=ROOT)
     if p.returncode:
         raise RuntimeError(f"saectl {args[0]} failed: {p.stderr.strip()[-500:]}")
     return p.stdout.strip()
