@@ -10,7 +10,9 @@ disjoint parts of each global batch, as in plain data parallelism.
 One step, as Megatron-LM splits a two-matrix MLP:
 - every rank computes its latents' pre-activations from the full input (`_CopyToShards`:
   identity forward; its backward sums the input's gradient over the shards, so b_dec, which
-  the input is centred by, gets every shard's share);
+  the input is centred by, gets every shard's share); for TopK without gradient, the gradient
+  then flowing only through the chosen latents (`_Selected`, `kernels.SparseDecode`: the TopK
+  kernels' sparse backward), for BatchTopK (whose count per token varies) densely;
 - TopK: each rank's k best per token are all-gathered and the k-th largest of the S·k is the
   token's cut, so the rank keeps exactly its latents among the global top k; BatchTopK: the
   k·B largest over the whole global batch and every shard (`distributed.kth_largest`);
@@ -31,11 +33,12 @@ import dataclasses
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from saectl import distributed
 from saectl.errors import ConfigError
-from saectl.sae import ARCHS, SAE
+from saectl.sae import ARCHS, SAE, kernels
 from saectl.sae.base import ForwardOutput
 
 ARCHS_SHARDED = ("topk", "batchtopk")
@@ -94,16 +97,50 @@ def _gather_cols(values: Tensor, group) -> Tensor:
     return torch.cat(parts, 1)
 
 
-def _cut(pre: Tensor, k: int, group, allowed: Tensor | None = None) -> Tensor:
-    """Mask (n, m_local) of this rank's latents among each row's global top k (over every
-    shard's columns); `allowed` restricts the candidates (AuxK's dead latents)."""
+@torch.no_grad()
+def _candidates(pre: Tensor, k: int, group, allowed: Tensor | None = None):
+    """(idx, keep), each (n, min(k, m_local)): this rank's best latents per row and which of
+    them are among the row's global top k over every shard's columns; `allowed` restricts the
+    candidates (AuxK's dead latents)."""
     if allowed is not None:
         pre = pre.masked_fill(~allowed, float("-inf"))
-    kk = min(k, pre.shape[1])
-    vals, idx = pre.topk(kk, dim=-1, sorted=False)
+    idx = kernels.block_topk_indices(pre, min(k, pre.shape[1]))
+    vals = pre.gather(1, idx)
     cut = _gather_cols(vals, group).topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
-    keep = torch.zeros_like(pre, dtype=torch.bool)
-    return keep.scatter_(1, idx, vals >= cut) & torch.isfinite(pre)
+    return idx, (vals >= cut) & torch.isfinite(vals)
+
+
+class _Selected(torch.autograd.Function):
+    """The pre-activations `vals` (n, s) of latents `idx` (n, s), computed without gradient,
+    with a sparse backward as the TopK kernels': W_enc, b_enc and the input x_c get gradient
+    only through those latents, never through a dense (n, m) product."""
+
+    @staticmethod
+    def forward(ctx, vals, x_c, W_enc, b_enc, idx):  # type: ignore[override]
+        ctx.save_for_backward(x_c, W_enc, idx)
+        return vals.clone()
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x_c, W_enc, idx = ctx.saved_tensors
+        g = g.contiguous()
+        n, s = idx.shape
+        latents, weights = idx.reshape(-1), g.reshape(-1)
+        tokens = torch.arange(n, device=idx.device).repeat_interleave(s)
+        order = torch.argsort(latents, stable=True)
+        counts = torch.bincount(latents, minlength=W_enc.shape[1])
+        grad_t = F.embedding_bag(tokens[order], x_c, counts.cumsum(0) - counts,
+                                 per_sample_weights=weights[order], mode="sum")  # (m, d)
+        grad_b = torch.zeros(W_enc.shape[1], dtype=g.dtype, device=g.device).index_add_(
+            0, latents, weights)
+        grad_x = F.embedding_bag(idx, W_enc.t(), per_sample_weights=g, mode="sum")
+        return None, grad_x, grad_t.t(), grad_b, None
+
+
+def _pick(x_c: Tensor, sae: SAE, pre: Tensor, idx: Tensor, keep: Tensor) -> Tensor:
+    """The kept latents' activations (n, s), differentiable through `_Selected`."""
+    vals = _Selected.apply(pre.gather(1, idx), x_c, sae.W_enc, sae.b_enc, idx)
+    return vals.relu() * keep
 
 
 class Sharded(nn.Module):
@@ -155,35 +192,49 @@ class Sharded(nn.Module):
         x = x.to(sae.dtype)
         y = sae.target_of(x, target)
         x_c = _CopyToShards.apply(sae.encoder_input(x), self.group)
-        pre = torch.addmm(sae.b_enc, x_c, sae.W_enc)  # (n, m/S)
-        if self.cfg.arch == "topk":
-            acts = pre.relu() * _cut(pre.detach(), k, self.group)
-        else:  # batchtopk: the k·B largest of the global batch over every shard
+        if self.cfg.arch == "topk":  # the one dense product, without gradient (TopK kernels)
+            with torch.no_grad():
+                pre = torch.addmm(sae.b_enc, x_c, sae.W_enc)  # (n, m/S)
+            idx, keep = _candidates(pre, k, self.group)
+            vals = _pick(x_c, sae, pre, idx, keep)
+            part = kernels.SparseDecode.apply(idx, vals, sae.W_dec)
+        else:  # batchtopk: the k·B largest of the global batch over every shard, dense
+            pre = torch.addmm(sae.b_enc, x_c, sae.W_enc)
             n_global = pre.shape[0] * distributed.data_part()[1]
             flat = pre.relu().flatten()
             local = flat.detach().topk(min(k * n_global, flat.numel()), sorted=False).values
             t = distributed.kth_largest(local, k * n_global)
             acts = flat.mul((flat >= t) & (flat > 0)).view_as(pre)
             sae.update_threshold(acts.detach())
-        x_hat = _SumShards.apply(acts @ sae.W_dec, self.group) + sae.b_dec
+            idx, vals, part = None, acts, acts @ sae.W_dec
+        x_hat = _SumShards.apply(part, self.group) + sae.b_dec
         terms = {}
         if dead_mask is not None and auxk_coefficient > 0 and bool(dead_mask.any()):
             num_dead = int(dead_mask.sum())  # over every shard: the mask is the whole SAE's
             k_aux = min(self.cfg.d_in // 2, num_dead)
             mine = dead_mask[self.lo:self.hi].expand_as(pre)
-            aux = pre.relu() * _cut(pre.detach(), k_aux, self.group, mine)
-            e_hat = _SumShards.apply(aux @ sae.W_dec, self.group)
+            a_idx, a_keep = _candidates(pre.detach(), k_aux, self.group, mine)
+            e_part = kernels.SparseDecode.apply(a_idx, _pick(x_c, sae, pre.detach(), a_idx,
+                                                             a_keep), sae.W_dec)
+            e_hat = _SumShards.apply(e_part, self.group)
             auxk = (e_hat - (y - x_hat).detach()).pow(2).sum(-1).mean()
             terms["auxk_loss"] = auxk_coefficient * min(num_dead / (self.cfg.d_in // 2), 1.0) * auxk
         mse = (x_hat - y).pow(2).sum(-1).mean()
         losses = {"mse": mse, **terms, "loss": sum(terms.values(), mse)}
         with torch.no_grad():
-            active = acts > 0
+            active = vals > 0
             counts = torch.stack([active.sum().to(torch.float64)])
             dist.all_reduce(counts, group=self.group)
             l0 = (counts[0] / max(x.shape[0], 1)).to(torch.float32)
             fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x.device)
-            fired[self.lo:self.hi] = active.any(0)
+            fired[self.lo:self.hi] = (active.any(0) if idx is None else
+                                      torch.zeros(self.hi - self.lo, dtype=torch.bool,
+                                                  device=x.device).index_fill_(0, idx[active], True))
+            acts = vals.detach()  # this shard's latents: (n, m/S) dense, or as sparse COO
+            if idx is not None:
+                rows = torch.arange(idx.shape[0], device=x.device).repeat_interleave(idx.shape[1])
+                acts = torch.sparse_coo_tensor(torch.stack([rows, idx.reshape(-1) + self.lo]),
+                                               acts.reshape(-1), (idx.shape[0], self.cfg.d_sae))
         return ForwardOutput(x_hat, acts, losses, l0, fired)
 
 

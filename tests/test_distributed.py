@@ -120,6 +120,22 @@ def test_latents_sharded_over_two_ranks_equal_one_process(shuffled, arch):
     assert s2["final_log"]["l0"] == pytest.approx(s1["final_log"]["l0"], rel=1e-4)
 
 
+def test_a_two_by_two_mesh_equals_one_process(shuffled):
+    """4 ranks with --shards 2: a 2-D mesh (2 data groups x 2 latent shards, through
+    torch.distributed.device_mesh) takes the steps one process takes."""
+    root, base, sh = shuffled
+    args = ["train", sh, "--arch", "batchtopk", *TRAIN]
+    one, mesh = _copy(root, base, "one-mesh"), _copy(root, base, "mesh")
+    ref = _run([*args, "--store", one]).stdout.strip()
+    four = [*TORCHRUN[:-1], "4"]
+    p = _run([*args, "--shards", "2", "--store", mesh], launcher=four)
+    assert p.stdout.strip() == ref
+    assert "data-parallel over 2 ranks, 128 of each 256-token batch" in p.stderr
+    a, b = _weights(one, ref), _weights(mesh, ref)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=0, msg=name)
+
+
 def test_a_sharded_run_killed_mid_run_resumes_unsharded(shuffled):
     """Checkpoints gather the shards into the unsharded layout (weights and Adam state): rank 0
     killed after its 2nd checkpoint; the run resumed in one process equals the uninterrupted."""

@@ -177,29 +177,6 @@ class _Selected(torch.autograd.Function):
         return None, grad_t.view(L, m, d).transpose(1, 2), grad_b, None, None
 
 
-class _Decode(torch.autograd.Function):
-    """Σ_j vals[t, j] · W_dec[idx[t, j]] (n, L·d), with the TopK kernels' backward: a sampled
-    matmul for the values' gradient and one sort by latent for W_dec's (kernels.py)."""
-
-    @staticmethod
-    def forward(ctx, idx, vals, W_dec):  # type: ignore[override]
-        ctx.save_for_backward(idx, vals, W_dec)
-        return F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
-
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
-        idx, vals, W_dec = ctx.saved_tensors
-        g = g.contiguous()
-        g_vals = kernels._sddmm(idx, g, W_dec.t())
-        latents = idx.reshape(-1)
-        tokens = torch.arange(idx.shape[0], device=idx.device).repeat_interleave(idx.shape[1])
-        order = torch.argsort(latents, stable=True)
-        counts = torch.bincount(latents, minlength=W_dec.shape[0])
-        grad_W_dec = F.embedding_bag(tokens[order], g, counts.cumsum(0) - counts,
-                                     per_sample_weights=vals.reshape(-1)[order], mode="sum")
-        return None, g_vals, grad_W_dec
-
-
 @register("clt")
 class TopKCLT(CrossLayerTranscoder):
     """TopK CLT: the k largest pre-activations of each layer's latents, ReLU'd; AuxK."""
@@ -230,7 +207,7 @@ class TopKCLT(CrossLayerTranscoder):
             offset = torch.arange(L, device=x.device).repeat_interleave(k) * m
             idx = local.transpose(0, 1).reshape(n, L * k) + offset            # (n, L·k), global
         vals = _Selected.apply(picked, self.W_enc, self.b_enc, x_stack, idx).relu()
-        y_hat = _Decode.apply(idx, vals, self.W_dec) + self.b_dec
+        y_hat = kernels.SparseDecode.apply(idx, vals, self.W_dec) + self.b_dec
         terms = {}
         if dead_mask is not None and auxk_coefficient > 0 and bool(dead_mask.any()):
             flat = pre.transpose(0, 1).reshape(n, L * m)
@@ -252,7 +229,7 @@ class TopKCLT(CrossLayerTranscoder):
             idx = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False).indices
         vals = _Selected.apply(pre.gather(1, idx).to(self.dtype), self.W_enc, self.b_enc,
                                x_stack, idx).relu()
-        e_hat = _Decode.apply(idx, vals, self.W_dec)
+        e_hat = kernels.SparseDecode.apply(idx, vals, self.W_dec)
         scale = min(num_dead / (self.d_in // 2), 1.0)
         return coefficient * scale * (e_hat - residual).pow(2).sum(-1).mean()
 

@@ -319,3 +319,27 @@ def topk_autoencode_eager(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor
     aux_vals, local = pre[:, dead_idx].topk(k_aux, dim=-1, sorted=False)
     aux_acts = torch.zeros_like(pre).scatter(1, dead_idx[local], aux_vals.relu())
     return x_hat, vals, idx, aux_acts @ W_dec
+
+
+class SparseDecode(torch.autograd.Function):
+    """Σ_j vals[t, j] · W_dec[idx[t, j]] (n, d_out) for latents idx (n, s) chosen elsewhere (a
+    CLT's, a shard's), with the TopK kernels' backward: a sampled matmul for the values'
+    gradient and one sort by latent for W_dec's."""
+
+    @staticmethod
+    def forward(ctx, idx, vals, W_dec):  # type: ignore[override]
+        ctx.save_for_backward(idx, vals, W_dec)
+        return F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        idx, vals, W_dec = ctx.saved_tensors
+        g = g.contiguous()
+        g_vals = _sddmm(idx, g, W_dec.t())
+        latents = idx.reshape(-1)
+        tokens = torch.arange(idx.shape[0], device=idx.device).repeat_interleave(idx.shape[1])
+        order = torch.argsort(latents, stable=True)
+        counts = torch.bincount(latents, minlength=W_dec.shape[0])
+        grad_W_dec = F.embedding_bag(tokens[order], g, counts.cumsum(0) - counts,
+                                     per_sample_weights=vals.reshape(-1)[order], mode="sum")
+        return None, g_vals, grad_W_dec
