@@ -8,9 +8,9 @@ goal. Setting: bench_train's TopK (d_in 576, 8x, k 32), global batch 4096.
 
 Latents sharded (`--shards 2`, saectl.sharding) at 8x and 32x width: 2 ranks each holding
 half the latents, on the whole batch; per rank, the bytes of the SAE's parameters and Adam's
-moments (exact, from the tensors) against the unsharded run's, and the step time. The sharded
-step runs dense per-shard matmuls (not the sparse TopK kernels) and two collectives per
-product, so on CPU it is slower; it is for SAEs that do not fit one device.
+moments (exact, from the tensors) against the unsharded run's, and the step time (each shard
+selects without gradient and back-propagates through its chosen latents, as the TopK kernels
+do, plus three collectives per step).
 
     .venv/bin/python benchmarks/bench_ddp.py
 """
@@ -95,9 +95,8 @@ def run():
                         sharded["bytes"] / mib, whole["bytes"] / mib, "MiB", "",
                         note=f"parameters + Adam moments per rank: {sharded['bytes'] / mib:.1f} "
                              f"MiB sharded over 2 ranks, {whole['bytes'] / mib:.1f} MiB whole; "
-                             f"step {sharded['step_s'] * 1e3:.0f} ms sharded (dense per shard, "
-                             f"whole batch on each rank) vs {whole['step_s'] * 1e3:.0f} ms "
-                             f"whole (sparse kernels)"))
+                             f"step {sharded['step_s'] * 1e3:.0f} ms sharded (whole batch on "
+                             f"each rank) vs {whole['step_s'] * 1e3:.0f} ms whole"))
     return rows
 
 
