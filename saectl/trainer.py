@@ -13,7 +13,9 @@ The recipe follows the published ones:
   to each row is removed before the step and rows renormalised after it (sparsify
   `remove_gradient_parallel_to_decoder_directions`, `set_decoder_norm_to_unit_norm`);
 - AuxK with coefficient 1/32 on latents that have not fired for `dead_window_tokens` tokens
-  (sparsify's `dead_feature_threshold`, 10M tokens).
+  (sparsify's `dead_feature_threshold`, 10M tokens);
+- with `autocast="bfloat16"`, the forward under torch.autocast: bf16 products, fp32 master
+  weights, Adam state and loss (saectl.precision).
 
 `Trainer.state_dict()` holds everything a run needs to continue bit for bit on the same
 hardware: 2N steps equal N steps, save, load, N steps.
