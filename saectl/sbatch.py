@@ -86,6 +86,20 @@ class SlurmOptions:
         return lines
 
 
+SLURM_KEYS = ("partition", "time", "gres", "cpus_per_task", "mem", "ntasks", "nodes",
+              "gpus_per_task", "extra")
+"""A sweep's `slurm:` keys (SlurmOptions' fields but the interpreter); also its flags."""
+
+
+def merged_options(flags: dict, from_grid: dict) -> SlurmOptions:
+    """The flags that are set over a grid's `slurm:` section; every value checked."""
+    opts = {k: v for k, v in from_grid.items() if k != "extra"}
+    opts.update({k: v for k, v in flags.items() if v})
+    extra = from_grid.get("extra") or ()
+    extra = [extra] if isinstance(extra, str) else extra
+    return SlurmOptions(**opts, extra=tuple(str(line) for line in extra))
+
+
 def _quoted(folder: Path, pattern: str) -> str:
     """`folder/pattern` as one argument of an `#SBATCH` line: sbatch splits those lines at
     whitespace unless double-quoted (a backslash escapes `"` and itself there) and expands `%`

@@ -25,7 +25,6 @@ import csv
 import io
 import itertools
 import json
-import math
 from dataclasses import dataclass
 from dataclasses import fields as dc_fields
 from pathlib import Path
@@ -33,14 +32,14 @@ from pathlib import Path
 import yaml
 from rich.table import Table
 
-from saectl import evaluation, executors, layout, store
+from saectl import evaluation, executors, layout, store, sweep_plots
 from saectl.config import build as build_config
 from saectl.config import load_yaml, opt
 from saectl.console import console, info
 from saectl.errors import ConfigError, SaectlError
 from saectl.fitting import Point, TrainStageConfig, open_shuffle, train_points
 from saectl.fitting import plan as plan_point
-from saectl.sbatch import SlurmOptions
+from saectl.sbatch import SLURM_KEYS, SlurmOptions, merged_options
 from saectl.stage import RUNNER_FIELDS, DeviceOptions, Plan, Stage
 
 NAME = "sweep"
@@ -48,8 +47,6 @@ EXECUTORS = ("local", "processes", "slurm")
 # Train flags a grid may not set: how a stage runs (set once for the sweep), the sweep's own
 # input, and `model`, a path on this machine rather than a hyperparameter.
 NOT_GRID = (*RUNNER_FIELDS, "shuffle", "model")
-SLURM_KEYS = ("partition", "time", "gres", "cpus_per_task", "mem", "ntasks", "nodes",
-              "gpus_per_task", "extra")
 FIGURES = ("chosen", "tolerance")  # summary figures `saectl run` shows (and the chosen SAE's)
 TABLE = "table.csv"  # in report/, beside the plots
 PLOTS = ("l0_fvu.png", "dl_width.png", "ce_l0.png")
@@ -166,15 +163,6 @@ def grid_points(path: str, base: dict) -> tuple[list[dict], dict, dict | None]:
     return [{**base, **fixed, **p} for p in points], slurm, eval_opts
 
 
-def slurm_options(cfg: SweepConfig, from_grid: dict) -> SlurmOptions:
-    """The flags over the grid's `slurm:` section; every value checked (saectl.sbatch)."""
-    opts = {k: v for k, v in from_grid.items() if k != "extra"}
-    opts.update({k: getattr(cfg, k) for k in SLURM_KEYS if k != "extra" and getattr(cfg, k)})
-    extra = from_grid.get("extra") or ()
-    extra = [extra] if isinstance(extra, str) else extra
-    return SlurmOptions(**opts, extra=tuple(str(line) for line in extra))
-
-
 def plan(cfg: SweepConfig) -> Plan:
     root = store.store_root(cfg.store)
     src, manifest, harvest = open_shuffle(root, cfg.shuffle)
@@ -197,7 +185,8 @@ def plan(cfg: SweepConfig) -> Plan:
             raise ConfigError(f"{cfg.grid}: points {seen[p.art.digest]} and {i} are the same SAE; "
                               "remove the duplicate")
         seen[p.art.digest] = i
-    slurm = slurm_options(cfg, slurm_yaml) if cfg.executor == "slurm" else None
+    slurm = (merged_options({k: getattr(cfg, k) for k in SLURM_KEYS if k != "extra"}, slurm_yaml)
+             if cfg.executor == "slurm" else None)
     ranks = (slurm.ntasks or slurm.nodes or 1) if slurm else 1
     for p in points:  # each point trains data-parallel over `ranks` (SLURM tasks)
         if p.cfg.batch_size % ranks:
@@ -314,7 +303,7 @@ def _finish(art: store.Artifact, grid: Grid, tolerance: float,
     writer.writeheader()
     writer.writerows(rows)
     store.atomic_write(layout.report(art.path, TABLE), buf.getvalue().encode())
-    _plots(layout.report(art.path), rows, tolerance, chosen)
+    sweep_plots.plot(layout.report(art.path), rows, tolerance, chosen, PLOTS)
     if probes:
         evaluation.probe_plot(layout.report(art.path, PROBE_PLOT), probes)
     store.mark_complete(art, {"table": rows, "columns": columns, "chosen": chosen,
@@ -359,61 +348,6 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
-
-
-def _plots(folder: Path, rows: list[dict], tolerance: float, chosen: str | None) -> None:
-    from saectl.plots import plt, save_figure  # matplotlib, only when a sweep completes
-
-    l0_fvu, dl_width, ce_l0 = (folder / name for name in PLOTS)
-    # L0 against FVU with the Pareto frontier (lower-left is better on both).
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for arch in sorted({r["arch"] for r in rows}):
-        pts = [r for r in rows if r["arch"] == arch]
-        ax.scatter([r["l0"] for r in pts], [r["fvu"] for r in pts], label=arch)
-    front, best = [], math.inf
-    for r in sorted(rows, key=lambda r: (r["l0"], r["fvu"])):
-        if r["fvu"] < best:
-            front.append(r)
-            best = r["fvu"]
-    ax.plot([r["l0"] for r in front], [r["fvu"] for r in front], "k--", lw=1, label="Pareto frontier")
-    ax.set(xscale="log", xlabel="L0 (active latents per token)", ylabel="FVU", title="Sparsity vs reconstruction")
-    ax.legend()
-    save_figure(fig, l0_fvu)
-
-    # DL against width at the tolerance, with the naive bound beside it.
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    groups = {}
-    for r in rows:
-        groups.setdefault((r["arch"], r["k"]), []).append(r)
-    for (arch, k), pts in sorted(groups.items()):
-        pts = sorted((r for r in pts if r["dl"] is not None), key=lambda r: r["width"])
-        if not pts:
-            continue
-        line, = ax.plot([r["width"] for r in pts], [r["dl"] for r in pts], "o-", label=f"{arch} k={k} DL")
-        ax.plot([r["width"] for r in pts], [r["naive_bound"] for r in pts], ":", color=line.get_color(),
-                label=f"{arch} k={k} naive bound")
-    for r in rows:
-        if r["point"] == chosen:
-            ax.scatter([r["width"]], [r["dl"]], s=160, facecolors="none", edgecolors="red", label="chosen")
-    ax.set(xscale="log", xlabel="width (latents)", ylabel="bits per token",
-           title=f"Description length at FVU ≤ {tolerance}")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    else:
-        ax.text(0.5, 0.5, f"no SAE reconstructs within FVU ≤ {tolerance}", ha="center",
-                transform=ax.transAxes)
-    save_figure(fig, dl_width)
-
-    # CE-loss score against L0, where the downstream evaluation ran.
-    scored = [r for r in rows if r["ce_loss_score"] is not None]
-    if scored:
-        fig, ax = plt.subplots(figsize=(6, 4.2))
-        for arch in sorted({r["arch"] for r in scored}):
-            pts = [r for r in scored if r["arch"] == arch]
-            ax.scatter([r["l0"] for r in pts], [r["ce_loss_score"] for r in pts], label=arch)
-        ax.set(xscale="log", xlabel="L0", ylabel="CE-loss score", title="Downstream fidelity")
-        ax.legend()
-        save_figure(fig, ce_l0)
 
 
 STAGE = Stage(NAME, SweepConfig,
