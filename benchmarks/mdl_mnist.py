@@ -44,6 +44,7 @@ TILES = 32  # most-used live latents drawn per SAE
 # σ/√DRAWS) and UNIFORM drawn uniformly (their median estimates the median), besides the TILES
 # most used. Seed replicas get DL only: their figures would repeat seed 0's.
 EXACT, DRAWS, UNIFORM = 384, 256, 128
+CAL_SHAPES, CAL_DIGITS = 200, 500  # the calibration's drawn shapes of each kind, test digits
 NEAR = 4  # the feasible points of least held-out DL that get seeds 1 and 2 and a longer run
 LONG = 4  # how many times as long that run trains (a check of convergence at the minimum)
 # A direction's kind, from the figures: each threshold midway between the calibration medians
@@ -106,25 +107,26 @@ def grid_point(root: Path, ref: str, **change) -> dict:
 
 
 def checks(root: Path, rows: list[dict], tolerance: float, work: Path,
-           near: int = NEAR) -> dict[str, str]:
-    """The two checks on the minimum, as sweeps of their own (sweep ref by name): seeds 1 and 2
-    of the NEAR feasible points of least held-out DL, and those points trained LONG times as
-    long (seed 0), to see whether more training moves the choice."""
+           near: int = NEAR, long: int = LONG) -> list[dict]:
+    """The two checks on the minimum, one sweep of their own: seeds 1 and 2 of the `near`
+    feasible points of least held-out DL, and those points trained `long` times as long
+    (seed 0), to see whether more training moves the choice. Its rows, `sweep` "seeds" or
+    "long". The long runs go first: the two processes then finish together."""
     from saectl import stage
     from stages import sweep
 
     ok = sorted((r for r in rows if r["dl"] is not None), key=lambda r: r["dl"])[:near]
-    grids = {"seeds": [grid_point(root, r["ref"], seed=s) for r in ok for s in (1, 2)],
-             "long": [grid_point(root, r["ref"], tokens=LONG * grid_point(root, r["ref"])["tokens"])
-                      for r in ok]}
-    out = {}
-    for name, points in grids.items():
-        path = work / f"mdl-mnist-{name}.yaml"
-        path.write_text(json.dumps({"points": points}))  # JSON is YAML
-        art = stage.run(sweep.STAGE, sweep.SweepConfig(
-            store=str(root), shuffle="refs/mdl-mnist/shuffle", grid=str(path),
-            tolerance=tolerance, executor="processes", jobs=2))
-        out[name] = art.ref
+    points = [("long", grid_point(root, r["ref"], tokens=long * grid_point(root, r["ref"])["tokens"]))
+              for r in ok]
+    points += [("seeds", grid_point(root, r["ref"], seed=s)) for r in ok for s in (1, 2)]
+    path = work / "mdl-mnist-checks.yaml"
+    path.write_text(json.dumps({"points": [p for _, p in points]}))  # JSON is YAML
+    art = stage.run(sweep.STAGE, sweep.SweepConfig(
+        store=str(root), shuffle="refs/mdl-mnist/shuffle", grid=str(path), tolerance=tolerance,
+        executor="processes", jobs=2))
+    out = sweep_rows(root, art.ref, "checks")
+    for r in out:  # the table's rows are the grid's points in order: p00, p01, ...
+        r["sweep"] = points[int(r["point"][1:])][0]
     return out
 
 
@@ -225,7 +227,7 @@ def calibration(refs: np.ndarray, class_means, test_images: np.ndarray) -> dict:
     rng = np.random.default_rng(1)
     segs, pairs, blobs = [], [], []
     yy, xx = np.mgrid[0:28, 0:28]
-    for _ in range(200):
+    for _ in range(CAL_SHAPES):
         y0, x0, y1, x1 = rng.uniform(5, 23, 4)
         if math.hypot(y1 - y0, x1 - x0) < 8:
             y1, x1 = 28 - y0, 28 - x0
@@ -236,7 +238,7 @@ def calibration(refs: np.ndarray, class_means, test_images: np.ndarray) -> dict:
         pairs.append(np.maximum(one, strokes.segment_image((28, 28), y1, x1, y2, x2, width)).ravel())
         cy, cx, s = rng.uniform(8, 20), rng.uniform(8, 20), rng.uniform(1, 2)
         blobs.append(np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s)).ravel())
-    sets = {"test digits": test_images[:500], "drawn segment": np.array(segs),
+    sets = {"test digits": test_images[:CAL_DIGITS], "drawn segment": np.array(segs),
             "two joined segments": np.array(pairs), "round blob": np.array(blobs)}
     if class_means is not None:
         sets["class means"] = class_means
@@ -255,6 +257,8 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-run", action="store_true", help="the pipeline has run already")
     ap.add_argument("--near", type=int, default=NEAR,
                     help="points nearest the minimum that get seeds 1, 2 and a longer run")
+    ap.add_argument("--long", type=int, default=LONG,
+                    help="how many times as long the points nearest the minimum train again")
     a = ap.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     t0, load0 = time.time(), os.getloadavg()
@@ -271,9 +275,8 @@ def main(argv=None) -> None:
     tolerance = store.resolve(root, "refs/mdl-mnist/sweep.sweep").manifest()["summary"]["tolerance"]
     rows = sweep_rows(root, "refs/mdl-mnist/sweep.sweep", "sweep")
     t = time.time()
-    refs_of = checks(root, rows, tolerance, root, a.near)
+    rows += checks(root, rows, tolerance, root, a.near, a.long)
     checks_s = time.time() - t
-    rows += [r for name, ref in refs_of.items() for r in sweep_rows(root, ref, name)]
     test = torch.from_numpy(test_np)
     results = []
     for r in rows:
@@ -288,7 +291,7 @@ def main(argv=None) -> None:
                "test_eval": {k: test_eval.get(k) for k in ("fvu", "l0", "dead_fraction", "dl",
                                                           "dl_bins", "n_tokens")},
                "pipeline_s": pipeline_s, "checks_s": checks_s, "analysis_s": None,
-               "long_factor": LONG}
+               "long_factor": a.long}
     from benchmarks import mdl_mnist_report as report  # matplotlib
 
     report.plots(summary, a.out)

@@ -54,6 +54,8 @@ def test_small_mdl_mnist_pipeline_and_analysis(tmp_path, capsys, monkeypatch):
     from benchmarks import mdl_mnist
 
     monkeypatch.setattr(mdl_mnist, "TEMPLATE_IMAGES", 500)
+    monkeypatch.setattr(mdl_mnist, "CAL_SHAPES", 40)  # medians of fewer: the figures cost
+    monkeypatch.setattr(mdl_mnist, "CAL_DIGITS", 100)  # ~30 ms a direction
     mdl_mnist.main(["--data", str(MNIST), "--store", str(tmp_path), "--out",
                     str(tmp_path / "docs"), "--skip-run", "--near", "1"])
     out = json.loads((tmp_path / "mdl-mnist-results.json").read_text())
