@@ -99,14 +99,26 @@ def scan(blocks: Iterator[tuple[int, torch.Tensor]], encode: Callable[[torch.Ten
     pending: list[tuple] = []
     n_pending = 0
     lo_edge, width = float(HIST_EDGES[0]), float(HIST_EDGES[1] - HIST_EDGES[0])
+    threads = torch.get_num_threads()
     for seq0, x in blocks:
         S, C, d = x.shape
-        a = encode(x.reshape(S * C, d)).reshape(-1)
+        torch.set_num_threads(threads)
+        a = encode(x.reshape(S * C, d))
+        # The bookkeeping below is ~40 small kernels a block (the nonzeros, and per sequence
+        # and feature); on several threads each waits at a barrier for the others, which on a
+        # loaded machine cost ~15 ms a kernel (issue 22): one thread, then the encode's again.
+        torch.set_num_threads(1)
         # Everything below works on the nonzero entries only: an SAE's activations are sparse,
-        # and passes over the dense block cost more than the encode itself.
-        flat = torch.nonzero(a > 0).squeeze(1)
-        vals = a[flat].float().cpu()
-        flat = flat.cpu()
+        # and passes over the dense block cost more than the encode itself. A sparse encode
+        # (`latents`) hands them over in the order a dense one's nonzero() finds them.
+        if a.is_sparse:
+            ij = a.indices()
+            flat, vals = (ij[0] * n_f + ij[1]).cpu(), a.values().float().cpu()
+        else:
+            a = a.reshape(-1)
+            flat = torch.nonzero(a > 0).squeeze(1)
+            vals = a[flat].float().cpu()
+            flat = flat.cpu()
         tok, f = flat // n_f, flat % n_f
         c, s = tok % C, tok // C
         if skip_first:
@@ -135,6 +147,7 @@ def scan(blocks: Iterator[tuple[int, torch.Tensor]], encode: Callable[[torch.Ten
         if on_block:
             on_block(S * C)
     best, keyed = _flush(best, keyed, pending, top, pool)
+    torch.set_num_threads(threads)
     top_act, top_seq, top_pos = best
     invalid = top_act <= 0
     pkey, pool_act, pool_seq, pool_pos = keyed
@@ -189,6 +202,7 @@ class Source:
         per_token = 4 * (d_sae + 4 * len(features))  # encode output + per-feature working set
         self.seqs_per_block = max(1, memory_bytes // (per_token * context_size))
         self._all = len(features) == d_sae
+        self._sparse = latents(sae, features)
 
     def read(self, lo: int, hi: int) -> torch.Tensor:
         """Sequences lo..hi as (hi - lo, C, d) float32."""
@@ -204,10 +218,45 @@ class Source:
             return self.sae.encode(x.to(self.device))
 
     def encode_selected(self, x: torch.Tensor) -> torch.Tensor:
+        if self._sparse is not None:
+            with torch.inference_mode():
+                return self._sparse(x.to(self.device))
         a = self.encode_all(x)
         if self._all:
             return a
         return a.index_select(1, torch.from_numpy(self.features).to(a.device))
+
+
+def latents(sae, features: np.ndarray | None = None):
+    """For a TopK SAE (whose encode is TopKSAE's own), an encode of the chosen `features` that
+    returns them as a sparse COO tensor: the same values as the dense encode's, without
+    writing the dense (N, d_sae) block the scan would then search for its nonzeros (at 32x
+    width, more time than the statistics themselves). None for other SAEs."""
+    from saectl.sae.topk import TopKSAE
+
+    if type(sae).encode is not TopKSAE.encode:
+        return None
+    d_sae, k = sae.cfg.d_sae, sae.cfg.k
+    n_f = d_sae if features is None else len(features)
+    col = None
+    if features is not None and not np.array_equal(features, np.arange(d_sae)):
+        col = torch.full((d_sae,), -1, dtype=torch.int64)
+        col[torch.from_numpy(np.asarray(features))] = torch.arange(n_f)
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        vals, idx = sae.pre_acts(x).topk(k, dim=-1, sorted=False)
+        vals = vals.relu()
+        if col is not None:
+            idx = col.to(idx.device)[idx]
+        idx, order = idx.sort(dim=1)  # rows, then columns: the order nonzero() gives
+        vals = vals.gather(1, order)
+        keep = (vals > 0) & (idx >= 0)
+        rows = torch.arange(len(x), device=x.device)[:, None].expand_as(idx)
+        return torch.sparse_coo_tensor(torch.stack([rows[keep], idx[keep]]), vals[keep],
+                                       (len(x), n_f), is_coalesced=True,
+                                       check_invariants=False)
+
+    return encode
 
 
 # How the statistics are kept in an interpret artifact (names from saectl/layout.py).

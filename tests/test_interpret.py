@@ -41,6 +41,38 @@ def _sparse_acts(n_seq=37, C=9, n_f=13, seed=0) -> torch.Tensor:
     return a
 
 
+@pytest.mark.parametrize("subset", [False, True])
+def test_scan_of_a_topk_sae_kept_sparse_equals_the_dense_encode(subset):
+    """`latents` (interpret's encode of a TopK SAE, issue 22) gives the scan the same numbers,
+    bit for bit, as the SAE's dense encode, for every latent or a chosen few."""
+    from saectl.sae import ARCHS, SAEConfig
+    from saectl.scan import latents
+
+    torch.manual_seed(0)
+    sae = ARCHS["topk"](SAEConfig(arch="topk", d_in=16, d_sae=96, k=6)).eval()
+    sae.b_enc.data -= 0.3  # some of the top k negative: ReLU'd to zero, not counted as firing
+    x = torch.randn(21, 7, 16)
+    feats = np.sort(np.random.default_rng(1).choice(96, 40, replace=False)) if subset \
+        else np.arange(96)
+    sparse = latents(sae, feats)
+    assert sparse is not None
+    cols = torch.from_numpy(feats)
+
+    def dense(v):
+        with torch.inference_mode():
+            return sae.encode(v)[:, cols]
+
+    def kept_sparse(v):
+        with torch.inference_mode():
+            return sparse(v)
+
+    a = scan(_blocks(x, 4), dense, feats, top=5, pool=6, seed=3, skip_first=True)
+    b = scan(_blocks(x, 4), kept_sparse, feats, top=5, pool=6, seed=3, skip_first=True)
+    assert a.fired.sum() > 0
+    for name in a.__dataclass_fields__:
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
 @pytest.mark.parametrize("per, merge_every", [(1, 1), (4, 5), (37, 64), (3, 64)])
 def test_scan_incremental_equals_full_computation(per, merge_every, monkeypatch):
     monkeypatch.setattr("saectl.scan.MERGE_EVERY", merge_every)
