@@ -42,7 +42,7 @@ GOALS = [
     ("train", "train peak memory <= 1x a dense loop", ("topk train peak RSS growth",)),
     ("sweep", "local sweep of 8 SAEs <= 0.75x 8 train runs", ("local sweep of 8",)),
     ("sweep", "processes executor --jobs 2 <= 0.7x point by point", ("processes executor",)),
-    ("interpret", "interpret scan tokens/s >= 0.8x encode alone", ("interpret scan tokens/s",)),
+    ("interpret", "interpret scan tokens/s >= 0.9x encode alone", ("interpret scan tokens/s",)),
     ("scaling", "harvest time and disk linear in tokens", ("scaling: harvest",)),
     ("scaling", "shuffle peak memory flat at the budget", ("scaling: shuffle",)),
     ("scaling", "train time and memory against width and k", ("scaling: train",)),
