@@ -197,7 +197,7 @@ def build(cfg: ShuffleConfig, plan: Plan, writer) -> None:
     n_seq, C = made["n_seq"], made["context_size"]
     split = make_split(n_seq, C, cfg, has_bos=made.get("bos", True))
     measured, held = {}, {}
-    step_of = lambda a: _read_step(cfg.budget, a)  # noqa: E731
+    step_of = lambda a: _read_step(cfg.budget, a)
     srcs = {h: hin[layout.acts(h)] for h in hooks}
     if sum(shuffle_memory.need(a, step_of(a)) for a in srcs.values()) <= cfg.budget // 2:
         # Every hook fits at once: one read each serves the outliers and the shuffle.

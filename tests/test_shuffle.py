@@ -461,8 +461,8 @@ def test_every_hook_alike_in_memory_one_at_a_time_and_out_of_core(tiny_model_dir
                                                                   tmp_path, capsys, monkeypatch):
     """Three hooks: all held at once (one read each), one at a time (the outliers measured from
     the store first), or through the buckets: the same artifact."""
-    from stages import shuffle
     from saectl import shuffle_memory
+    from stages import shuffle
 
     monkeypatch.setattr(arrays, "CHUNK_BYTES", 2048)
     res = run_cli(capsys, "harvest", "--model", tiny_model_dirs["llama"], "--dataset", tiny_corpus,
