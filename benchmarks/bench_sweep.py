@@ -95,4 +95,38 @@ def run() -> list[Row]:
             + ", ".join(f"{v:.0f}" for v in times["processes"])),
         Row("share of the 8 train runs spent reading+decoding activations", share, 1.0, "",
             "", note=f"{8 * read_s:.1f}s of {separate:.1f}s; the sweep reads once: {read_s:.1f}s"),
+        _concatenated_encoder(),
     ]
+
+
+def _concatenated_encoder() -> Row:
+    """What sharing the encoder product could save: the 8 SAEs' encoder matmuls on one batch
+    as one concatenated product (the sweep's SAEs share the batch and d_in) against 8 separate
+    ones, outputs preallocated (as the TopK kernel's buffer is), alternated, medians."""
+    import statistics
+
+    import torch
+
+    x = torch.randn(1024, D_IN + 1)  # the kernel's augmented input (bias folded in)
+    widths = [D_IN * e for e in GRID["expansion"] for _ in GRID["k"]]
+    Ws = [torch.randn(D_IN + 1, w) for w in widths]
+    W_cat, outs = torch.cat(Ws, 1), [torch.empty(1024, w) for w in widths]
+    out_cat = torch.empty(1024, sum(widths))
+
+    def separate():
+        for W, o in zip(Ws, outs):
+            torch.mm(x, W, out=o)
+
+    times = {"separate": [], "concatenated": []}
+    for rep in range(6):
+        for name, fn in ((("separate", separate), ("concatenated", lambda: torch.mm(
+                x, W_cat, out=out_cat))))[:: 1 if rep % 2 else -1]:
+            t0 = time.perf_counter()
+            fn()
+            if rep:
+                times[name].append(time.perf_counter() - t0)
+    cat, sep = (statistics.median(times[n]) for n in ("concatenated", "separate"))
+    return Row("sweep floor: the 8 encoders as one concatenated matmul vs 8 (s per 1024 rows)",
+               cat, sep, "s", "", note=f"{torch.get_num_threads()} torch threads; the encoder "
+               "product is most of a TopK step, and one concatenated product does the same "
+               "FLOPs: this ratio bounds what a shared encoder could save")
