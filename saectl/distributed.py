@@ -14,6 +14,9 @@ follow). When one rank dies, torchrun (or srun --kill-on-bad-exit) stops the oth
 resumes from the last checkpoint, with any number of ranks: the batch a step reads is a
 function of the step alone, and the address does not depend on the number of ranks.
 
+With `--shards S` the ranks also split the latents (saectl.sharding): `mesh` lays them out
+as data × latents, and the batch is split over the data dimension only.
+
 This module is a thin wrapper: with one process (no WORLD_SIZE) every function is a no-op
 and nothing imports torch.distributed.
 """
@@ -85,6 +88,9 @@ def mesh(shards: int, device: str = "cpu") -> None:
     global _MESH
     if shards <= 1:
         return
+    if not active() or world()[1] % shards:
+        raise ConfigError(f"shards {shards} split the latents over ranks, and this run has "
+                          f"{world()[1]}: run a multiple of {shards} ranks (torchrun, srun)")
     from torch.distributed.device_mesh import init_device_mesh
 
     device_type = "cuda" if str(device).startswith("cuda") else "cpu"
