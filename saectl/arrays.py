@@ -79,8 +79,8 @@ _PIECE = (1 << 15) - 1  # below torch's grain size (32768): one thread per copy
 
 
 def _widen_half(data: np.ndarray) -> np.ndarray:
-    """float16 → float32 through torch's vectorised cast: the same bits as NumPy's (both exact,
-    NaN payloads kept), 3-4x less CPU here, where NumPy widens a value at a time, and the
+    """float16 → float32 through torch's vectorised cast: the same bits as NumPy's for every
+    number (both exact; a NaN stays NaN, its payload aside), 3-4x less CPU here, where NumPy widens a value at a time, and the
     shuffle widens every value of a harvest. In pieces below torch's grain size, so each copy
     stays on the calling thread: the callers run them on threads of their own, and torch's
     OpenMP team, spinning at a barrier while others' jobs hold the cores, cost 10x the CPU on

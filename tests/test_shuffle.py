@@ -510,3 +510,21 @@ def test_in_memory_path_stays_within_budget(tmp_path, capsys, monkeypatch):
     assert art.manifest()["summary"]["hooks"]["h"]["n_buckets"] == 0  # it was the in-memory path
     print(f"{growth / 2**20:.1f} MiB of {budget >> 20} MiB")
     assert growth <= budget, growth
+
+
+def _same_widening(x):
+    got, want = arrays.from_storage(x, "float16"), x.astype(np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)  # a NaN stays NaN (torch may quiet its payload)
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+
+
+def test_float16_widened_through_torch_equals_numpy():
+    """Every float16 bit pattern (infinities, subnormals, -0, NaNs) widens to what NumPy gives,
+    in arrays large enough for torch's path, read-only or strided too."""
+    every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    x = np.tile(every, 3).reshape(-1, 48)
+    _same_widening(x)
+    x.flags.writeable = False
+    _same_widening(x)
+    _same_widening(np.tile(every, 4).reshape(-1, 64)[:, ::2])
