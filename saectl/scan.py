@@ -19,6 +19,7 @@ and `load` keep the statistics in an interpret artifact, `save_lens` the logit l
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -57,6 +58,17 @@ class Stats:
         """Mean activation over the tokens where the feature fired (NaN where it never did)."""
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(self.fired > 0, self.act_sum / self.fired, np.nan)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread inside (see scan: small kernels), its thread count again after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _merge(keep: tuple, cand: tuple, n: int, descending: bool) -> tuple:
@@ -100,54 +112,56 @@ def scan(blocks: Iterator[tuple[int, torch.Tensor]], encode: Callable[[torch.Ten
     n_pending = 0
     lo_edge, width = float(HIST_EDGES[0]), float(HIST_EDGES[1] - HIST_EDGES[0])
     threads = torch.get_num_threads()
-    for seq0, x in blocks:
-        S, C, d = x.shape
+    try:
+        for seq0, x in blocks:
+            S, C, d = x.shape
+            torch.set_num_threads(threads)
+            a = encode(x.reshape(S * C, d))
+            # The bookkeeping below is ~40 small kernels a block (the nonzeros, and per sequence
+            # and feature); on several threads each waits at a barrier for the others, which on a
+            # loaded machine cost ~15 ms a kernel (issue 22): one thread, then the encode's again.
+            torch.set_num_threads(1)
+            # Everything below works on the nonzero entries only: an SAE's activations are sparse,
+            # and passes over the dense block cost more than the encode itself. A sparse encode
+            # (`latents`) hands them over in the order a dense one's nonzero() finds them.
+            if a.is_sparse:
+                ij = a.indices()
+                flat, vals = (ij[0] * n_f + ij[1]).cpu(), a.values().float().cpu()
+            else:
+                a = a.reshape(-1)
+                flat = torch.nonzero(a > 0).squeeze(1)
+                vals = a[flat].float().cpu()
+                flat = flat.cpu()
+            tok, f = flat // n_f, flat % n_f
+            c, s = tok % C, tok // C
+            if skip_first:
+                keep = c > 0
+                vals, f, c, s = vals[keep], f[keep], c[keep], s[keep]
+            n_tokens += S * (C - skip_first)
+            fired += torch.bincount(f, minlength=n_f)
+            act_sum += torch.bincount(f, weights=vals.double(), minlength=n_f)
+            bins = ((vals.log10() - lo_edge) / width).floor().long().clamp_(0, nb - 1)
+            hist += torch.bincount(f * nb + bins, minlength=n_f * nb)
+            # Each sequence's maximum per feature, and its first position.
+            key = s * n_f + f
+            m = torch.zeros(S * n_f).scatter_reduce_(0, key, vals, "amax")
+            at_max = vals == m[key]
+            pos = torch.full((S * n_f,), C, dtype=torch.int64).scatter_reduce_(
+                0, key[at_max], c[at_max], "amin")
+            m, pos = m.view(S, n_f), pos.view(S, n_f).clamp_(max=C - 1)
+            max_act = torch.maximum(max_act, m.max(0).values)
+            keys = torch.from_numpy(hash_keys(seed, np.arange(seq0, seq0 + S), features)).T
+            keys = torch.where(m.T > 0, keys, 2.0)  # only sequences where it fires enter the pool
+            pending.append((m.T, torch.arange(seq0, seq0 + S).expand(n_f, S), pos.T, keys))
+            n_pending += S
+            if n_pending >= MERGE_EVERY:  # a sort per few blocks, not per block
+                best, keyed = _flush(best, keyed, pending, top, pool)
+                pending, n_pending = [], 0
+            if on_block:
+                on_block(S * C)
+        best, keyed = _flush(best, keyed, pending, top, pool)
+    finally:
         torch.set_num_threads(threads)
-        a = encode(x.reshape(S * C, d))
-        # The bookkeeping below is ~40 small kernels a block (the nonzeros, and per sequence
-        # and feature); on several threads each waits at a barrier for the others, which on a
-        # loaded machine cost ~15 ms a kernel (issue 22): one thread, then the encode's again.
-        torch.set_num_threads(1)
-        # Everything below works on the nonzero entries only: an SAE's activations are sparse,
-        # and passes over the dense block cost more than the encode itself. A sparse encode
-        # (`latents`) hands them over in the order a dense one's nonzero() finds them.
-        if a.is_sparse:
-            ij = a.indices()
-            flat, vals = (ij[0] * n_f + ij[1]).cpu(), a.values().float().cpu()
-        else:
-            a = a.reshape(-1)
-            flat = torch.nonzero(a > 0).squeeze(1)
-            vals = a[flat].float().cpu()
-            flat = flat.cpu()
-        tok, f = flat // n_f, flat % n_f
-        c, s = tok % C, tok // C
-        if skip_first:
-            keep = c > 0
-            vals, f, c, s = vals[keep], f[keep], c[keep], s[keep]
-        n_tokens += S * (C - skip_first)
-        fired += torch.bincount(f, minlength=n_f)
-        act_sum += torch.bincount(f, weights=vals.double(), minlength=n_f)
-        bins = ((vals.log10() - lo_edge) / width).floor().long().clamp_(0, nb - 1)
-        hist += torch.bincount(f * nb + bins, minlength=n_f * nb)
-        # Each sequence's maximum per feature, and its first position.
-        key = s * n_f + f
-        m = torch.zeros(S * n_f).scatter_reduce_(0, key, vals, "amax")
-        at_max = vals == m[key]
-        pos = torch.full((S * n_f,), C, dtype=torch.int64).scatter_reduce_(
-            0, key[at_max], c[at_max], "amin")
-        m, pos = m.view(S, n_f), pos.view(S, n_f).clamp_(max=C - 1)
-        max_act = torch.maximum(max_act, m.max(0).values)
-        keys = torch.from_numpy(hash_keys(seed, np.arange(seq0, seq0 + S), features)).T
-        keys = torch.where(m.T > 0, keys, 2.0)  # only sequences where it fires enter the pool
-        pending.append((m.T, torch.arange(seq0, seq0 + S).expand(n_f, S), pos.T, keys))
-        n_pending += S
-        if n_pending >= MERGE_EVERY:  # a sort per few blocks, not per block
-            best, keyed = _flush(best, keyed, pending, top, pool)
-            pending, n_pending = [], 0
-        if on_block:
-            on_block(S * C)
-    best, keyed = _flush(best, keyed, pending, top, pool)
-    torch.set_num_threads(threads)
     top_act, top_seq, top_pos = best
     invalid = top_act <= 0
     pkey, pool_act, pool_seq, pool_pos = keyed
@@ -245,16 +259,17 @@ def latents(sae, features: np.ndarray | None = None):
 
     def encode(x: torch.Tensor) -> torch.Tensor:
         vals, idx = sae.pre_acts(x).topk(k, dim=-1, sorted=False)
-        vals = vals.relu()
-        if col is not None:
-            idx = col.to(idx.device)[idx]
-        idx, order = idx.sort(dim=1)  # rows, then columns: the order nonzero() gives
-        vals = vals.gather(1, order)
-        keep = (vals > 0) & (idx >= 0)
-        rows = torch.arange(len(x), device=x.device)[:, None].expand_as(idx)
-        return torch.sparse_coo_tensor(torch.stack([rows[keep], idx[keep]]), vals[keep],
-                                       (len(x), n_f), is_coalesced=True,
-                                       check_invariants=False)
+        with one_thread():  # (N, k) small kernels: see scan
+            vals = vals.relu()
+            if col is not None:
+                idx = col.to(idx.device)[idx]
+            idx, order = idx.sort(dim=1)  # rows, then columns: the order nonzero() gives
+            vals = vals.gather(1, order)
+            keep = (vals > 0) & (idx >= 0)
+            rows = torch.arange(len(x), device=x.device)[:, None].expand_as(idx)
+            return torch.sparse_coo_tensor(torch.stack([rows[keep], idx[keep]]), vals[keep],
+                                           (len(x), n_f), is_coalesced=True,
+                                           check_invariants=False)
 
     return encode
 
