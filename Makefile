@@ -63,7 +63,7 @@ $(BENCH_STAMP): pyproject.toml
 	$(BENCH_VENV)/bin/pip install -q "$(TORCH)"
 	$(BENCH_VENV)/bin/pip install -q -e .
 	echo "$(TORCH)" > $(BENCH_VENV)/constraints.txt
-	$(BENCH_VENV)/bin/pip install -q sae-lens eai-sparsify scikit-learn -c $(BENCH_VENV)/constraints.txt
+	$(BENCH_VENV)/bin/pip install -q sae-lens eai-sparsify scikit-learn playwright -c $(BENCH_VENV)/constraints.txt
 	$(BENCH_VENV)/bin/pip install -q --no-deps $(OFFLINE)
 	touch $@
 

@@ -24,7 +24,8 @@ from rich.table import Table
 from benchmarks.common import load_average, machine
 
 SUITES = ["harvest", "codecs", "shuffle", "train", "bf16", "transcoder", "clt", "ddp", "gpu",
-          "sweep", "interpret", "scaling", "groundtruth", "probing", "import_sae"]
+          "sweep", "interpret", "scaling", "groundtruth", "probing", "import_sae",
+          "dashboard"]
 
 # Issue 8's table of goals: (suite, what, words that the names of the rows answering it hold).
 # After a run, each goal of a suite that ran must have at least one row with a goal and a

@@ -19,7 +19,6 @@ and `load` keep the statistics in an interpret artifact, `save_lens` the logit l
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ import torch
 
 from saectl import arrays, layout
 from saectl.examples import NO_SEQ, hash_keys
+from saectl.threads import one_thread
 
 HIST_EDGES = np.round(np.arange(-6.0, 4.0 + 1e-9, 0.05), 2)
 """log10(activation) bin edges: 1e-6 to 1e4 in 200 bins; values outside go to the end bins."""
@@ -58,17 +58,6 @@ class Stats:
         """Mean activation over the tokens where the feature fired (NaN where it never did)."""
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(self.fired > 0, self.act_sum / self.fired, np.nan)
-
-
-@contextlib.contextmanager
-def one_thread():
-    """torch on one thread inside (see scan: small kernels), its thread count again after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _merge(keep: tuple, cand: tuple, n: int, descending: bool) -> tuple:
