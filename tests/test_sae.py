@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from saectl.errors import ConfigError, SaectlError
+from saectl.initialization import geometric_median
 from saectl.sae import ARCHS, SAEConfig, arch_names, kernels, load_sae, register
 from saectl.sae.base import CFG_FILENAME, SAE, WEIGHTS_FILENAME
-from saectl.trainer import TrainConfig, Trainer, geometric_median
+from saectl.trainer import TrainConfig, Trainer
 
 D_IN, N_FEAT, WIDTH = 64, 256, 512
 
