@@ -23,6 +23,7 @@ import json
 import math
 import os
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -292,6 +293,7 @@ def main(argv=None) -> None:
                                                           "dl_bins", "n_tokens")},
                "pipeline_s": pipeline_s, "checks_s": checks_s, "analysis_s": None,
                "long_factor": a.long}
+    sys.path.insert(0, str(REPO))  # run as a script, benchmarks/ is on the path, not the repo
     from benchmarks import mdl_mnist_report as report  # matplotlib
 
     report.plots(summary, a.out)
