@@ -26,7 +26,7 @@ from saectl.train_config import TrainStageConfig, address_for, resolve
 from saectl.trainer import TrainConfig, Trainer
 from stages import sweep
 from tests.helpers import REPO, assert_one_line_error, run_cli, run_subprocess, tried
-from tests.test_train import synthetic
+from tests.test_train import split, synthetic  # noqa: F401 (split: a fixture)
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # 2 shared cores: threads only contend at these sizes
 
@@ -37,16 +37,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-@pytest.fixture
-def split(tmp_path, capsys):
-    x, D = synthetic()
-    np.save(tmp_path / "x.npy", x)
-    imp = run_cli(capsys, "import", tmp_path / "x.npy", "--hook", "h", "--store", tmp_path)
-    sh = run_cli(capsys, "shuffle", imp.out.strip(), "--store", tmp_path)
-    assert sh.code == 0, sh.err
-    return tmp_path, sh.out.strip(), D
 
 
 def train_args(root, ref, arch, *extra):
@@ -68,7 +58,7 @@ def mmcs(art, D) -> float:
 # (bf16 batch-wide selection) is within 1% on average but up to 1.5% on one seed here, as
 # much as fp32 seeds differ (benchmarks/bench_bf16.py): too close to assert on one seed.
 @pytest.mark.parametrize("arch", ["topk", "jumprelu", "gated"])
-def test_bf16_ends_where_fp32_ends(split, capsys, one_thread, arch):
+def test_bf16_ends_where_fp32_ends(split, capsys, one_thread, arch):  # noqa: F811
     root, ref, D = split
     fp32 = run_cli(capsys, *train_args(root, ref, arch))
     bf16 = run_cli(capsys, *train_args(root, ref, arch, "--autocast", "bfloat16"))
@@ -84,7 +74,7 @@ def test_bf16_ends_where_fp32_ends(split, capsys, one_thread, arch):
     assert load_sae(store.sae_dir(b)).W_dec.dtype == torch.float32
 
 
-def test_bf16_resume_equals_uninterrupted(split):
+def test_bf16_resume_equals_uninterrupted(split):  # noqa: F811
     """Killed after its third checkpoint and run again: the same weights and log, bit for bit,
     as a run never killed (matryoshka: bf16 dense products, BatchTopK and AuxK all replayed)."""
     root, ref, _ = split
@@ -153,7 +143,7 @@ def test_addresses_without_autocast_are_unchanged():
         assert digests[1] != want
 
 
-def test_bad_autocast_is_one_line_and_writes_nothing(split, capsys, tmp_path):
+def test_bad_autocast_is_one_line_and_writes_nothing(split, capsys, tmp_path):  # noqa: F811
     root, ref, _ = split
     (tmp_path / "grid-ok.yaml").write_text("k: [2, 3]\nwidth: 96\ntokens: 2048\n")
     for value, needles in (("float16", ["--autocast float16", "loss scaling", "bfloat16"]),
@@ -171,7 +161,7 @@ def test_bad_autocast_is_one_line_and_writes_nothing(split, capsys, tmp_path):
     assert store.list_artifacts(root, "train") == [] and store.list_artifacts(root, "sweep") == []
 
 
-def test_a_sweep_passes_autocast_to_its_points(split, tmp_path):
+def test_a_sweep_passes_autocast_to_its_points(split, tmp_path):  # noqa: F811
     root, ref, _ = split
     grid = tmp_path / "grid.yaml"
     grid.write_text("k: [2, 3]\nwidth: 96\ntokens: 2048\nautocast: [null, bfloat16]\n")
