@@ -208,7 +208,7 @@ def hierarchy_controls(rows: list[dict], root: Path, test: torch.Tensor, toleran
     """The hierarchical code of the TopK/BatchTopK SAEs with each Matryoshka's width and k, cut
     into the Matryoshka's groups: a dictionary without nested training, coded the same way."""
     out = []
-    for m in (r for r in rows if r["arch"] == "matryoshka"):
+    for m in (r for r in rows if r["arch"] == "matryoshka" and r["sweep"] == "sweep"):
         art = store.resolve(root, m["ref"])
         groups = tuple(load_sae(layout.sae_dir(art.path)).cfg.matryoshka_prefixes)
         for r in rows:

@@ -190,9 +190,9 @@ def tables(summary: dict) -> None:
     print("\n### Hierarchical code (groups = Matryoshka prefixes) beside the flat code, test images")
     print("| SAE | ε | B | flat DL | hierarchical DL | flat naive | hierarchical naive |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    rows = [(label(p), p["dl"]) for p in pts if p["prefixes"]]
-    rows += [(f"{c['arch']} {c['width']} k{c['k']} (control, same groups)", c["dl"])
-             for c in summary["hierarchy_controls"]]
+    rows = [(label(p), p["dl"]) for p in pts if p["prefixes"] and p["sweep"] == "sweep"]
+    rows += list({c["point"]: (f"{c['arch']} {c['width']} k{c['k']} (control, same groups)",
+                               c["dl"]) for c in summary["hierarchy_controls"]}.values())
     for t in TOLERANCES:
         for name, dl in rows:
             by = {int(b): e for b, e in dl["by_bins"].items()}
