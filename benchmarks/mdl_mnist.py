@@ -46,8 +46,8 @@ TILES = 32  # most-used live latents drawn per SAE
 # most used. Seed replicas get DL only: their figures would repeat seed 0's.
 EXACT, DRAWS, UNIFORM = 384, 256, 128
 CAL_SHAPES, CAL_DIGITS = 200, 500  # the calibration's drawn shapes of each kind, test digits
-NEAR = 4  # the feasible points of least held-out DL that get seeds 1 and 2 and a longer run
-LONG = 4  # how many times as long that run trains (a check of convergence at the minimum)
+NEAR = 3  # the feasible points of least held-out DL that get seeds 1 and 2 and a longer run
+LONG = 2  # how many times as long that run trains (a check of convergence at the minimum)
 # A direction's kind, from the figures: each threshold midway between the calibration medians
 # of the kinds it separates (README, "MDL on MNIST"): stroke-ness between digits (0.61) and two
 # joined segments (0.87), extent (geometrically) between a round blob (5) and a segment (16),
