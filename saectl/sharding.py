@@ -139,7 +139,8 @@ class _Selected(torch.autograd.Function):
 
 def _pick(x_c: Tensor, sae: SAE, pre: Tensor, idx: Tensor, keep: Tensor) -> Tensor:
     """The kept latents' activations (n, s), differentiable through `_Selected`."""
-    vals = _Selected.apply(pre.gather(1, idx), x_c, sae.W_enc, sae.b_enc, idx)
+    # in the weights' dtype: under bf16 autocast (saectl.precision) pre is bf16
+    vals = _Selected.apply(pre.gather(1, idx).to(sae.dtype), x_c, sae.W_enc, sae.b_enc, idx)
     return vals.relu() * keep
 
 
