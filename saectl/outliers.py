@@ -79,7 +79,8 @@ def write_norms(art, hook: str, norms: np.ndarray) -> None:
     the file stream_norms would write, recorded as streamed: find then reads no activations."""
     path = layout.norms_scratch(art.path, hook)
     path.parent.mkdir(parents=True, exist_ok=True)
-    norms.astype("<f4").tofile(path)
+    with open(path, "wb") as fh:  # not ndarray.tofile: a short write there has no errno, so a
+        fh.write(norms.astype("<f4").tobytes())  # full disk would not read as one (cli.py)
     state = _state(art)
     state.setdefault("rows", {})[hook] = len(norms)
     _save(art, state)
