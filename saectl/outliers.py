@@ -50,9 +50,10 @@ def _save(art, state: dict) -> None:
     store.atomic_write(layout.progress_file(art.path, WRITER), json.dumps(state).encode())
 
 
-def stream_norms(art, src_arr, hook: str, step: int, src_ref: str) -> Path:
+def stream_norms(art, src_arr, hook: str, step: int, src_ref: str, spill=None) -> Path:
     """Every row's norm into `scratch/<hook>/norms.f32`, in row order; a killed run cuts the
-    file back to the saved row count and reads on from there."""
+    file back to the saved row count and reads on from there. With a `spill.Spill`, the raw
+    rows go there too, cut back alike."""
     path = layout.norms_scratch(art.path, hook)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = _state(art)
@@ -61,10 +62,14 @@ def stream_norms(art, src_arr, hook: str, step: int, src_ref: str) -> Path:
     n = src_arr.shape[0]
     with open(path, "ab") as fh:
         fh.truncate(done * 4)
+    if spill:
+        spill.truncate(done)
     with progress(f"shuffle {hook}: norms", n, "rows", done=done) as bar, open(path, "ab") as fh:
         for i, (lo, hi, raw) in enumerate(arrays.read_ahead(src_arr, done, step,
                                                              artifact=src_ref)):
             fh.write(norms_of(raw, storage).tobytes())
+            if spill:
+                spill.append(lo, raw)
             if i % 16 == 15 or hi == n:  # each save is an fsync: not after every small read
                 fh.flush()
                 state["rows"][hook] = hi
@@ -128,13 +133,14 @@ def exceeding(path: Path, C: int, first: int, threshold: float,
 
 
 def find(art, sources: dict, C: int, first: int, multiple: float, budget: int, step_of,
-         src_ref: str) -> tuple[np.ndarray, dict]:
+         src_ref: str, spills: dict | None = None) -> tuple[np.ndarray, dict]:
     """(sorted harvest rows to leave out, {hook: what was measured}).
 
     A row is left out of every hook's split if its norm exceeds `multiple` × the median at any
     hook, so the splits of all hooks hold the same tokens (one `rows/train`). The result is
     written to `outliers/<hook>` and the progress file before the splits use it, so a resumed
-    run reads it back rather than measuring again. `step_of(array)`: rows per read."""
+    run reads it back rather than measuring again. `step_of(array)`: rows per read; `spills`:
+    {hook: spill.Spill} for the hooks whose raw rows the read also spills."""
     state = _state(art)
     group = art.group("r+")
     if state.get("done"):
@@ -142,7 +148,7 @@ def find(art, sources: dict, C: int, first: int, multiple: float, budget: int, s
         return (pairs[:, 0] * C + pairs[:, 1]).astype(np.int64), state["hooks"]
     found, measured = [], {}
     for hook, arr in sorted(sources.items()):
-        path = stream_norms(art, arr, hook, step_of(arr), src_ref)
+        path = stream_norms(art, arr, hook, step_of(arr), src_ref, (spills or {}).get(hook))
         median = exact_median(path, C, first, budget)
         threshold = multiple * median
         rows, top = exceeding(path, C, first, threshold, budget)

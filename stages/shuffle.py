@@ -33,6 +33,7 @@ from saectl import arrays, faults, layout, outliers, shuffle_memory, store
 from saectl.config import address_params, opt, parse_bytes
 from saectl.console import info, progress
 from saectl.errors import ConfigError
+from saectl.spill import Spill
 from saectl.split import Permutation, Split
 from saectl.stage import Plan, RunnerOptions, Stage
 
@@ -116,11 +117,13 @@ def build(cfg: ShuffleConfig, plan: Plan, writer) -> None:
             held[h] = shuffle_memory.load(a, step_of(a), src.ref, h, split)
             if cfg.max_activation_norm_multiple > 0:
                 shuffle_memory.give_norms(art, h, held[h])
+    spills = {}
     if cfg.max_activation_norm_multiple > 0:
+        spills = _spills(art, {h: a for h, a in srcs.items() if h not in held})
         # BOS stays --keep-bos's to decide: outliers are sought among the other positions.
         excluded, measured = outliers.find(
             art, srcs, C, 1 if made.get("bos", True) else 0,
-            cfg.max_activation_norm_multiple, cfg.budget, step_of, src.ref)
+            cfg.max_activation_norm_multiple, cfg.budget, step_of, src.ref, spills)
         split = dataclasses.replace(split, excluded=excluded)
     n_train, n_eval = split.counts()
     out = art.group("r+")
@@ -130,7 +133,8 @@ def build(cfg: ShuffleConfig, plan: Plan, writer) -> None:
     stats = {}
     for i, hook in enumerate(hooks):
         stats[hook] = _shuffle_hook(art, out, srcs[hook], hook, split, n_train, n_eval, cfg,
-                                    src.ref, write_rows=i == 0, held=held.pop(hook, None))
+                                    src.ref, write_rows=i == 0, held=held.pop(hook, None),
+                                    spill=spills.get(hook))
         shares = stats[hook].pop("shares")
         if hook in measured:
             stats[hook]["outliers"] = {**measured[hook], **shares,
@@ -143,6 +147,27 @@ def build(cfg: ShuffleConfig, plan: Plan, writer) -> None:
                "n_outliers": len(split.excluded), "hooks": stats}
     store.mark_complete(art, summary)
     info(f"shuffle: wrote {art.ref} ({n_train:,} train rows, {n_eval:,} eval rows)")
+
+
+def _spills(art, srcs: dict) -> dict:
+    """A spill for each hook read out of core (saectl/spill.py), when the scratch disk holds
+    them all and the largest hook's buckets beside them; else none, said once: the scatter
+    then decodes the harvest again."""
+    if not srcs:
+        return {}
+    spills = {h: Spill(layout.scratch(art.path, h, "spill"), a.shape[0], a.shape[1], a.dtype,
+                       a.chunks[0]) for h, a in srcs.items()}
+    need = sum(s.n * s.row_bytes for s in spills.values()) + max(
+        a.shape[0] * _record(a.dtype, a.shape[1]).itemsize for a in srcs.values())
+    have = sum(f.stat().st_size for s in spills.values() if s.folder.exists()
+               for f in s.folder.iterdir())
+    layout.scratch(art.path).mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(layout.scratch(art.path)).free + have
+    if need > 0.9 * free:
+        info(f"shuffle: the scratch disk has {free / 2**30:.1f} GiB free, a spill of the "
+             f"harvest would take {need / 2**30:.1f} GiB: decoding it twice instead")
+        return {}
+    return spills
 
 
 def _read_step(budget: int, src_arr) -> int:
@@ -178,16 +203,18 @@ def _record(dtype: np.dtype, d: int) -> np.dtype:
 
 
 def _shuffle_hook(art, out, src_arr, hook, split: Split, n_train: int, n_eval: int,
-                  cfg: ShuffleConfig, src_ref: str, write_rows: bool, held=None) -> dict:
+                  cfg: ShuffleConfig, src_ref: str, write_rows: bool, held=None,
+                  spill=None) -> dict:
     d = src_arr.shape[1]
     storage = src_arr.attrs.get("dtype", str(src_arr.dtype))
     rec = _record(src_arr.dtype, d)
     chunk_rows = arrays.rows_per_chunk(d * src_arr.dtype.itemsize)
     # Our buffers take half of --memory; the other half is slack for the allocator and Zarr's
     # encoding copies (bounded by writing the block a few chunks at a time). Pass 2 holds one
-    # bucket's records and its output block, a sixth of --memory, and the next bucket's records.
+    # bucket's records and its output block, an eighth of --memory, the next bucket's records
+    # and the last bucket's block, still being written.
     per_row = rec.itemsize + d * src_arr.dtype.itemsize + 8
-    bucket_rows = max(chunk_rows, (cfg.budget // 6) // per_row // chunk_rows * chunk_rows)
+    bucket_rows = max(chunk_rows, (cfg.budget // 8) // per_row // chunk_rows * chunk_rows)
     n_buckets = max(1, math.ceil(n_train / bucket_rows))
     perm = Permutation(n_train, cfg.seed)
     attrs = {"hook": hook, "d": d}
@@ -212,38 +239,50 @@ def _shuffle_hook(art, out, src_arr, hook, split: Split, n_train: int, n_eval: i
     n_buckets = state.get("n_buckets", n_buckets)
     if not state.get("done") and not state.get("pass1_done"):
         state = _pass1(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets,
-                       scratch, state, cfg.budget, src_ref)
+                       scratch, state, cfg.budget, src_ref, spill)
     done = set(state.get("buckets_done", []))
     todo = [] if state.get("done") else [b for b in range(n_buckets) if b not in done]
 
-    def load(i):  # the next bucket is read on a thread while this one is placed and encoded
+    def load(i):  # the next bucket is read on a thread while this one is placed
         return np.fromfile(scratch / f"{todo[i]}.bin", dtype=rec) if i < len(todo) else None
 
+    def write(lo, hi, block, origin):  # and encoded on another while the next is placed
+        for w in range(0, hi - lo, 4 * chunk_rows):
+            dst[lo + w:lo + min(w + 4 * chunk_rows, hi - lo)] = block[w:w + 4 * chunk_rows]
+        if origin is not None:
+            rows_arr[lo:hi] = origin
+
+    def finish(b, job):  # a bucket is done once written: then its progress, then its file
+        job.result()
+        done.add(b)
+        state["buckets_done"] = sorted(done)
+        _save_state(art, hook, state)
+        (scratch / f"{b}.bin").unlink(missing_ok=True)
+        faults.point("shuffle.bucket_placed")
+        bar.advance(1)
+
     with progress(f"shuffle {hook}: place", n_buckets, "buckets", done=len(done)) as bar, \
-            ThreadPoolExecutor(1) as pool:
-        nxt = pool.submit(load, 0)
+            ThreadPoolExecutor(1) as loader, ThreadPoolExecutor(1) as writer:
+        nxt, writing = loader.submit(load, 0), None
         for i, b in enumerate(todo):
-            records, nxt = nxt.result(), pool.submit(load, i + 1)
+            records, nxt = nxt.result(), loader.submit(load, i + 1)
             lo, hi = b * bucket_rows, min((b + 1) * bucket_rows, n_train)
             if len(records) != hi - lo:
                 raise store.ArtifactError(f"shuffle scratch of {art.ref} is inconsistent "
                                           f"(bucket {b}); remove the artifact and re-run")
             block = np.empty((hi - lo, d), dtype=src_arr.dtype)
             block[records["dest"] - lo] = records["row"]
-            for w in range(0, hi - lo, 4 * chunk_rows):
-                dst[lo + w:lo + min(w + 4 * chunk_rows, hi - lo)] = block[w:w + 4 * chunk_rows]
-            del block
+            origin = None
             if write_rows:
                 origin = np.empty(hi - lo, np.int64)
                 origin[records["dest"] - lo] = records["src"]
-                rows_arr[lo:hi] = origin
             del records
-            done.add(b)
-            state["buckets_done"] = sorted(done)
-            _save_state(art, hook, state)
-            (scratch / f"{b}.bin").unlink(missing_ok=True)
-            faults.point("shuffle.bucket_placed")
-            bar.advance(1)
+            if writing:
+                finish(*writing)
+            writing = (b, writer.submit(write, lo, hi, block, origin))
+            del block, origin
+        if writing:
+            finish(*writing)
     n = max(n_train, 1)
     mean = np.asarray(state["sum"]) / n
     out.create_array(layout.stat("mean", hook), data=mean.astype(np.float32), overwrite=True)
@@ -254,13 +293,17 @@ def _shuffle_hook(art, out, src_arr, hook, split: Split, n_train: int, n_eval: i
 
 
 def _pass1(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, scratch, state,
-           budget, src_ref) -> dict:
+           budget, src_ref, spill=None) -> dict:
     """Send train rows to their buckets and copy eval rows in harvest order.
 
     Records wait in memory until a sixteenth of --memory is filled, then every bucket file gets
-    its share and the progress (rows read, bucket lengths) is saved. A resumed run cuts the
-    bucket files back to the saved lengths and reads on from the saved row. Statistics are
-    summed per source chunk in float64, in chunk order, so they do not depend on --memory."""
+    its share, eval gets its whole chunks (the rest waits in `eval-tail-<rows read>.bin`: a
+    part-chunk write would re-encode its chunk every read) and the progress (rows read, bucket
+    lengths, eval rows written) is saved. A resumed run cuts the bucket files back to the saved
+    lengths and reads on from the saved row. Statistics are summed per source chunk in float64,
+    in chunk order, so they do not depend on --memory; each chunk's are computed on a worker
+    while this thread scatters, and added in order before a flush saves them. The rows come
+    from the spill the outliers' read wrote, where it holds them all, else from the harvest."""
     d = src_arr.shape[1]
     storage = src_arr.attrs.get("dtype", str(src_arr.dtype))
     rec = _record(src_arr.dtype, d)
@@ -268,6 +311,9 @@ def _pass1(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, sc
     start = state.get("rows_read", 0)
     acc_sum = np.asarray(state.get("sum", np.zeros(d)), np.float64)
     norm_sum, sq_sum = state.get("norm_sum", 0.0), state.get("sq_sum", 0.0)
+    eval_written = state.get("eval_written", _eval_before(split, start))
+    tail = state.get("eval_tail")
+    eval_buf = [np.fromfile(scratch / tail, dtype=src_arr.dtype).reshape(-1, d)] if tail else []
     for b in range(n_buckets):
         with open(scratch / f"{b}.bin", "ab") as fh:
             fh.truncate(lengths[b] * rec.itemsize)
@@ -279,9 +325,20 @@ def _pass1(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, sc
     shares = outliers.Shares(d, state.get("shares")) if len(split.excluded) else None
     pending: list[np.ndarray] = []
     pending_bytes = 0
+    summing: list = []  # each chunk's statistics, in chunk order, computed on the workers
+
+    def collect() -> None:  # the last read's statistics, added in chunk order
+        nonlocal acc_sum, norm_sum, sq_sum
+        for job in summing:
+            s, n1, n2 = job.result()
+            acc_sum += s
+            norm_sum += n1
+            sq_sum += n2
+        summing.clear()
 
     def flush(rows_read: int) -> None:
-        nonlocal pending, pending_bytes
+        nonlocal pending, pending_bytes, eval_written, eval_buf
+        collect()
         if pending:
             allrec = np.concatenate(pending)
             pending, pending_bytes = [], 0
@@ -294,25 +351,43 @@ def _pass1(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, sc
                     fh.write(allrec[bounds[b]:bounds[b + 1]].view(np.uint8))
                 lengths[b] += int(bounds[b + 1] - bounds[b])
             del allrec
+        tail_name = None
+        if eval_buf:
+            ev = np.concatenate(eval_buf)
+            whole = len(ev) if rows_read == n_rows else len(ev) // dst_eval.chunks[0] * \
+                dst_eval.chunks[0]
+            if whole:
+                dst_eval[eval_written:eval_written + whole] = ev[:whole]
+                eval_written += whole
+            eval_buf = [ev[whole:]] if whole < len(ev) else []
+            if eval_buf:  # named by the flush, so a kill before the state save keeps the old
+                tail_name = f"eval-tail-{rows_read}.bin"
+                store.atomic_write(scratch / tail_name, eval_buf[0].tobytes())
         _save_state(art, hook, {"rows_read": rows_read, "lengths": lengths,
                                 "sum": acc_sum.tolist(), "norm_sum": norm_sum, "sq_sum": sq_sum,
+                                "eval_written": eval_written, "eval_tail": tail_name,
                                 **({"shares": shares.state()} if shares else {})})
+        for old in scratch.glob("eval-tail-*.bin"):
+            if old.name != tail_name:
+                old.unlink(missing_ok=True)
+        if spill:
+            spill.release(rows_read)
         faults.point("shuffle.flushed")
 
-    with progress(f"shuffle {hook}: scatter", n_rows, "rows", done=start) as bar:
-        for lo, hi, raw in arrays.read_ahead(src_arr, start, step, artifact=src_ref):
+    with progress(f"shuffle {hook}: scatter", n_rows, "rows", done=start) as bar, \
+            ThreadPoolExecutor(shuffle_memory.WORKERS) as pool:
+        reads = spill.read_ahead(start, step) if spill and spill.covers(start) else \
+            arrays.read_ahead(src_arr, start, step, artifact=src_ref)
+        for lo, hi, raw in reads:
+            collect()  # so no more than one read waits on the workers
             idx = np.arange(lo, hi)
-            emask, et = split.index(idx, want_eval=True)
-            if len(et):  # eval rows of these sequences are contiguous in the eval split
-                dst_eval[int(et[0]):int(et[-1]) + 1] = raw[emask]
+            emask, _ = split.index(idx, want_eval=True)
+            if emask.any():  # eval rows of these sequences are contiguous in the eval split
+                eval_buf.append(raw[emask])
             mask, t = split.index(idx, want_eval=False)
             for c0 in range(0, hi - lo, chunk):  # statistics per source chunk, in order
-                x = arrays.from_storage(raw[c0:c0 + chunk][mask[c0:c0 + chunk]], storage)
-                acc_sum += x.sum(0, dtype=np.float64)
-                sq = np.einsum("ij,ij->i", x, x, dtype=np.float64)
-                norm_sum += float(np.sqrt(sq).sum())
-                sq_sum += float(sq.sum())
-                del x
+                summing.append(pool.submit(_chunk_stats, raw[c0:c0 + chunk],
+                                           mask[c0:c0 + chunk], storage))
                 if shares:
                     shares.add_chunk(raw[c0:c0 + chunk], idx[c0:c0 + chunk],
                                      emask[c0:c0 + chunk], split, storage)
@@ -328,6 +403,23 @@ def _pass1(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, sc
     state["pass1_done"] = True
     _save_state(art, hook, state)
     return state
+
+
+def _chunk_stats(raw: np.ndarray, mask: np.ndarray, storage: str) -> tuple:
+    """(Σx in float64, Σ‖x‖, Σ‖x‖²) of one source chunk's train rows: shuffle_memory's
+    statistics, with the same NumPy calls, so the two paths agree bit for bit."""
+    x = arrays.from_storage(raw[mask], storage)
+    sq = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+    return x.sum(0, dtype=np.float64), float(np.sqrt(sq).sum()), float(sq.sum())
+
+
+def _eval_before(split: Split, row: int) -> int:
+    """Eval rows among harvest rows [0, row): where a resumed pass 1 of a shuffle killed
+    before it counted them goes on writing eval."""
+    n = 0
+    for lo in range(0, row, 1 << 20):
+        n += int(split.index(np.arange(lo, min(lo + (1 << 20), row)), want_eval=True)[0].sum())
+    return n
 
 
 STAGE = Stage(NAME, ShuffleConfig, "Shuffle a harvest's token rows out of core and split "

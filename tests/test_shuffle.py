@@ -324,6 +324,58 @@ def test_resume_with_outliers_equals_uninterrupted(fault, tmp_path, capsys, monk
     tried("shuffle", "kill")
 
 
+def test_the_spill_keeps_rows_in_segments_and_is_trusted_only_whole(tmp_path):
+    """saectl/spill.py: appends across segment boundaries, a resume's cut, reads back in any
+    step, covers only where every segment is whole, frees what the scatter has passed."""
+    from saectl import spill
+
+    x = np.arange(1000 * 3, dtype=np.float16).reshape(1000, 3)
+    sp = spill.Spill(tmp_path / "sp", 1000, 3, np.float16, chunk=2)  # 128 rows a segment
+    sp.truncate(0)
+    for lo in range(0, 700, 90):
+        sp.append(lo, x[lo:lo + 90])
+    sp.truncate(333)  # a kill: the norms read saved 333 rows
+    assert not sp.covers(0)
+    for lo in range(333, 1000, 250):
+        sp.append(lo, x[lo:lo + 250])
+    assert sp.covers(0) and sp.covers(999)
+    got = list(sp.read_ahead(40, 77))
+    assert [lo for lo, _, _ in got] == list(range(40, 1000, 77))
+    assert np.array_equal(np.concatenate([r for _, _, r in got]), x[40:])
+    sp.release(300)  # segments 0 and 1 (rows 0-255) are passed
+    assert sorted(int(f.stem) for f in (tmp_path / "sp").iterdir()) == [256, 384, 512, 640, 768,
+                                                                      896]
+    assert sp.covers(256) and not sp.covers(255)
+    (tmp_path / "sp" / "640.bin").write_bytes(b"")
+    assert not sp.covers(300)
+
+
+def test_a_resume_without_its_spill_decodes_again_and_ends_the_same(tmp_path, capsys,
+                                                                   monkeypatch):
+    """Killed after the outliers' read spilled part of the rows; the spill is then lost (as on
+    a scratch disk that was cleaned): the scatter reads the harvest instead, same artifact."""
+    monkeypatch.setattr(arrays, "CHUNK_BYTES", 4096)
+    ref, _, _ = make_outlier_import(tmp_path, capsys, store_dir=tmp_path / "a", n=20000, d=16)
+    make_outlier_import(tmp_path, capsys, store_dir=tmp_path / "b", n=20000, d=16)
+    env = {"SAECTL_CHUNK_BYTES": "4096"}
+    args = ["shuffle", ref, "--memory", "256KiB", "--seed", "1", "--eval-fraction", "0.2"]
+    killed = run_subprocess(*args, "--store", tmp_path / "a",
+                            env={**env, "SAECTL_FAULTS": "shuffle.flushed:2"})
+    assert killed.code == -9, killed.err
+    (spilled,) = (tmp_path / "a").rglob("spill")
+    assert any(spilled.iterdir())  # the spill was made, and the scatter is reading it
+    shutil.rmtree(spilled)
+    resumed = run_subprocess(*args, "--store", tmp_path / "a", env=env)
+    whole = run_subprocess(*args, "--store", tmp_path / "b", env=env)
+    assert resumed.code == whole.code == 0, resumed.err + whole.err
+    a = store.open_complete(tmp_path / "a", resumed.out.strip())
+    b = store.open_complete(tmp_path / "b", whole.out.strip())
+    for name in ("train/h", "eval/h", "rows/train", "stats/h/mean"):
+        assert np.array_equal(a.group()[name][:], b.group()[name][:]), name
+    assert a.manifest()["summary"] == b.manifest()["summary"]
+    assert not list((tmp_path / "a").rglob("spill"))  # scratch is gone with the run
+
+
 def test_the_splice_passes_left_out_positions_through(tiny_model_dirs, tiny_corpus, tmp_path,
                                                       capsys):
     """Train on a shuffle that left planted outliers out: its CE-loss splice keeps them clean
