@@ -124,13 +124,9 @@ class _Selected(torch.autograd.Function):
     def backward(ctx, g):  # type: ignore[override]
         x_c, W_enc, idx = ctx.saved_tensors
         g = g.contiguous()
-        n, s = idx.shape
         latents, weights = idx.reshape(-1), g.reshape(-1)
-        tokens = torch.arange(n, device=idx.device).repeat_interleave(s)
-        order = torch.argsort(latents, stable=True)
-        counts = torch.bincount(latents, minlength=W_enc.shape[1])
-        grad_t = F.embedding_bag(tokens[order], x_c, counts.cumsum(0) - counts,
-                                 per_sample_weights=weights[order], mode="sum")  # (m, d)
+        (grad_t,) = kernels.per_latent_sums(latents, W_enc.shape[1],
+                                            (kernels.token_ids(idx), weights, x_c))  # (m, d)
         grad_b = torch.zeros(W_enc.shape[1], dtype=g.dtype, device=g.device).index_add_(
             0, latents, weights)
         grad_x = F.embedding_bag(idx, W_enc.t(), per_sample_weights=g, mode="sum")
@@ -233,8 +229,8 @@ class Sharded(nn.Module):
                                                   device=x.device).index_fill_(0, idx[active], True))
             acts = vals.detach()  # this shard's latents: (n, m/S) dense, or as sparse COO
             if idx is not None:
-                rows = torch.arange(idx.shape[0], device=x.device).repeat_interleave(idx.shape[1])
-                acts = torch.sparse_coo_tensor(torch.stack([rows, idx.reshape(-1) + self.lo]),
+                acts = torch.sparse_coo_tensor(torch.stack([kernels.token_ids(idx),
+                                                            idx.reshape(-1) + self.lo]),
                                                acts.reshape(-1), (idx.shape[0], self.cfg.d_sae))
         return ForwardOutput(x_hat, acts, losses, l0, fired)
 

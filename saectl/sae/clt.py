@@ -29,7 +29,6 @@ from __future__ import annotations
 import abc
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from saectl.errors import ConfigError
@@ -166,13 +165,9 @@ class _Selected(torch.autograd.Function):
         L, d, m = ctx.shape
         n = idx.shape[0]
         latents = idx.reshape(-1)
-        tokens = torch.arange(n, device=idx.device).repeat_interleave(idx.shape[1])
-        rows = (latents // m) * n + tokens                       # the latent's layer's input
+        rows = (latents // m) * n + kernels.token_ids(idx)       # the latent's layer's input
         weights = g.reshape(-1)
-        order = torch.argsort(latents, stable=True)
-        counts = torch.bincount(latents, minlength=L * m)
-        grad_t = F.embedding_bag(rows[order], x_stack, counts.cumsum(0) - counts,
-                                 per_sample_weights=weights[order], mode="sum")   # (L·m, d)
+        (grad_t,) = kernels.per_latent_sums(latents, L * m, (rows, weights, x_stack))  # (L·m, d)
         grad_b = torch.zeros(L * m, dtype=g.dtype, device=g.device).index_add_(0, latents, weights)
         return None, grad_t.view(L, m, d).transpose(1, 2), grad_b, None, None
 
@@ -213,8 +208,7 @@ class TopKCLT(CrossLayerTranscoder):
             flat = pre.transpose(0, 1).reshape(n, L * m)
             terms["auxk_loss"] = self._auxk(flat, dead_mask, x_stack, y - y_hat.detach(),
                                             auxk_coefficient)
-        rows = torch.arange(n, device=x.device).repeat_interleave(idx.shape[1])
-        acts = torch.sparse_coo_tensor(torch.stack([rows, idx.reshape(-1)]),
+        acts = torch.sparse_coo_tensor(torch.stack([kernels.token_ids(idx), idx.reshape(-1)]),
                                        vals.detach().reshape(-1), (n, self.d_sae),
                                        check_invariants=False)
         return self._finish(y, y_hat, acts, terms)

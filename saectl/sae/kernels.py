@@ -15,8 +15,9 @@ further on CPU:
   float32. sparsify uses bf16 autocast for the same matmul on GPU.
 - Decoding is `embedding_bag`: O(n·k·d_in). The backward is O(n·k·d_in) as well: grad of the
   selected activations by SDDMM, grad W_dec and grad W_enc as one sort of the selected
-  (token, latent) pairs by latent and two `embedding_bag` segment sums (no (n·k, d_in)
-  intermediate as index_add_ would need), grad b_dec through the encoder as W_enc @ grad b_enc.
+  (token, latent) pairs by latent and two `embedding_bag` segment sums (`per_latent_sums`,
+  shared with the CLT's and the shards' sparse backwards; no (n·k, d_in) intermediate as
+  index_add_ would need), grad b_dec through the encoder as W_enc @ grad b_enc.
 - AuxK (the top k_aux = d_in/2 dead latents reconstruct the residual) rides along: its pairs
   join the same sort, or, when there are at most 2·k_aux dead latents, it runs as small dense
   matmuls over the dead columns. Unlike sparsify (whose fused encoder drops the pre-activation
@@ -193,6 +194,27 @@ def _decode(idx: Tensor, vals: Tensor, W_dec: Tensor) -> Tensor:
     return F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
 
 
+def token_ids(idx: Tensor) -> Tensor:
+    """The token (row) of each entry of idx (n, s), flattened: 0 s times, 1 s times, ..."""
+    return torch.arange(idx.shape[0], device=idx.device).repeat_interleave(idx.shape[1])
+
+
+def per_latent_sums(latents: Tensor, n_latents: int,
+                    *sums: tuple[Tensor, Tensor, Tensor]) -> list[Tensor]:
+    """Segment sums by latent: for each (rows, weights, table) in `sums`, the (n_latents, d)
+    tensor whose row l is Σ_{i: latents[i] = l} weights[i] · table[rows[i]].
+
+    The gradient of W_dec or W_enc at the selected (token, latent) pairs: one stable sort of the
+    pairs by latent, shared by every sum, then one `embedding_bag` each, never an (n·k, d)
+    intermediate as `index_add_` of the scaled rows would need. Latents never selected get 0.
+    """
+    order = torch.argsort(latents, stable=True)
+    counts = torch.bincount(latents, minlength=n_latents)
+    offsets = counts.cumsum(0) - counts
+    return [F.embedding_bag(rows[order], table, offsets, per_sample_weights=weights[order],
+                            mode="sum") for rows, weights, table in sums]
+
+
 def _dense_aux(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, dead_idx: Tensor,
                k_aux: int) -> Tensor:
     """ReLU'd top-k_aux of the exact pre-activations of the dead latents, dense (n, n_dead)."""
@@ -238,27 +260,22 @@ class _TopKAutoencode(torch.autograd.Function):
             gv = gv + g_vals
         gpre = gv * (vals > 0)
         # one sort of all (token, latent) pairs by latent, then segment sums per latent
-        lat, tok = [idx.reshape(-1)], [torch.arange(n, device=x_c.device).repeat_interleave(
-            idx.shape[1])]
+        lat, tok = [idx.reshape(-1)], [token_ids(idx)]
         dec_tok, dec_w, enc_w = [tok[0]], [vals.reshape(-1)], [gpre.reshape(-1)]
         if sparse_aux:
             g_aux = g_aux.contiguous()
             ga = _sddmm(aux_idx, g_aux, W_dec.t()) * (aux_vals > 0)
-            aux_tok = torch.arange(n, device=x_c.device).repeat_interleave(aux_idx.shape[1])
+            aux_tok = token_ids(aux_idx)
             lat.append(aux_idx.reshape(-1))
             tok.append(aux_tok)
             dec_tok.append(aux_tok + n)  # rows of g_aux in the stacked table below
             dec_w.append(aux_vals.reshape(-1))
             enc_w.append(ga.reshape(-1))
-        latents, tokens, enc_weights = torch.cat(lat), torch.cat(tok), torch.cat(enc_w)
-        order = torch.argsort(latents, stable=True)
-        counts = torch.bincount(latents, minlength=width)
-        offsets = counts.cumsum(0) - counts
+        latents, enc_weights = torch.cat(lat), torch.cat(enc_w)
         dec_table = torch.cat([g_hat, g_aux]) if sparse_aux else g_hat
-        grad_W_dec = F.embedding_bag(torch.cat(dec_tok)[order], dec_table, offsets,
-                                     per_sample_weights=torch.cat(dec_w)[order], mode="sum")
-        grad_W_enc_t = F.embedding_bag(tokens[order], x_c, offsets,
-                                       per_sample_weights=enc_weights[order], mode="sum")
+        grad_W_dec, grad_W_enc_t = per_latent_sums(
+            latents, width, (torch.cat(dec_tok), torch.cat(dec_w), dec_table),
+            (torch.cat(tok), enc_weights, x_c))
         grad_b_enc = torch.zeros(width, dtype=x_c.dtype, device=x_c.device)
         grad_b_enc.index_add_(0, latents, enc_weights)
         if dense_aux:
@@ -336,10 +353,6 @@ class SparseDecode(torch.autograd.Function):
         idx, vals, W_dec = ctx.saved_tensors
         g = g.contiguous()
         g_vals = _sddmm(idx, g, W_dec.t())
-        latents = idx.reshape(-1)
-        tokens = torch.arange(idx.shape[0], device=idx.device).repeat_interleave(idx.shape[1])
-        order = torch.argsort(latents, stable=True)
-        counts = torch.bincount(latents, minlength=W_dec.shape[0])
-        grad_W_dec = F.embedding_bag(tokens[order], g, counts.cumsum(0) - counts,
-                                     per_sample_weights=vals.reshape(-1)[order], mode="sum")
+        (grad_W_dec,) = per_latent_sums(idx.reshape(-1), W_dec.shape[0],
+                                        (token_ids(idx), vals.reshape(-1), g))
         return None, g_vals, grad_W_dec
