@@ -52,8 +52,10 @@ def _save(art, state: dict) -> None:
 
 def stream_norms(art, src_arr, hook: str, step: int, src_ref: str, spill=None) -> Path:
     """Every row's norm into `scratch/<hook>/norms.f32`, in row order; a killed run cuts the
-    file back to the saved row count and reads on from there. With a `spill.Spill`, the raw
-    rows go there too, cut back alike."""
+    file back to the saved row count and reads on from there. With a `spill.HookSpill`, what
+    the shuffle's scatter needs of the rows is written too (their statistics, and the raw rows
+    where the disk has room), cut back alike."""
+    rows, analysis = (spill.rows, spill.analysis) if spill else (None, None)
     path = layout.norms_scratch(art.path, hook)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = _state(art)
@@ -62,14 +64,15 @@ def stream_norms(art, src_arr, hook: str, step: int, src_ref: str, spill=None) -
     n = src_arr.shape[0]
     with open(path, "ab") as fh:
         fh.truncate(done * 4)
-    if spill:
-        spill.truncate(done)
+    for part in (rows, analysis):
+        if part:
+            part.truncate(done)
     with progress(f"shuffle {hook}: norms", n, "rows", done=done) as bar, open(path, "ab") as fh:
         for i, (lo, hi, raw) in enumerate(arrays.read_ahead(src_arr, done, step,
                                                              artifact=src_ref)):
-            fh.write(norms_of(raw, storage).tobytes())
-            if spill:
-                spill.append(lo, raw)
+            fh.write((analysis.add(lo, raw) if analysis else norms_of(raw, storage)).tobytes())
+            if rows:
+                rows.append(lo, raw)
             if i % 16 == 15 or hi == n:  # each save is an fsync: not after every small read
                 fh.flush()
                 state["rows"][hook] = hi
@@ -140,7 +143,7 @@ def find(art, sources: dict, C: int, first: int, multiple: float, budget: int, s
     hook, so the splits of all hooks hold the same tokens (one `rows/train`). The result is
     written to `outliers/<hook>` and the progress file before the splits use it, so a resumed
     run reads it back rather than measuring again. `step_of(array)`: rows per read; `spills`:
-    {hook: spill.Spill} for the hooks whose raw rows the read also spills."""
+    {hook: spill.HookSpill} for the hooks the shuffle reads out of core."""
     state = _state(art)
     group = art.group("r+")
     if state.get("done"):

@@ -74,10 +74,8 @@ def load(src_arr, step: int, src_ref: str, hook: str, split) -> Held:
                 np.zeros((-(-n // chunk), d)))
 
     def analyse(lo: int) -> None:
-        x = arrays.from_storage(held.raw[lo:lo + chunk], storage)
-        held.sq[lo:lo + len(x)] = np.einsum("ij,ij->i", x, x, dtype=np.float64)
-        mask, _ = split.index(np.arange(lo, lo + len(x)), want_eval=False)
-        held.sums[lo // chunk] = x[mask].sum(0, dtype=np.float64)
+        held.sq[lo:lo + chunk], held.sums[lo // chunk] = analyse_chunk(
+            held.raw[lo:lo + chunk], lo, split, storage)
 
     with ThreadPoolExecutor(WORKERS) as pool, \
             progress(f"shuffle {hook}: read", n, "rows") as bar:
@@ -89,6 +87,14 @@ def load(src_arr, step: int, src_ref: str, hook: str, split) -> Held:
         for j in jobs:
             j.result()
     return held
+
+
+def analyse_chunk(raw: np.ndarray, lo: int, split, storage: str) -> tuple:
+    """(each row's ‖x‖² in float64, Σx of the train rows in float64) of one source chunk
+    starting at row `lo`, `split` as it was before outliers were left out."""
+    x = arrays.from_storage(raw, storage)
+    mask, _ = split.index(np.arange(lo, lo + len(x)), want_eval=False)
+    return np.einsum("ij,ij->i", x, x, dtype=np.float64), x[mask].sum(0, dtype=np.float64)
 
 
 def norms(held: Held) -> np.ndarray:

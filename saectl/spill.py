@@ -1,6 +1,6 @@
 """The shuffle's spill: a hook's raw rows, in harvest order, uncompressed on the scratch disk,
 written by the outliers' norms read so the scatter pass reads them back instead of decoding
-the harvest a second time (issue 22).
+the harvest a second time, and what the scatter's statistics need of them (issue 22).
 
 Out of core, the shuffle must read a hook twice: the outliers have to be known before any
 row has its place, and only a full read finds them. Decoding (Zarr's zstd) is most of a
@@ -17,6 +17,7 @@ before (a run that began without a spill, or one whose spill was cut short).
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +99,55 @@ class Spill:
         for s in range(self.freed, below // self.seg):
             self._path(s).unlink(missing_ok=True)
         self.freed = max(self.freed, below // self.seg)
+
+
+class Analysis:
+    """Each row's ‖x‖² (float64) and each source chunk's Σx over its train rows (float64, the
+    split before outliers), as `shuffle_memory.Held` holds them, written by the outliers' read
+    beside the spill: the scatter's statistics then widen and sum again only the chunks that
+    hold a left-out row. `analyse(raw_chunk, lo) -> (sq, sum)` computes one chunk's."""
+
+    def __init__(self, folder: Path, n_rows: int, d: int, chunk: int, analyse):
+        self.sq_path, self.sums_path = folder / "sq.f64", folder / "sums.f64"
+        self.n, self.d, self.chunk, self.analyse = n_rows, d, chunk, analyse
+
+    def truncate(self, done: int) -> None:
+        """Back to rows [0, done) (a whole number of chunks, or every row)."""
+        self.sq_path.parent.mkdir(parents=True, exist_ok=True)
+        for path, size in ((self.sq_path, done * 8),
+                           (self.sums_path, -(-done // self.chunk) * self.d * 8)):
+            with open(path, "ab") as fh:
+                fh.truncate(size)
+
+    def add(self, lo: int, raw: np.ndarray) -> np.ndarray:
+        """Analyse rows [lo, lo + len(raw)) (lo at a chunk's start), append what it found, and
+        return their norms as outliers.norms_of does."""
+        parts = [self.analyse(raw[c:c + self.chunk], lo + c)
+                 for c in range(0, len(raw), self.chunk)]
+        sq = np.concatenate([p[0] for p in parts])
+        with open(self.sq_path, "ab") as fh:
+            fh.write(sq.tobytes())
+        with open(self.sums_path, "ab") as fh:
+            fh.write(np.stack([p[1] for p in parts]).tobytes())
+        return np.sqrt(sq).astype("<f4")
+
+    def whole(self) -> bool:
+        return (self.sq_path.exists() and self.sums_path.exists()
+                and self.sq_path.stat().st_size == self.n * 8
+                and self.sums_path.stat().st_size == -(-self.n // self.chunk) * self.d * 8)
+
+    def read(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """(‖x‖² of rows [lo, hi), Σx of the chunks they start)."""
+        c0, c1 = lo // self.chunk, -(-hi // self.chunk)
+        return (np.fromfile(self.sq_path, np.float64, hi - lo, offset=8 * lo),
+                np.fromfile(self.sums_path, np.float64, (c1 - c0) * self.d,
+                            offset=8 * c0 * self.d).reshape(-1, self.d))
+
+
+@dataclass
+class HookSpill:
+    """What the outliers' read of one hook leaves for the scatter: always the statistics, and
+    the raw rows when the scratch disk has room for them (else None)."""
+
+    analysis: Analysis
+    rows: Spill | None = None

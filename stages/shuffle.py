@@ -33,7 +33,7 @@ from saectl import arrays, faults, layout, outliers, shuffle_memory, store
 from saectl.config import address_params, opt, parse_bytes
 from saectl.console import info, progress
 from saectl.errors import ConfigError
-from saectl.spill import Spill
+from saectl.spill import Analysis, HookSpill, Spill
 from saectl.split import Permutation, Split
 from saectl.stage import Plan, RunnerOptions, Stage
 
@@ -119,7 +119,7 @@ def build(cfg: ShuffleConfig, plan: Plan, writer) -> None:
                 shuffle_memory.give_norms(art, h, held[h])
     spills = {}
     if cfg.max_activation_norm_multiple > 0:
-        spills = _spills(art, {h: a for h, a in srcs.items() if h not in held})
+        spills = _spills(art, {h: a for h, a in srcs.items() if h not in held}, split)
         # BOS stays --keep-bos's to decide: outliers are sought among the other positions.
         excluded, measured = outliers.find(
             art, srcs, C, 1 if made.get("bos", True) else 0,
@@ -149,24 +149,31 @@ def build(cfg: ShuffleConfig, plan: Plan, writer) -> None:
     info(f"shuffle: wrote {art.ref} ({n_train:,} train rows, {n_eval:,} eval rows)")
 
 
-def _spills(art, srcs: dict) -> dict:
-    """A spill for each hook read out of core (saectl/spill.py), when the scratch disk holds
-    them all and the largest hook's buckets beside them; else none, said once: the scatter
-    then decodes the harvest again."""
+def _spills(art, srcs: dict, split: Split) -> dict:
+    """What the outliers' read leaves for each hook read out of core (saectl/spill.py): the
+    statistics, and the raw rows when the scratch disk holds them all and the largest hook's
+    buckets beside them; else not the rows, said once: the scatter then decodes again."""
     if not srcs:
         return {}
-    spills = {h: Spill(layout.scratch(art.path, h, "spill"), a.shape[0], a.shape[1], a.dtype,
-                       a.chunks[0]) for h, a in srcs.items()}
-    need = sum(s.n * s.row_bytes for s in spills.values()) + max(
+    spills = {}
+    for h, a in srcs.items():
+        storage = a.attrs.get("dtype", str(a.dtype))
+        spills[h] = HookSpill(
+            Analysis(layout.scratch(art.path, h), a.shape[0], a.shape[1], a.chunks[0],
+                     lambda raw, lo, st=storage: shuffle_memory.analyse_chunk(raw, lo, split, st)),
+            Spill(layout.scratch(art.path, h, "spill"), a.shape[0], a.shape[1], a.dtype,
+                  a.chunks[0]))
+    need = sum(s.rows.n * s.rows.row_bytes for s in spills.values()) + max(
         a.shape[0] * _record(a.dtype, a.shape[1]).itemsize for a in srcs.values())
-    have = sum(f.stat().st_size for s in spills.values() if s.folder.exists()
-               for f in s.folder.iterdir())
+    have = sum(f.stat().st_size for s in spills.values() if s.rows.folder.exists()
+               for f in s.rows.folder.iterdir())
     layout.scratch(art.path).mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(layout.scratch(art.path)).free + have
     if need > 0.9 * free:
         info(f"shuffle: the scratch disk has {free / 2**30:.1f} GiB free, a spill of the "
              f"harvest would take {need / 2**30:.1f} GiB: decoding it twice instead")
-        return {}
+        for s in spills.values():
+            s.rows = None
     return spills
 
 
@@ -329,8 +336,8 @@ def _pass1(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, sc
 
     def collect() -> None:  # the last read's statistics, added in chunk order
         nonlocal acc_sum, norm_sum, sq_sum
-        for job in summing:
-            s, n1, n2 = job.result()
+        for job in summing:  # a worker's, or one from the outliers' analysis
+            s, n1, n2 = job.result() if hasattr(job, "result") else job
             acc_sum += s
             norm_sum += n1
             sq_sum += n2
@@ -370,14 +377,19 @@ def _pass1(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, sc
         for old in scratch.glob("eval-tail-*.bin"):
             if old.name != tail_name:
                 old.unlink(missing_ok=True)
-        if spill:
-            spill.release(rows_read)
+        if rows:
+            rows.release(rows_read)
         faults.point("shuffle.flushed")
 
     with progress(f"shuffle {hook}: scatter", n_rows, "rows", done=start) as bar, \
             ThreadPoolExecutor(shuffle_memory.WORKERS) as pool:
-        reads = spill.read_ahead(start, step) if spill and spill.covers(start) else \
+        rows = spill.rows if spill else None
+        reads = rows.read_ahead(start, step) if rows and rows.covers(start) else \
             arrays.read_ahead(src_arr, start, step, artifact=src_ref)
+        # The outliers' read analysed every chunk (as the in-memory path does): only a chunk
+        # holding a left-out row is summed again.
+        analysed = spill.analysis if spill and spill.analysis.whole() else None
+        redo = set((split.excluded // chunk).tolist())
         for lo, hi, raw in reads:
             collect()  # so no more than one read waits on the workers
             idx = np.arange(lo, hi)
@@ -385,9 +397,14 @@ def _pass1(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, sc
             if emask.any():  # eval rows of these sequences are contiguous in the eval split
                 eval_buf.append(raw[emask])
             mask, t = split.index(idx, want_eval=False)
+            sq, sums = analysed.read(lo, hi) if analysed else (None, None)
             for c0 in range(0, hi - lo, chunk):  # statistics per source chunk, in order
-                summing.append(pool.submit(_chunk_stats, raw[c0:c0 + chunk],
-                                           mask[c0:c0 + chunk], storage))
+                m = mask[c0:c0 + chunk]
+                if analysed and (lo + c0) // chunk not in redo:
+                    q = sq[c0:c0 + chunk][m]
+                    summing.append((sums[c0 // chunk], float(np.sqrt(q).sum()), float(q.sum())))
+                else:
+                    summing.append(pool.submit(_chunk_stats, raw[c0:c0 + chunk], m, storage))
                 if shares:
                     shares.add_chunk(raw[c0:c0 + chunk], idx[c0:c0 + chunk],
                                      emask[c0:c0 + chunk], split, storage)

@@ -349,6 +349,20 @@ def test_the_spill_keeps_rows_in_segments_and_is_trusted_only_whole(tmp_path):
     (tmp_path / "sp" / "640.bin").write_bytes(b"")
     assert not sp.covers(300)
 
+    # The statistics beside it: cut back with the norms, whole only when every row is there.
+    by_hand = lambda raw, lo: ((raw.astype(np.float64) ** 2).sum(1), raw.sum(0, np.float64))
+    an = spill.Analysis(tmp_path / "an", 1000, 3, 2, by_hand)
+    an.truncate(0)
+    assert np.array_equal(an.add(0, x[:400]),
+                          np.sqrt((x[:400].astype(np.float64) ** 2).sum(1)).astype(np.float32))
+    an.truncate(200)
+    assert not an.whole()
+    an.add(200, x[200:])
+    assert an.whole()
+    sq, sums = an.read(100, 300)
+    assert np.array_equal(sq, (x[100:300].astype(np.float64) ** 2).sum(1))
+    assert np.array_equal(sums, x[100:300].astype(np.float64).reshape(100, 2, 3).sum(1))
+
 
 def test_a_resume_without_its_spill_decodes_again_and_ends_the_same(tmp_path, capsys,
                                                                    monkeypatch):
