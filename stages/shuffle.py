@@ -318,7 +318,8 @@ def _pass1(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, sc
     start = state.get("rows_read", 0)
     acc_sum = np.asarray(state.get("sum", np.zeros(d)), np.float64)
     norm_sum, sq_sum = state.get("norm_sum", 0.0), state.get("sq_sum", 0.0)
-    eval_written = state.get("eval_written", _eval_before(split, start))
+    eval_written = state["eval_written"] if "eval_written" in state else \
+        _eval_before(split, start)
     tail = state.get("eval_tail")
     eval_buf = [np.fromfile(scratch / tail, dtype=src_arr.dtype).reshape(-1, d)] if tail else []
     for b in range(n_buckets):
