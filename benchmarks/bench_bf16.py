@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import bench_train
+from benchmarks.common import planted_mixtures
 from saectl import precision
 
 D_IN, K = bench_train.D_IN, bench_train.K
@@ -126,17 +127,6 @@ def quality() -> dict:
                 "mmcs_seed": mmcs("fp32 seed 1", "fp32")}
 
 
-def planted(n=20000, d=32, F=96, active=3, seed=0):
-    """tests/test_train.py's ground truth: sparse non-negative mixtures of F unit directions."""
-    rng = np.random.default_rng(seed)
-    D = rng.normal(size=(F, d))
-    D /= np.linalg.norm(D, axis=1, keepdims=True)
-    idx = np.stack([rng.choice(F, active, replace=False) for _ in range(n)])
-    coef = rng.uniform(0.5, 2.0, size=(n, active))
-    x = np.einsum("nk,nkd->nd", coef, D[idx]) + 0.01 * rng.normal(size=(n, d))
-    return torch.from_numpy(x.astype(np.float32)), D
-
-
 def synthetic_quality(arch: str, seed: int) -> dict:
     """fp32 and bf16 runs of one architecture on the planted data (width 96, k 3, 390 steps of
     512, the tests' budget): held-out FVU and MMCS against the planted directions of each."""
@@ -144,7 +134,8 @@ def synthetic_quality(arch: str, seed: int) -> dict:
     from saectl.sae import ARCHS, SAEConfig
     from saectl.trainer import TrainConfig, Trainer
 
-    x, D = planted()
+    x, D = planted_mixtures()  # tests/test_train.py's ground truth
+    x = torch.from_numpy(x)
     train, held = x[:18000], x[18000:]
     out = {}
     for autocast in (None, "bfloat16"):

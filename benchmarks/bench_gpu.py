@@ -14,9 +14,7 @@ device. Not measured on this project's machines so far: no GPU has been lent to 
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,9 +22,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import Row, alternate  # noqa: E402
+from benchmarks.bench_harvest import CTX, HOOK, harvest_once, setup
+from benchmarks.common import Row, alternate
 
-HOOK, LAYER, BATCH, CTX, N_SEQ = "resid_post.15", 15, 32, 128, 256
+BATCH, N_SEQ = 32, 256
 D_IN, MULT, K, TRAIN_BATCH = 576, 8, 32, 4096
 
 
@@ -38,43 +37,14 @@ def _synced(fn):
 
 
 def harvest_row() -> Row:
-    from saectl import data, models, store
-    from saectl.hooks import hook_dim, parse_hooks
     from stages import harvest
 
-    spec = models.resolve_model(None)
-    tok = models.load_tokenizer(spec)
-    model = models.load_model(spec, device="cuda")
-    tokens = data.pack_tokens(tok, data.iter_texts(data.resolve_dataset(None)), CTX, N_SEQ)
-    ids = torch.from_numpy(tokens).long().cuda()
-    layers = model.model.layers
-    truncated = torch.nn.ModuleList(list(layers)[: LAYER + 1])
-
-    def bare():
-        model.model.layers = truncated
-        try:
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-                for s in range(0, N_SEQ, BATCH):
-                    model.model(input_ids=ids[s:s + BATCH])
-        finally:
-            model.model.layers = layers
-
-    hooks = parse_hooks(model, [HOOK])
-    dims = {HOOK: hook_dim(model, hooks[0])}
+    model, tokens, hooks, dims, bare = setup("cuda", N_SEQ, BATCH, torch.bfloat16)
     cfg = harvest.HarvestConfig(hooks=HOOK, tokens=N_SEQ * CTX, context_size=CTX,
                                 batch_size=BATCH, device="cuda", autocast="bfloat16")
 
     def ours():
-        root = tempfile.mkdtemp(prefix="bench-gpu-harvest-")
-        try:
-            art = store.artifact_for(store.store_root(root), "harvest", {"bench": root})
-            with store.writing(art, {"bench": root}):
-                lay = harvest.make_layout(cfg, dims)
-                group = harvest._create_arrays(art, lay, dims, cfg)
-                harvest._harvest(art, group, lay, model, hooks, tokens, torch.device("cuda"),
-                                 cfg, None)
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
+        harvest_once(cfg, model, hooks, dims, tokens)
 
     t = alternate({"bare": _synced(bare), "saectl": _synced(ours)}, reps=3, warmup=1)
     n = N_SEQ * CTX

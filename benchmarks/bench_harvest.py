@@ -9,6 +9,7 @@ Default: the packaged SmolLM2-135M at resid_post.15, batches of 8 × 128.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -22,32 +23,61 @@ HOOK, LAYER = "resid_post.15", 15
 BATCH, CTX, N_SEQ = 8, 128, int(os.environ.get("BENCH_HARVEST_SEQS", "48"))
 
 
-def run() -> list[Row]:
-    from saectl import arrays, data, models, store
+def setup(device: str, n_seq: int, batch: int, autocast: torch.dtype | None = None):
+    """The packaged model on `device`, n_seq × CTX tokens of the default corpus, the hook at
+    HOOK with its width, and `bare`: the baseline, HF's own forward over the first LAYER + 1
+    blocks (the final norm is cheap) in batches of `batch`, under `autocast` if given."""
+    from saectl import data, models
     from saectl.hooks import hook_dim, parse_hooks
-    from stages import harvest
 
     spec = models.resolve_model(None)
     tok = models.load_tokenizer(spec)
-    model = models.load_model(spec, device="cpu")
-    tokens = data.pack_tokens(tok, data.iter_texts(data.resolve_dataset(None)), CTX, N_SEQ)
-    ids = torch.from_numpy(tokens).long()
-
-    # The baseline: HF's own forward over the first LAYER+1 blocks (the final norm is cheap).
+    model = models.load_model(spec, device=device)
+    tokens = data.pack_tokens(tok, data.iter_texts(data.resolve_dataset(None)), CTX, n_seq)
+    ids = torch.from_numpy(tokens).long().to(device)
     layers = model.model.layers
     truncated = torch.nn.ModuleList(list(layers)[: LAYER + 1])
 
     def bare():
         model.model.layers = truncated
         try:
-            with torch.inference_mode():
-                for s in range(0, N_SEQ, BATCH):
-                    model.model(input_ids=ids[s:s + BATCH])
+            with torch.inference_mode(), (torch.autocast(device, dtype=autocast) if autocast
+                                          else contextlib.nullcontext()):
+                for s in range(0, n_seq, batch):
+                    model.model(input_ids=ids[s:s + batch])
         finally:
             model.model.layers = layers
 
     hooks = parse_hooks(model, [HOOK])
-    dims = {HOOK: hook_dim(model, hooks[0])}
+    return model, tokens, hooks, {HOOK: hook_dim(model, hooks[0])}, bare
+
+
+def harvest_once(cfg, model, hooks, dims, tokens, keep=None) -> None:
+    """saectl's harvest of `tokens` (its arrays and its forward pass, not the stage's planning)
+    into a fresh temporary store, removed afterwards; `keep(art, group)` reads what it needs
+    from the artifact before that."""
+    from saectl import store
+    from stages import harvest
+
+    root = tempfile.mkdtemp(prefix="bench-harvest-")
+    try:
+        art = store.artifact_for(store.store_root(root), "harvest", {"bench": root})
+        with store.writing(art, {"bench": root}):
+            layout = harvest.make_layout(cfg, dims)
+            group = harvest._create_arrays(art, layout, dims, cfg)
+            harvest._harvest(art, group, layout, model, hooks, tokens, torch.device(cfg.device),
+                             cfg, None)
+            if keep is not None:
+                keep(art, group)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run() -> list[Row]:
+    from saectl import arrays
+    from stages import harvest
+
+    model, tokens, hooks, dims, bare = setup("cpu", N_SEQ, BATCH)
     last: dict[str, dict] = {}
     acts: dict[str, np.ndarray] = {}
 
@@ -56,20 +86,11 @@ def run() -> list[Row]:
                                     batch_size=BATCH, device="cpu", autocast=autocast)
         name = autocast or "float32"
 
-        def fn():
-            root = tempfile.mkdtemp(prefix="bench-harvest-")
-            try:
-                art = store.artifact_for(store.store_root(root), "harvest", {"bench": root})
-                with store.writing(art, {"bench": root}):
-                    layout = harvest.make_layout(cfg, dims)
-                    group = harvest._create_arrays(art, layout, dims, cfg)
-                    harvest._harvest(art, group, layout, model, hooks, tokens,
-                                     torch.device("cpu"), cfg, None)
-                    last[name] = harvest._summary(art, group, cfg, dims)
-                    acts[name] = arrays.read(group[f"acts/{HOOK}"])
-            finally:
-                shutil.rmtree(root, ignore_errors=True)
-        return fn
+        def keep(art, group):
+            last[name] = harvest._summary(art, group, cfg, dims)
+            acts[name] = arrays.read(group[f"acts/{HOOK}"])
+
+        return lambda: harvest_once(cfg, model, hooks, dims, tokens, keep)
 
     t = alternate({"bare": bare, "saectl": saectl_harvest(),
                    "bf16": saectl_harvest("bfloat16")}, reps=3, warmup=1)

@@ -3,7 +3,7 @@ the same latents (issue 22.5).
 
 SAEBench (`sae_bench/evals/sparse_probing/`) does not install here, so the baseline is its
 definition written plainly with scikit-learn, as a user without saectl would: per class a
-one-vs-rest task (the same rows: saectl.probing.one_vs_rest, SAEBench's prepare_probe_data), the
+one-vs-rest task (the same rows: saectl.probing.task_rows, SAEBench's prepare_probe_data), the
 k latents whose class means differ most on the train texts (NumPy), and scikit-learn's
 `LogisticRegression(C=1)` on standardised features (`StandardScaler`), max_iter 1000; the same
 probes saectl fits: all activations, all latents, the SAE's and the model's top k, k random.
@@ -48,7 +48,7 @@ def sklearn_probing(split, ks, seed: int = 0) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from saectl.probing import one_vs_rest
+    from saectl.probing import task_rows
 
     def acc(Xtr, ytr, Xte, yte):
         probe = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000))
@@ -60,14 +60,7 @@ def sklearn_probing(split, ks, seed: int = 0) -> dict:
 
     L, A = split.latents.numpy(), split.acts.numpy()
     out = {}
-    for t, cls in enumerate(sorted(set(split.labels.tolist()))):
-        rng = np.random.default_rng([seed, t])
-        parts = {}
-        for part, where in (("train", split.train), ("test", ~split.train)):
-            idx = np.flatnonzero(where)
-            rows, target = one_vs_rest(split.labels[idx], cls, rng)
-            parts[part] = (idx[rows], target)
-        (tr, ytr), (te, yte) = parts["train"], parts["test"]
+    for cls, (tr, ytr), (te, yte), rng in task_rows(split, seed):
         r = {"model_full": acc(A[tr], ytr, A[te], yte), "sae_full": acc(L[tr], ytr, L[te], yte)}
         for k in ks:
             f = top(L[tr], ytr, k)

@@ -105,30 +105,43 @@ def _import_sparsify():
 
 def make_sparsify(d_sae: int, sample: torch.Tensor):
     sparsify = _import_sparsify()
-    from transformers import get_linear_schedule_with_warmup
-
     torch.manual_seed(0)
     sae = sparsify.SparseCoder(D_IN, sparsify.SparseCoderConfig(expansion_factor=d_sae // D_IN,
                                                                 k=K),
                                device="cpu", dtype=torch.float32)
     assert sae.num_latents == d_sae
     sae.b_dec.data = sample.mean(0)  # sparsify's first-step init
+    step = sparsify_step(sae)
+    return lambda x: step(x, x)
+
+
+def sparsify_step(sae):
+    """One step of `sparsify/trainer.py` with `optimizer="adam"` on the SparseCoder `sae`, as a
+    function of the batch (x, y) returning its FVU: Adam at lr 2e-4/√(num_latents/2¹⁴), linear
+    schedule without warm-up (lr_warmup_steps=0, as saectl's), AuxK on latents dead for
+    DEAD_TOKENS, fired bookkeeping. An SAE's decoder is set to unit norm and the gradient
+    parallel to its rows removed; a transcoder's is not (`not self.cfg.sae.transcode`)."""
+    from transformers import get_linear_schedule_with_warmup
+
     opt = torch.optim.Adam([{"params": sae.parameters(),
                              "lr": 2e-4 / (sae.num_latents / 2**14) ** 0.5}])
-    sched = get_linear_schedule_with_warmup(opt, 0, 10_000)  # lr_warmup_steps=0, as saectl's
+    sched = get_linear_schedule_with_warmup(opt, 0, 10_000)
     since_fired = torch.zeros(sae.num_latents, dtype=torch.long)
     did_fire = torch.zeros(sae.num_latents, dtype=torch.bool)
+    unit_norm = not sae.cfg.transcode
 
-    def step(x: torch.Tensor) -> float:
-        sae.set_decoder_norm_to_unit_norm()
+    def step(x: torch.Tensor, y: torch.Tensor) -> float:
+        if unit_norm:
+            sae.set_decoder_norm_to_unit_norm()
         dead_mask = since_fired > DEAD_TOKENS if AUXK_ALPHA > 0 else None
-        total_variance = (x - x.mean(0)).pow(2).sum()
-        out = sae(x=x, y=x, dead_mask=dead_mask, total_variance=total_variance)
+        total_variance = (y - y.mean(0)).pow(2).sum()
+        out = sae(x=x, y=y, dead_mask=dead_mask, total_variance=total_variance)
         did_fire[out.latent_indices.flatten()] = True
         fvu = float(out.fvu.detach())
         loss = out.fvu + AUXK_ALPHA * out.auxk_loss + out.multi_topk_fvu / 8
         loss.backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
+        if unit_norm:
+            sae.remove_gradient_parallel_to_decoder_directions()
         opt.step()
         opt.zero_grad()
         sched.step()
@@ -236,29 +249,39 @@ def _data(n_batches: int) -> list[torch.Tensor]:
     return [torch.randn(BATCH, D_IN, generator=g) for _ in range(n_batches)]
 
 
+def time_rounds(steps: dict, batches: list[tuple]) -> tuple[dict, dict, dict]:
+    """One step of each of `steps` in turn on the same batch (its arguments), WARMUP + STEPS
+    rounds with the order rotating every round: each one's wall and CPU seconds per round after
+    the warm-up, and its last loss."""
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    losses: dict[str, float] = {}
+    for r in range(WARMUP + STEPS):
+        batch = batches[r % len(batches)]
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            t0, c0 = time.perf_counter(), time.process_time()
+            loss = steps[name](*batch)
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            if r >= WARMUP:
+                times[name].append(dt)
+                cpu[name].append(dc)
+            losses[name] = float(loss["loss"] if isinstance(loss, dict) else loss)
+    return times, cpu, losses
+
+
+def paired(a: list[float], b: list[float]) -> float:
+    """Median over rounds of a's step time over b's in the same round."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
 def time_all(d_sae: int, names: list[str]) -> dict[str, dict[str, float]]:
     """Median tokens/s of each implementation, one step each in turn, the order rotating;
     "paired": the median over rounds of its step time over names[0]'s in the same round;
     "cpu_paired": the same with this process's CPU seconds."""
     data = _data(4)
     steps = {name: MAKERS[name](d_sae, data[0]) for name in names}
-    times: dict[str, list[float]] = {name: [] for name in names}
-    cpu: dict[str, list[float]] = {name: [] for name in names}
-    losses: dict[str, float] = {}
-    for r in range(WARMUP + STEPS):
-        x = data[r % len(data)]
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            t0, c0 = time.perf_counter(), time.process_time()
-            loss = steps[name](x)
-            dt, dc = time.perf_counter() - t0, time.process_time() - c0
-            if r >= WARMUP:
-                times[name].append(dt)
-                cpu[name].append(dc)
-            losses[name] = float(loss["loss"] if isinstance(loss, dict) else loss)
-
-    def paired(a: list[float], b: list[float]) -> float:
-        return statistics.median(x / y for x, y in zip(a, b))
-
+    times, cpu, losses = time_rounds(steps, [(x,) for x in data])
     return {name: {"tokens_per_s": BATCH / statistics.median(ts),
                    "spread": (max(ts) - min(ts)) / statistics.median(ts),
                    "paired": paired(ts, times[names[0]]),

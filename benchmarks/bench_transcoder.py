@@ -31,7 +31,6 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -40,10 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_train import (
-    AUXK_ALPHA,
     BATCH,
     D_IN,
-    DEAD_TOKENS,
     STEPS,
     WARMUP,
     K,
@@ -51,6 +48,9 @@ from benchmarks.bench_train import (
     _progress,
     _set_threads,
     missing,
+    paired,
+    sparsify_step,
+    time_rounds,
 )
 
 MULT = int(os.environ.get("BENCH_TRANSCODER_WIDTH", "8"))
@@ -71,8 +71,6 @@ def make_saectl(d_sae: int, x0: torch.Tensor, y0: torch.Tensor, skip: bool):
 
 def make_sparsify(d_sae: int, x0: torch.Tensor, y0: torch.Tensor, skip: bool):
     sparsify = _import_sparsify()
-    from transformers import get_linear_schedule_with_warmup
-
     torch.manual_seed(0)
     cfg = sparsify.SparseCoderConfig(expansion_factor=d_sae // D_IN, k=K, transcode=True,
                                      skip_connection=skip)
@@ -81,30 +79,7 @@ def make_sparsify(d_sae: int, x0: torch.Tensor, y0: torch.Tensor, skip: bool):
     with torch.no_grad():  # its trainer's first-step init for a transcoder
         sae.encoder.bias.data = -x0.mean(0) @ sae.encoder.weight.data.T
         sae.b_dec.data = y0.mean(0)
-    opt = torch.optim.Adam([{"params": sae.parameters(),
-                             "lr": 2e-4 / (sae.num_latents / 2**14) ** 0.5}])
-    sched = get_linear_schedule_with_warmup(opt, 0, 10_000)
-    since_fired = torch.zeros(sae.num_latents, dtype=torch.long)
-    did_fire = torch.zeros(sae.num_latents, dtype=torch.bool)
-
-    def step(x: torch.Tensor, y: torch.Tensor) -> float:
-        dead_mask = since_fired > DEAD_TOKENS if AUXK_ALPHA > 0 else None
-        total_variance = (y - y.mean(0)).pow(2).sum()
-        out = sae(x=x, y=y, dead_mask=dead_mask, total_variance=total_variance)
-        did_fire[out.latent_indices.flatten()] = True
-        fvu = float(out.fvu.detach())
-        loss = out.fvu + AUXK_ALPHA * out.auxk_loss + out.multi_topk_fvu / 8
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        sched.step()
-        with torch.no_grad():
-            since_fired.add_(x.shape[0])
-            since_fired[did_fire] = 0
-            did_fire.zero_()
-        return fvu
-
-    return step
+    return sparsify_step(sae)
 
 
 MAKERS = {"saectl": (make_saectl, False), "saectl skip": (make_saectl, True),
@@ -128,17 +103,7 @@ def time_all(d_sae: int, names: list[str]) -> dict[str, dict]:
     wall and CPU times, for the paired ratios."""
     data = _data(4)
     steps = {n: MAKERS[n][0](d_sae, *data[0], skip=MAKERS[n][1]) for n in names}
-    times: dict[str, list[float]] = {n: [] for n in names}
-    cpu: dict[str, list[float]] = {n: [] for n in names}
-    losses: dict[str, float] = {}
-    for r in range(WARMUP + STEPS):
-        x, y = data[r % len(data)]
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            t0, c0 = time.perf_counter(), time.process_time()
-            losses[name] = float(steps[name](x, y))
-            if r >= WARMUP:
-                times[name].append(time.perf_counter() - t0)
-                cpu[name].append(time.process_time() - c0)
+    times, cpu, losses = time_rounds(steps, data)
     return {n: {"tokens_per_s": BATCH / statistics.median(ts),
                 "spread": (max(ts) - min(ts)) / statistics.median(ts),
                 "cpu_s": statistics.median(cpu[n]), "times": ts, "cpu": cpu[n],
@@ -147,7 +112,7 @@ def time_all(d_sae: int, names: list[str]) -> dict[str, dict]:
 
 def _paired(a: list[float], b: list[float]) -> float:
     """Median over rounds of b's step time over a's: a's speed-up over b in the same round."""
-    return statistics.median(y / x for x, y in zip(a, b))
+    return paired(b, a)
 
 
 def measure() -> tuple[dict, dict[str, str]]:

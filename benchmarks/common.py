@@ -68,6 +68,21 @@ def alternate(fns: dict, reps: int = 3, warmup: int = 1) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def planted_mixtures(n=20000, d=32, F=96, active=3, seed=0):
+    """Ground truth for feature recovery (tests/test_train.py, benchmarks/bench_bf16.py): n
+    sparse non-negative mixtures of `active` of F random unit directions D (F, d), plus a
+    little noise. Returns x (n, d) float32 and D, as numpy arrays."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    D = rng.normal(size=(F, d))
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    idx = np.stack([rng.choice(F, active, replace=False) for _ in range(n)])
+    coef = rng.uniform(0.5, 2.0, size=(n, active))
+    x = np.einsum("nk,nkd->nd", coef, D[idx]) + 0.01 * rng.normal(size=(n, d))
+    return x.astype(np.float32), D
+
+
 def load_average() -> str:
     """The 1/5/15-minute load averages: others' work on a shared machine shows up here."""
     return "/".join(f"{v:.1f}" for v in os.getloadavg())

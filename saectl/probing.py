@@ -111,6 +111,20 @@ def one_vs_rest(labels: np.ndarray, cls: str, rng: np.random.Generator) -> tuple
     return rows[order], target[order]
 
 
+def task_rows(split: Split, seed: int = 0):
+    """Each class's one-vs-rest task in class order, as (class, (train rows, targets), (test
+    rows, targets), rng): rows index the split's texts, targets are 0/1 (numpy), and rng, seeded
+    by `seed` and the task's number, has drawn the rows and goes on to draw the random latents."""
+    for t, cls in enumerate(sorted(set(split.labels.tolist()))):
+        rng = np.random.default_rng([seed, t])
+        parts = []
+        for where in (split.train, ~split.train):
+            idx = np.flatnonzero(where)
+            rows, target = one_vs_rest(split.labels[idx], cls, rng)
+            parts.append((idx[rows], target))
+        yield cls, parts[0], parts[1], rng
+
+
 def sparse_probing(split: Split, ks=K_VALUES, seed: int = 0) -> dict:
     """Test accuracy per task and, averaged over the tasks, per k (module docstring). Keys
     of the per-k figures are strings, as they read back from a manifest. The fits run on one
@@ -124,14 +138,8 @@ def _sparse_probing(split: Split, ks, seed: int) -> dict:
     d_sae = split.latents.shape[1]
     ks = [k for k in ks if k <= d_sae]
     tasks = {}
-    for t, cls in enumerate(sorted(set(split.labels.tolist()))):
-        rng = np.random.default_rng([seed, t])
-        parts = {}
-        for part, where in (("train", split.train), ("test", ~split.train)):
-            idx = np.flatnonzero(where)
-            rows, target = one_vs_rest(split.labels[idx], cls, rng)
-            parts[part] = (idx[rows], torch.from_numpy(target))
-        (tr, ytr), (te, yte) = parts["train"], parts["test"]
+    for cls, (tr, ytr), (te, yte), rng in task_rows(split, seed):
+        ytr, yte = torch.from_numpy(ytr), torch.from_numpy(yte)
         Ltr, Lte, Atr, Ate = (split.latents[tr], split.latents[te], split.acts[tr],
                               split.acts[te])
         r = {"n_train": len(tr), "n_test": len(te),

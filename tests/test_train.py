@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.common import planted_mixtures
 from saectl import checkpoints, hooks, metrics, models, store
 from saectl.config import build
 from saectl.errors import ConfigError
@@ -20,14 +21,9 @@ from tests.helpers import assert_one_line_error, run_cli, run_subprocess, tried
 
 
 def synthetic(n=20000, d=32, F=96, active=3, seed=0):
-    """Sparse non-negative combinations of F random unit directions (+ a little noise)."""
-    rng = np.random.default_rng(seed)
-    D = rng.normal(size=(F, d))
-    D /= np.linalg.norm(D, axis=1, keepdims=True)
-    idx = np.stack([rng.choice(F, active, replace=False) for _ in range(n)])
-    coef = rng.uniform(0.5, 2.0, size=(n, active))
-    x = np.einsum("nk,nkd->nd", coef, D[idx]) + 0.01 * rng.normal(size=(n, d))
-    return x.astype(np.float32), D
+    """Sparse non-negative combinations of F random unit directions (+ a little noise): x
+    (n, d) float32 and the directions D (F, d), numpy (benchmarks.common.planted_mixtures)."""
+    return planted_mixtures(n, d, F, active, seed)
 
 
 @pytest.fixture
