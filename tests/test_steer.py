@@ -306,7 +306,7 @@ def test_packaged_smollm2_positive_strength_raises_the_feature(tmp_path, capsys)
                   "--device", "cpu")
     assert res.code == 0, res.err
     out = json.loads(res.out)
-    base, zero, pushed = (out["baseline"]["mean"], *[r["mean"] for r in out["runs"]])
+    base, _zero, pushed = (out["baseline"]["mean"], *[r["mean"] for r in out["runs"]])
     assert out["runs"][0]["texts"] == out["baseline"]["texts"]
     assert pushed["act"][str(f)] > base["act"][str(f)], (pushed, base)
     assert pushed["kl"] > 0 and np.isfinite(pushed["ppl"])
