@@ -67,7 +67,7 @@ def _packaged_path() -> str:
     # find_spec locates the package without importing it: it is a data carrier, not a library.
     spec = importlib.util.find_spec(_PACKAGE)
     if spec is not None and spec.submodule_search_locations:
-        path = os.path.join(list(spec.submodule_search_locations)[0], _PACKAGED_FILE)
+        path = os.path.join(next(iter(spec.submodule_search_locations)), _PACKAGED_FILE)
         if os.path.isfile(path):
             return path
     raise NotFoundError(
