@@ -5,7 +5,7 @@ The permutation is a keyed Feistel bijection on [0, n_train) with cycle walking,
 destination of any row is computed on the fly: no n-sized permutation array, whatever n is.
 When a hook's harvest fits half of `--memory`, it is read once and written in place, with no
 buckets (`saectl/shuffle_memory.py`: the same arrays, bit for bit). Otherwise two passes per
-hook, each within `--memory`:
+hook, each within `--memory` (`saectl/shuffle_buckets.py`):
   1. read the harvest sequentially, send each train row to the on-disk bucket that holds its
      destination (`scratch/<hook>/<bucket>.bin`), accumulating normalisation statistics;
   2. load one bucket at a time, place its rows at their destinations, write the output chunks.
@@ -14,24 +14,22 @@ bucket, so a killed shuffle resumes where it stopped and ends bit-identical.
 
 Before them, unless `--max-activation-norm-multiple 0`, one read of every hook measures token
 norms and finds the massive-activation tokens, which both splits then leave out
-(`saectl/outliers.py`).
+(`saectl/outliers.py`). Out of core, that read also spills each hook's raw rows and their
+statistics to scratch (`saectl/spill.py`), so pass 1 does not decode the harvest again.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from saectl import arrays, faults, layout, outliers, shuffle_memory, store
+from saectl import arrays, layout, outliers, shuffle_buckets, shuffle_memory, store
 from saectl.config import address_params, opt, parse_bytes
-from saectl.console import info, progress
+from saectl.console import info
 from saectl.errors import ConfigError
 from saectl.spill import Analysis, HookSpill, Spill
 from saectl.split import Permutation, Split
@@ -164,7 +162,7 @@ def _spills(art, srcs: dict, split: Split) -> dict:
             Spill(layout.scratch(art.path, h, "spill"), a.shape[0], a.shape[1], a.dtype,
                   a.chunks[0]))
     need = sum(s.rows.n * s.rows.row_bytes for s in spills.values()) + max(
-        a.shape[0] * _record(a.dtype, a.shape[1]).itemsize for a in srcs.values())
+        a.shape[0] * shuffle_buckets.record(a.dtype, a.shape[1]).itemsize for a in srcs.values())
     have = sum(f.stat().st_size for s in spills.values() if s.rows.folder.exists()
                for f in s.rows.folder.iterdir())
     layout.scratch(art.path).mkdir(parents=True, exist_ok=True)
@@ -191,30 +189,12 @@ def _check_budget(cfg: ShuffleConfig, srcs) -> None:
                           f"give at least --memory {math.ceil(need / 2**20)}MiB")
 
 
-def _state_path(art, hook: str) -> Path:
-    return layout.progress_file(art.path, f"shuffle-{hook}")
-
-
-def _load_state(art, hook: str) -> dict:
-    p = _state_path(art, hook)
-    return json.loads(p.read_text()) if p.exists() else {}
-
-
-def _save_state(art, hook: str, state: dict) -> None:
-    store.atomic_write(_state_path(art, hook), json.dumps(state).encode())
-
-
-def _record(dtype: np.dtype, d: int) -> np.dtype:
-    """One scratch record: where the row goes, where it came from, and the row itself."""
-    return np.dtype([("dest", "<i8"), ("src", "<i8"), ("row", dtype, (d,))])
-
-
 def _shuffle_hook(art, out, src_arr, hook, split: Split, n_train: int, n_eval: int,
                   cfg: ShuffleConfig, src_ref: str, write_rows: bool, held=None,
                   spill=None) -> dict:
     d = src_arr.shape[1]
     storage = src_arr.attrs.get("dtype", str(src_arr.dtype))
-    rec = _record(src_arr.dtype, d)
+    rec = shuffle_buckets.record(src_arr.dtype, d)
     chunk_rows = arrays.rows_per_chunk(d * src_arr.dtype.itemsize)
     # Our buffers take half of --memory; the other half is slack for the allocator and Zarr's
     # encoding copies (bounded by writing the block a few chunks at a time). Pass 2 holds one
@@ -232,7 +212,7 @@ def _shuffle_hook(art, out, src_arr, hook, split: Split, n_train: int, n_eval: i
     rows_arr = arrays.create(out, layout.ROWS_TRAIN, (n_train,), (1 << 16,), "int64")
     scratch = layout.scratch(art.path, hook)
     scratch.mkdir(parents=True, exist_ok=True)
-    state = _load_state(art, hook)
+    state = shuffle_buckets.load_state(art, hook)
     step = _read_step(cfg.budget, src_arr)
     if not state.get("done") and (
             held or shuffle_memory.need(src_arr, step) <= cfg.budget // 2):
@@ -242,54 +222,15 @@ def _shuffle_hook(art, out, src_arr, hook, split: Split, n_train: int, n_eval: i
             held, dst, dst_eval, rows_arr if write_rows else None, split, perm, n_train,
             storage, src_arr.chunks[0], step, shares, hook)}
         del held
-        _save_state(art, hook, state)
+        shuffle_buckets.save_state(art, hook, state)
     n_buckets = state.get("n_buckets", n_buckets)
     if not state.get("done") and not state.get("pass1_done"):
-        state = _pass1(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets,
-                       scratch, state, cfg.budget, src_ref, spill)
-    done = set(state.get("buckets_done", []))
-    todo = [] if state.get("done") else [b for b in range(n_buckets) if b not in done]
-
-    def load(i):  # the next bucket is read on a thread while this one is placed
-        return np.fromfile(scratch / f"{todo[i]}.bin", dtype=rec) if i < len(todo) else None
-
-    def write(lo, hi, block, origin):  # and encoded on another while the next is placed
-        for w in range(0, hi - lo, 4 * chunk_rows):
-            dst[lo + w:lo + min(w + 4 * chunk_rows, hi - lo)] = block[w:w + 4 * chunk_rows]
-        if origin is not None:
-            rows_arr[lo:hi] = origin
-
-    def finish(b, job):  # a bucket is done once written: then its progress, then its file
-        job.result()
-        done.add(b)
-        state["buckets_done"] = sorted(done)
-        _save_state(art, hook, state)
-        (scratch / f"{b}.bin").unlink(missing_ok=True)
-        faults.point("shuffle.bucket_placed")
-        bar.advance(1)
-
-    with progress(f"shuffle {hook}: place", n_buckets, "buckets", done=len(done)) as bar, \
-            ThreadPoolExecutor(1) as loader, ThreadPoolExecutor(1) as writer:
-        nxt, writing = loader.submit(load, 0), None
-        for i, b in enumerate(todo):
-            records, nxt = nxt.result(), loader.submit(load, i + 1)
-            lo, hi = b * bucket_rows, min((b + 1) * bucket_rows, n_train)
-            if len(records) != hi - lo:
-                raise store.ArtifactError(f"shuffle scratch of {art.ref} is inconsistent "
-                                          f"(bucket {b}); remove the artifact and re-run")
-            block = np.empty((hi - lo, d), dtype=src_arr.dtype)
-            block[records["dest"] - lo] = records["row"]
-            origin = None
-            if write_rows:
-                origin = np.empty(hi - lo, np.int64)
-                origin[records["dest"] - lo] = records["src"]
-            del records
-            if writing:
-                finish(*writing)
-            writing = (b, writer.submit(write, lo, hi, block, origin))
-            del block, origin
-        if writing:
-            finish(*writing)
+        state = shuffle_buckets.scatter(art, src_arr, dst_eval, hook, split, perm, bucket_rows,
+                                        n_buckets, scratch, state, cfg.budget, step, src_ref,
+                                        spill)
+    if not state.get("done"):
+        shuffle_buckets.place(art, hook, dst, rows_arr if write_rows else None, scratch, state,
+                              n_buckets, bucket_rows, n_train, rec, chunk_rows)
     n = max(n_train, 1)
     mean = np.asarray(state["sum"]) / n
     out.create_array(layout.stat("mean", hook), data=mean.astype(np.float32), overwrite=True)
@@ -297,147 +238,6 @@ def _shuffle_hook(art, out, src_arr, hook, split: Split, n_train: int, n_eval: i
         (n_train, np.asarray(state["sum"]), state["sq_sum"]))
     return {"d": d, "mean_norm": state["norm_sum"] / n, "mean_sq_norm": state["sq_sum"] / n,
             "n_buckets": n_buckets, "shares": shares}
-
-
-def _pass1(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, scratch, state,
-           budget, src_ref, spill=None) -> dict:
-    """Send train rows to their buckets and copy eval rows in harvest order.
-
-    Records wait in memory until a sixteenth of --memory is filled, then every bucket file gets
-    its share, eval gets its whole chunks (the rest waits in `eval-tail-<rows read>.bin`: a
-    part-chunk write would re-encode its chunk every read) and the progress (rows read, bucket
-    lengths, eval rows written) is saved. A resumed run cuts the bucket files back to the saved
-    lengths and reads on from the saved row. Statistics are summed per source chunk in float64,
-    in chunk order, so they do not depend on --memory; each chunk's are computed on a worker
-    while this thread scatters, and added in order before a flush saves them. The rows come
-    from the spill the outliers' read wrote, where it holds them all, else from the harvest."""
-    d = src_arr.shape[1]
-    storage = src_arr.attrs.get("dtype", str(src_arr.dtype))
-    rec = _record(src_arr.dtype, d)
-    lengths = state.get("lengths", [0] * n_buckets)
-    start = state.get("rows_read", 0)
-    acc_sum = np.asarray(state.get("sum", np.zeros(d)), np.float64)
-    norm_sum, sq_sum = state.get("norm_sum", 0.0), state.get("sq_sum", 0.0)
-    eval_written = state["eval_written"] if "eval_written" in state else \
-        _eval_before(split, start)
-    tail = state.get("eval_tail")
-    eval_buf = [np.fromfile(scratch / tail, dtype=src_arr.dtype).reshape(-1, d)] if tail else []
-    for b in range(n_buckets):
-        with open(scratch / f"{b}.bin", "ab") as fh:
-            fh.truncate(lengths[b] * rec.itemsize)
-    n_rows, chunk = src_arr.shape[0], src_arr.chunks[0]
-    # Half of --memory for our buffers (see _shuffle_hook): a read, its float32 view and its
-    # records are ~4 raw copies, so a read is 1/64 of it; pending records (and their sorted
-    # copy at a flush) a sixteenth each.
-    step = _read_step(budget, src_arr)
-    shares = outliers.Shares(d, state.get("shares")) if len(split.excluded) else None
-    pending: list[np.ndarray] = []
-    pending_bytes = 0
-    summing: list = []  # each chunk's statistics, in chunk order, computed on the workers
-
-    def collect() -> None:  # the last read's statistics, added in chunk order
-        nonlocal acc_sum, norm_sum, sq_sum
-        for job in summing:  # a worker's, or one from the outliers' analysis
-            s, n1, n2 = job.result() if hasattr(job, "result") else job
-            acc_sum += s
-            norm_sum += n1
-            sq_sum += n2
-        summing.clear()
-
-    def flush(rows_read: int) -> None:
-        nonlocal pending, pending_bytes, eval_written, eval_buf
-        collect()
-        if pending:
-            allrec = np.concatenate(pending)
-            pending, pending_bytes = [], 0
-            bucket = allrec["dest"] // bucket_rows
-            order = np.argsort(bucket, kind="stable")
-            bounds = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
-            allrec = allrec[order]  # one gather; each bucket's share is then a slice of it
-            for b in np.flatnonzero(np.diff(bounds)):
-                with open(scratch / f"{b}.bin", "ab") as fh:
-                    fh.write(allrec[bounds[b]:bounds[b + 1]].view(np.uint8))
-                lengths[b] += int(bounds[b + 1] - bounds[b])
-            del allrec
-        tail_name = None
-        if eval_buf:
-            ev = np.concatenate(eval_buf)
-            whole = len(ev) if rows_read == n_rows else len(ev) // dst_eval.chunks[0] * \
-                dst_eval.chunks[0]
-            if whole:
-                dst_eval[eval_written:eval_written + whole] = ev[:whole]
-                eval_written += whole
-            eval_buf = [ev[whole:]] if whole < len(ev) else []
-            if eval_buf:  # named by the flush, so a kill before the state save keeps the old
-                tail_name = f"eval-tail-{rows_read}.bin"
-                store.atomic_write(scratch / tail_name, eval_buf[0].tobytes())
-        _save_state(art, hook, {"rows_read": rows_read, "lengths": lengths,
-                                "sum": acc_sum.tolist(), "norm_sum": norm_sum, "sq_sum": sq_sum,
-                                "eval_written": eval_written, "eval_tail": tail_name,
-                                **({"shares": shares.state()} if shares else {})})
-        for old in scratch.glob("eval-tail-*.bin"):
-            if old.name != tail_name:
-                old.unlink(missing_ok=True)
-        if rows:
-            rows.release(rows_read)
-        faults.point("shuffle.flushed")
-
-    with progress(f"shuffle {hook}: scatter", n_rows, "rows", done=start) as bar, \
-            ThreadPoolExecutor(shuffle_memory.WORKERS) as pool:
-        rows = spill.rows if spill else None
-        reads = rows.read_ahead(start, step) if rows and rows.covers(start) else \
-            arrays.read_ahead(src_arr, start, step, artifact=src_ref)
-        # The outliers' read analysed every chunk (as the in-memory path does): only a chunk
-        # holding a left-out row is summed again.
-        analysed = spill.analysis if spill and spill.analysis.whole() else None
-        redo = set((split.excluded // chunk).tolist())
-        for lo, hi, raw in reads:
-            collect()  # so no more than one read waits on the workers
-            idx = np.arange(lo, hi)
-            emask, _ = split.index(idx, want_eval=True)
-            if emask.any():  # eval rows of these sequences are contiguous in the eval split
-                eval_buf.append(raw[emask])
-            mask, t = split.index(idx, want_eval=False)
-            sq, sums = analysed.read(lo, hi) if analysed else (None, None)
-            for c0 in range(0, hi - lo, chunk):  # statistics per source chunk, in order
-                m = mask[c0:c0 + chunk]
-                if analysed and (lo + c0) // chunk not in redo:
-                    q = sq[c0:c0 + chunk][m]
-                    summing.append((sums[c0 // chunk], float(np.sqrt(q).sum()), float(q.sum())))
-                else:
-                    summing.append(pool.submit(_chunk_stats, raw[c0:c0 + chunk], m, storage))
-                if shares:
-                    shares.add_chunk(raw[c0:c0 + chunk], idx[c0:c0 + chunk],
-                                     emask[c0:c0 + chunk], split, storage)
-            recs = np.empty(len(t), dtype=rec)
-            recs["dest"], recs["src"], recs["row"] = perm(t), idx[mask], raw[mask]
-            del raw
-            pending.append(recs)
-            pending_bytes += recs.nbytes
-            if pending_bytes >= budget // 16 or hi == n_rows:
-                flush(hi)
-            bar.advance(hi - lo)
-    state = _load_state(art, hook)
-    state["pass1_done"] = True
-    _save_state(art, hook, state)
-    return state
-
-
-def _chunk_stats(raw: np.ndarray, mask: np.ndarray, storage: str) -> tuple:
-    """(Σx in float64, Σ‖x‖, Σ‖x‖²) of one source chunk's train rows: shuffle_memory's
-    statistics, with the same NumPy calls, so the two paths agree bit for bit."""
-    x = arrays.from_storage(raw[mask], storage)
-    sq = np.einsum("ij,ij->i", x, x, dtype=np.float64)
-    return x.sum(0, dtype=np.float64), float(np.sqrt(sq).sum()), float(sq.sum())
-
-
-def _eval_before(split: Split, row: int) -> int:
-    """Eval rows among harvest rows [0, row): where a resumed pass 1 of a shuffle killed
-    before it counted them goes on writing eval."""
-    n = 0
-    for lo in range(0, row, 1 << 20):
-        n += int(split.index(np.arange(lo, min(lo + (1 << 20), row)), want_eval=True)[0].sum())
-    return n
 
 
 STAGE = Stage(NAME, ShuffleConfig, "Shuffle a harvest's token rows out of core and split "
