@@ -44,13 +44,14 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import paired, time_rounds
 
 D_IN, K, BATCH = 576, 32, 4096
 WIDTHS = [int(w) for w in os.environ.get("BENCH_TRAIN_WIDTHS", "8,32").split(",")]
@@ -249,39 +250,13 @@ def _data(n_batches: int) -> list[torch.Tensor]:
     return [torch.randn(BATCH, D_IN, generator=g) for _ in range(n_batches)]
 
 
-def time_rounds(steps: dict, batches: list[tuple]) -> tuple[dict, dict, dict]:
-    """One step of each of `steps` in turn on the same batch (its arguments), WARMUP + STEPS
-    rounds with the order rotating every round: each one's wall and CPU seconds per round after
-    the warm-up, and its last loss."""
-    names = list(steps)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    cpu: dict[str, list[float]] = {name: [] for name in names}
-    losses: dict[str, float] = {}
-    for r in range(WARMUP + STEPS):
-        batch = batches[r % len(batches)]
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            t0, c0 = time.perf_counter(), time.process_time()
-            loss = steps[name](*batch)
-            dt, dc = time.perf_counter() - t0, time.process_time() - c0
-            if r >= WARMUP:
-                times[name].append(dt)
-                cpu[name].append(dc)
-            losses[name] = float(loss["loss"] if isinstance(loss, dict) else loss)
-    return times, cpu, losses
-
-
-def paired(a: list[float], b: list[float]) -> float:
-    """Median over rounds of a's step time over b's in the same round."""
-    return statistics.median(x / y for x, y in zip(a, b))
-
-
 def time_all(d_sae: int, names: list[str]) -> dict[str, dict[str, float]]:
     """Median tokens/s of each implementation, one step each in turn, the order rotating;
     "paired": the median over rounds of its step time over names[0]'s in the same round;
     "cpu_paired": the same with this process's CPU seconds."""
     data = _data(4)
     steps = {name: MAKERS[name](d_sae, data[0]) for name in names}
-    times, cpu, losses = time_rounds(steps, [(x,) for x in data])
+    times, cpu, losses = time_rounds(steps, [(x,) for x in data], WARMUP, STEPS)
     return {name: {"tokens_per_s": BATCH / statistics.median(ts),
                    "spread": (max(ts) - min(ts)) / statistics.median(ts),
                    "paired": paired(ts, times[names[0]]),

@@ -48,10 +48,9 @@ from benchmarks.bench_train import (
     _progress,
     _set_threads,
     missing,
-    paired,
     sparsify_step,
-    time_rounds,
 )
+from benchmarks.common import paired, time_rounds
 
 MULT = int(os.environ.get("BENCH_TRANSCODER_WIDTH", "8"))
 """Width as a multiple of d_in (issue 18: 8×, 4608)."""
@@ -103,7 +102,7 @@ def time_all(d_sae: int, names: list[str]) -> dict[str, dict]:
     wall and CPU times, for the paired ratios."""
     data = _data(4)
     steps = {n: MAKERS[n][0](d_sae, *data[0], skip=MAKERS[n][1]) for n in names}
-    times, cpu, losses = time_rounds(steps, data)
+    times, cpu, losses = time_rounds(steps, data, WARMUP, STEPS)
     return {n: {"tokens_per_s": BATCH / statistics.median(ts),
                 "spread": (max(ts) - min(ts)) / statistics.median(ts),
                 "cpu_s": statistics.median(cpu[n]), "times": ts, "cpu": cpu[n],

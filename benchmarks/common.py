@@ -83,6 +83,33 @@ def planted_mixtures(n=20000, d=32, F=96, active=3, seed=0):
     return x.astype(np.float32), D
 
 
+def time_rounds(steps: dict, batches: list[tuple], warmup: int,
+                rounds: int) -> tuple[dict, dict, dict]:
+    """One call of each of `steps` in turn on the same batch (its arguments), warmup + rounds
+    rounds with the order rotating every round: each one's wall and CPU seconds per round after
+    the warm-up, and its last loss (a number, or a dict's "loss")."""
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    losses: dict[str, float] = {}
+    for r in range(warmup + rounds):
+        batch = batches[r % len(batches)]
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            t0, c0 = time.perf_counter(), time.process_time()
+            loss = steps[name](*batch)
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            if r >= warmup:
+                times[name].append(dt)
+                cpu[name].append(dc)
+            losses[name] = float(loss["loss"] if isinstance(loss, dict) else loss)
+    return times, cpu, losses
+
+
+def paired(a: list[float], b: list[float]) -> float:
+    """Median over rounds of a's time over b's in the same round."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
 def load_average() -> str:
     """The 1/5/15-minute load averages: others' work on a shared machine shows up here."""
     return "/".join(f"{v:.1f}" for v in os.getloadavg())
