@@ -91,10 +91,10 @@ def scatter(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, s
             budget, step, src_ref, spill=None) -> dict:
     """Send train rows to their buckets and copy eval rows in harvest order.
 
-    Records wait in memory until a sixteenth of --memory is filled, then every bucket file gets
-    its share, eval gets its whole chunks (the rest waits in `eval-tail-<rows read>.bin`: a
-    part-chunk write would re-encode its chunk every read) and the progress (rows read, bucket
-    lengths, eval rows written) is saved. A resumed run cuts the bucket files back to the saved
+    Records wait in memory until a sixteenth of --memory is filled, then (on a thread, while
+    the reads go on) every bucket file gets its share, eval gets its whole chunks (the rest
+    waits in `eval-tail-<rows read>.bin`: a part-chunk write would re-encode its chunk every
+    read) and the progress (rows read, bucket lengths, eval rows written) is saved. A resumed run cuts the bucket files back to the saved
     lengths and reads on from the saved row. Statistics are summed per source chunk in float64,
     in chunk order, so they do not depend on --memory; each chunk's are computed on a worker
     while this thread scatters, and added in order before a flush saves them. The rows come
@@ -108,15 +108,17 @@ def scatter(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, s
     norm_sum, sq_sum = state.get("norm_sum", 0.0), state.get("sq_sum", 0.0)
     eval_written = state["eval_written"] if "eval_written" in state else \
         _eval_before(split, start)
-    tail = state.get("eval_tail")
-    eval_buf = [np.fromfile(scratch / tail, dtype=src_arr.dtype).reshape(-1, d)] if tail else []
+    tail = state.get("eval_tail")  # eval rows read but not yet a whole chunk
+    eval_tail = np.fromfile(scratch / tail, dtype=src_arr.dtype).reshape(-1, d) if tail else None
+    eval_buf: list[np.ndarray] = []
     for b in range(n_buckets):
         with open(scratch / f"{b}.bin", "ab") as fh:
             fh.truncate(lengths[b] * rec.itemsize)
     n_rows, chunk = src_arr.shape[0], src_arr.chunks[0]
     # Half of --memory for our buffers (see stages/shuffle.py): a read (`step` rows), its
     # float32 view and its records are ~4 raw copies, so a read is 1/64 of it; pending records
-    # (and their sorted copy at a flush) a sixteenth each.
+    # (and their sorted copy at a flush) a sixteenth each, and the last flush's, still being
+    # written, another.
     shares = outliers.Shares(d, state.get("shares")) if len(split.excluded) else None
     pending: list[np.ndarray] = []
     pending_bytes = 0
@@ -132,11 +134,22 @@ def scatter(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, s
         summing.clear()
 
     def flush(rows_read: int) -> None:
-        nonlocal pending, pending_bytes, eval_written, eval_buf
+        """Hand what is pending to the flusher thread (after the last flush has finished), so
+        this thread reads on while the buckets are sorted and written."""
+        nonlocal pending, pending_bytes, eval_buf, flushing
         collect()
-        if pending:
-            allrec = np.concatenate(pending)
-            pending, pending_bytes = [], 0
+        done = {"rows_read": rows_read, "sum": acc_sum.tolist(), "norm_sum": norm_sum,
+                "sq_sum": sq_sum, **({"shares": shares.state()} if shares else {})}
+        if flushing:
+            flushing.result()
+        flushing = flusher.submit(write_out, pending, eval_buf, done)
+        pending, pending_bytes, eval_buf = [], 0, []
+
+    def write_out(recs: list, evals: list, done: dict) -> None:
+        nonlocal eval_written, eval_tail
+        if recs:
+            allrec = np.concatenate(recs)
+            del recs[:]
             bucket = allrec["dest"] // bucket_rows
             order = np.argsort(bucket, kind="stable")
             bounds = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
@@ -147,30 +160,30 @@ def scatter(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, s
                 lengths[b] += int(bounds[b + 1] - bounds[b])
             del allrec
         tail_name = None
-        if eval_buf:
-            ev = np.concatenate(eval_buf)
-            whole = len(ev) if rows_read == n_rows else len(ev) // dst_eval.chunks[0] * \
-                dst_eval.chunks[0]
+        if eval_tail is not None or evals:
+            ev = np.concatenate(([eval_tail] if eval_tail is not None else []) + evals)
+            last = done["rows_read"] == n_rows
+            whole = len(ev) if last else len(ev) // dst_eval.chunks[0] * dst_eval.chunks[0]
             if whole:
                 dst_eval[eval_written:eval_written + whole] = ev[:whole]
                 eval_written += whole
-            eval_buf = [ev[whole:]] if whole < len(ev) else []
-            if eval_buf:  # named by the flush, so a kill before the state save keeps the old
-                tail_name = f"eval-tail-{rows_read}.bin"
-                store.atomic_write(scratch / tail_name, eval_buf[0].tobytes())
-        save_state(art, hook, {"rows_read": rows_read, "lengths": lengths,
-                                "sum": acc_sum.tolist(), "norm_sum": norm_sum, "sq_sum": sq_sum,
-                                "eval_written": eval_written, "eval_tail": tail_name,
-                                **({"shares": shares.state()} if shares else {})})
+            eval_tail = ev[whole:] if whole < len(ev) else None
+            if eval_tail is not None:  # named by the flush: a kill before the state save
+                tail_name = f"eval-tail-{done['rows_read']}.bin"  # leaves the saved one
+                (scratch / tail_name).write_bytes(eval_tail.tobytes())
+        save_state(art, hook, {**done, "lengths": lengths, "eval_written": eval_written,
+                               "eval_tail": tail_name})
         for old in scratch.glob("eval-tail-*.bin"):
             if old.name != tail_name:
                 old.unlink(missing_ok=True)
         if rows:
-            rows.release(rows_read)
+            rows.release(done["rows_read"])
         faults.point("shuffle.flushed")
 
+    flushing = None
     with progress(f"shuffle {hook}: scatter", n_rows, "rows", done=start) as bar, \
-            ThreadPoolExecutor(shuffle_memory.WORKERS) as pool:
+            ThreadPoolExecutor(shuffle_memory.WORKERS) as pool, \
+            ThreadPoolExecutor(1) as flusher:
         rows = spill.rows if spill else None
         reads = rows.read_ahead(start, step) if rows and rows.covers(start) else \
             arrays.read_ahead(src_arr, start, step, artifact=src_ref)
@@ -204,6 +217,8 @@ def scatter(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, s
             if pending_bytes >= budget // 16 or hi == n_rows:
                 flush(hi)
             bar.advance(hi - lo)
+        if flushing:
+            flushing.result()
     state = load_state(art, hook)
     state["pass1_done"] = True
     save_state(art, hook, state)
