@@ -48,20 +48,16 @@ def place(art, hook: str, dst, rows_arr, scratch: Path, state: dict, n_buckets: 
     def load(i):  # the next bucket is read on a thread while this one is placed
         return np.fromfile(scratch / f"{todo[i]}.bin", dtype=rec) if i < len(todo) else None
 
-    def write(lo, hi, block, origin):  # and encoded on another while the next is placed
+    def write(b, lo, hi, block, origin):  # on a thread, while the next bucket is placed
         for w in range(0, hi - lo, 4 * chunk_rows):
             dst[lo + w:lo + min(w + 4 * chunk_rows, hi - lo)] = block[w:w + 4 * chunk_rows]
         if origin is not None:
             rows_arr[lo:hi] = origin
-
-    def finish(b, job):  # a bucket is done once written: then its progress, then its file
-        job.result()
-        done.add(b)
+        done.add(b)  # a bucket is done once written: then its progress, then its file
         state["buckets_done"] = sorted(done)
         save_state(art, hook, state)
         (scratch / f"{b}.bin").unlink(missing_ok=True)
         faults.point("shuffle.bucket_placed")
-        bar.advance(1)
 
     with progress(f"shuffle {hook}: place", n_buckets, "buckets", done=len(done)) as bar, \
             ThreadPoolExecutor(1) as loader, ThreadPoolExecutor(1) as writer:
@@ -79,12 +75,14 @@ def place(art, hook: str, dst, rows_arr, scratch: Path, state: dict, n_buckets: 
                 origin = np.empty(hi - lo, np.int64)
                 origin[records["dest"] - lo] = records["src"]
             del records
-            if writing:
-                finish(*writing)
-            writing = (b, writer.submit(write, lo, hi, block, origin))
+            if writing:  # one bucket in flight: its block, and this one's
+                writing.result()
+                bar.advance(1)
+            writing = writer.submit(write, b, lo, hi, block, origin)
             del block, origin
         if writing:
-            finish(*writing)
+            writing.result()
+            bar.advance(1)
 
 
 def scatter(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, scratch, state,
