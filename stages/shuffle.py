@@ -170,7 +170,8 @@ def _spills(art, srcs: dict, split: Split) -> dict:
     if need > 0.9 * free:
         info(f"shuffle: the scratch disk has {free / 2**30:.1f} GiB free, a spill of the "
              f"harvest would take {need / 2**30:.1f} GiB: decoding it twice instead")
-        for s in spills.values():
+        for s in spills.values():  # a killed run's spill would only hold the buckets' room
+            shutil.rmtree(s.rows.folder, ignore_errors=True)
             s.rows = None
     return spills
 

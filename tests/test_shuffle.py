@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import pytest
 
 from saectl import arrays, store
 from stages.shuffle import Permutation
-from tests.helpers import REPO, assert_one_line_error, run_cli, run_subprocess, tried
+from tests.helpers import assert_one_line_error, run_cli, run_subprocess, tried
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 17, 1000, 4097, 65536, 100_003])
@@ -109,33 +107,12 @@ def test_resume_after_sigkill_equals_uninterrupted(fault, tmp_path, capsys, monk
     tried("shuffle", "kill")
 
 
-MEASURE = """
-import sys
-from saectl.cli import main
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-
-
-before = status("VmRSS")
-open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark: count only the work
-try:
-    main(sys.argv[1:])
-except SystemExit:
-    pass
-print(status("VmHWM") - before)
-"""
-
-
 def _peak_growth(*args) -> int:
-    """Peak RSS growth of a real `saectl ARGS` run beyond what the interpreter held at start."""
-    p = subprocess.run([sys.executable, "-c", MEASURE, *map(str, args)], capture_output=True,
-                       text=True, cwd=REPO, env={"SAECTL_CHUNK_BYTES": str(64 << 10),
-                                                 "PATH": "/usr/bin:/bin"})
-    assert p.returncode == 0, p.stderr
-    return int(p.stdout.strip().splitlines()[-1])
+    """Peak RSS growth of a real `saectl ARGS` run beyond what the interpreter held at start
+    (the benchmarks' measure: VmHWM reset to VmRSS just before the command)."""
+    from benchmarks.common import peak_growth
+
+    return peak_growth(*args, env={"SAECTL_CHUNK_BYTES": str(64 << 10)})
 
 
 def test_peak_memory_stays_within_budget(tmp_path, capsys, monkeypatch):
@@ -390,6 +367,29 @@ def test_a_resume_without_its_spill_decodes_again_and_ends_the_same(tmp_path, ca
     assert not list((tmp_path / "a").rglob("spill"))  # scratch is gone with the run
 
 
+def test_without_room_for_the_spill_it_says_so_and_decodes_twice(tmp_path, capsys,
+                                                                  monkeypatch):
+    """A scratch disk too full for the spill (its free space reported as 1 MiB): one line says
+    so, the harvest is decoded again, and the artifact is the one made with the spill."""
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(arrays, "CHUNK_BYTES", 4096)
+    runs = {}
+    for room in ("spill", "full"):
+        ref, _, _ = make_outlier_import(tmp_path, capsys, store_dir=tmp_path / room, n=20000,
+                                        d=16)
+        if room == "full":
+            monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(2**40, 2**40, 2**20))
+        res = run_cli(capsys, "shuffle", ref, "--store", tmp_path / room, "--memory", "256KiB",
+                      "--seed", "1", "--eval-fraction", "0.2")
+        assert res.code == 0, res.err
+        said = [ln for ln in res.err.splitlines() if "decoding it twice" in ln]
+        assert len(said) == (room == "full"), res.err
+        runs[room] = _artifact(tmp_path / room, res.out.strip())
+    _same(runs["spill"], runs["full"])
+
+
 def test_the_splice_passes_left_out_positions_through(tiny_model_dirs, tiny_corpus, tmp_path,
                                                       capsys):
     """Train on a shuffle that left planted outliers out: its CE-loss splice keeps them clean
@@ -444,17 +444,24 @@ def test_bad_outlier_multiples(tmp_path, capsys):
     tried("shuffle", "bad input", 4)
 
 
-def test_every_hook_is_shuffled_alike(tiny_model_dirs, tiny_corpus, tmp_path, capsys):
-    """A transcoder pairs an MLP's input with its output: one harvest holds both, and the
-    shuffle gives every hook the same permutation and split (row i of each is the same token),
-    outliers included (a token massive at one hook leaves every hook's split)."""
+def _three_hooks(tiny_model_dirs, tiny_corpus, tmp_path, capsys, n_seq: int):
+    """A harvest of an MLP's input and output and resid_mid on the tiny Llama, 16-token
+    sequences, with one token of mlp_out made massive (sequence 5, position 3)."""
     res = run_cli(capsys, "harvest", "--model", tiny_model_dirs["llama"], "--dataset", tiny_corpus,
-                  "--hooks", "mlp_in.1,mlp_out.1,resid_mid.1", "--tokens", 30 * 16,
+                  "--hooks", "mlp_in.1,mlp_out.1,resid_mid.1", "--tokens", n_seq * 16,
                   "--context-size", 16, "--store", tmp_path, "--device", "cpu")
     assert res.code == 0, res.err
     h = store.open_complete(tmp_path, res.out.strip())
     acts = h.group("r+")["acts/mlp_out.1"]
     acts[5 * 16 + 3] = arrays.read(acts, slice(5 * 16 + 3, 5 * 16 + 4))[0] * 1000
+    return h
+
+
+def test_every_hook_is_shuffled_alike(tiny_model_dirs, tiny_corpus, tmp_path, capsys):
+    """A transcoder pairs an MLP's input with its output: one harvest holds both, and the
+    shuffle gives every hook the same permutation and split (row i of each is the same token),
+    outliers included (a token massive at one hook leaves every hook's split)."""
+    h = _three_hooks(tiny_model_dirs, tiny_corpus, tmp_path, capsys, 30)
     out = run_cli(capsys, "shuffle", h.ref, "--store", tmp_path, "--eval-fraction", "0.2")
     assert out.code == 0, out.err
     g = store.open_complete(tmp_path, out.out.strip()).group()
@@ -531,13 +538,7 @@ def test_every_hook_alike_in_memory_one_at_a_time_and_out_of_core(tiny_model_dir
     from stages import shuffle
 
     monkeypatch.setattr(arrays, "CHUNK_BYTES", 2048)
-    res = run_cli(capsys, "harvest", "--model", tiny_model_dirs["llama"], "--dataset", tiny_corpus,
-                  "--hooks", "mlp_in.1,mlp_out.1,resid_mid.1", "--tokens", 60 * 16,
-                  "--context-size", 16, "--store", tmp_path, "--device", "cpu")
-    assert res.code == 0, res.err
-    h = store.open_complete(tmp_path, res.out.strip())
-    acts = h.group("r+")["acts/mlp_out.1"]
-    acts[5 * 16 + 3] = arrays.read(acts, slice(5 * 16 + 3, 5 * 16 + 4))[0] * 1000
+    h = _three_hooks(tiny_model_dirs, tiny_corpus, tmp_path, capsys, 60)
     srcs = [h.group()[f"acts/{k}"] for k in ("mlp_in.1", "mlp_out.1", "resid_mid.1")]
 
     def needs(budget):
