@@ -89,7 +89,7 @@ def scatter(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, s
             budget, step, src_ref, spill=None) -> dict:
     """Send train rows to their buckets and copy eval rows in harvest order.
 
-    Records wait in memory until a 24th of --memory is filled, then (on a thread, while
+    Records wait in memory until a sixteenth of --memory is filled, then (on a thread, while
     the reads go on) every bucket file gets its share, eval gets its whole chunks (the rest
     waits in `eval-tail-<rows read>.bin`: a part-chunk write would re-encode its chunk every
     read) and the progress (rows read, bucket lengths, eval rows written) is saved. A resumed run cuts the bucket files back to the saved
@@ -115,7 +115,7 @@ def scatter(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, s
     n_rows, chunk = src_arr.shape[0], src_arr.chunks[0]
     # Half of --memory for our buffers (see stages/shuffle.py): a read (`step` rows), its
     # float32 view and its records are ~4 raw copies, so a read is 1/64 of it. Pending records
-    # are a 24th, and so are the last flush's (still being written) and their sorted copy.
+    # are a sixteenth, and so are the last flush's, still being written a bucket at a time.
     shares = outliers.Shares(d, state.get("shares")) if len(split.excluded) else None
     pending: list[np.ndarray] = []
     pending_bytes = 0
@@ -150,10 +150,9 @@ def scatter(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, s
             bucket = allrec["dest"] // bucket_rows
             order = np.argsort(bucket, kind="stable")
             bounds = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
-            allrec = allrec[order]  # one gather; each bucket's share is then a slice of it
-            for b in np.flatnonzero(np.diff(bounds)):
-                with open(scratch / f"{b}.bin", "ab") as fh:
-                    fh.write(allrec[bounds[b]:bounds[b + 1]].view(np.uint8))
+            for b in np.flatnonzero(np.diff(bounds)):  # a bucket's share gathered at a time,
+                with open(scratch / f"{b}.bin", "ab") as fh:  # not a sorted copy of them all
+                    fh.write(allrec[order[bounds[b]:bounds[b + 1]]].view(np.uint8))
                 lengths[b] += int(bounds[b + 1] - bounds[b])
             del allrec
         tail_name = None
@@ -211,7 +210,7 @@ def scatter(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, s
             del raw
             pending.append(recs)
             pending_bytes += recs.nbytes
-            if pending_bytes >= budget // 24 or hi == n_rows:
+            if pending_bytes >= budget // 16 or hi == n_rows:
                 flush(hi)
             bar.advance(hi - lo)
         if flushing:
