@@ -43,7 +43,7 @@ def place(art, hook: str, dst, rows_arr, scratch: Path, state: dict, n_buckets: 
     d = rec["row"].shape[0]
     write_rows = rows_arr is not None
     done = set(state.get("buckets_done", []))
-    todo = [] if state.get("done") else [b for b in range(n_buckets) if b not in done]
+    todo = [b for b in range(n_buckets) if b not in done]
 
     def load(i):  # the next bucket is read on a thread while this one is placed
         return np.fromfile(scratch / f"{todo[i]}.bin", dtype=rec) if i < len(todo) else None
@@ -92,11 +92,13 @@ def scatter(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, s
     Records wait in memory until a sixteenth of --memory is filled, then (on a thread, while
     the reads go on) every bucket file gets its share, eval gets its whole chunks (the rest
     waits in `eval-tail-<rows read>.bin`: a part-chunk write would re-encode its chunk every
-    read) and the progress (rows read, bucket lengths, eval rows written) is saved. A resumed run cuts the bucket files back to the saved
-    lengths and reads on from the saved row. Statistics are summed per source chunk in float64,
-    in chunk order, so they do not depend on --memory; each chunk's are computed on a worker
-    while this thread scatters, and added in order before a flush saves them. The rows come
-    from the spill the outliers' read wrote, where it holds them all, else from the harvest."""
+    read) and the progress (rows read, bucket lengths, eval rows written) is saved. A resumed
+    run cuts the bucket files back to the saved lengths and reads on from the saved row.
+    Statistics are summed per source chunk in float64, in chunk order, so they do not depend on
+    --memory: each chunk's come from the outliers' analysis, or where it has none (or the chunk
+    holds a left-out row) from a worker, and are added in order before a flush saves them. The
+    rows come from the spill the outliers' read wrote, where it holds them all, else from the
+    harvest."""
     d = src_arr.shape[1]
     storage = src_arr.attrs.get("dtype", str(src_arr.dtype))
     rec = record(src_arr.dtype, d)
@@ -198,10 +200,10 @@ def scatter(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, s
             for c0 in range(0, hi - lo, chunk):  # statistics per source chunk, in order
                 m = mask[c0:c0 + chunk]
                 if analysed and (lo + c0) // chunk not in redo:
-                    q = sq[c0:c0 + chunk][m]
-                    summing.append((sums[c0 // chunk], float(np.sqrt(q).sum()), float(q.sum())))
+                    summing.append(_train_stats(sq[c0:c0 + chunk], sums[c0 // chunk], m))
                 else:
-                    summing.append(pool.submit(_chunk_stats, raw[c0:c0 + chunk], m, storage))
+                    summing.append(pool.submit(_chunk_stats, raw[c0:c0 + chunk], lo + c0, m,
+                                               split, storage))
                 if shares:
                     shares.add_chunk(raw[c0:c0 + chunk], idx[c0:c0 + chunk],
                                      emask[c0:c0 + chunk], split, storage)
@@ -221,12 +223,16 @@ def scatter(art, src_arr, dst_eval, hook, split, perm, bucket_rows, n_buckets, s
     return state
 
 
-def _chunk_stats(raw: np.ndarray, mask: np.ndarray, storage: str) -> tuple:
-    """(Σx in float64, Σ‖x‖, Σ‖x‖²) of one source chunk's train rows: shuffle_memory's
-    statistics, with the same NumPy calls, so the two paths agree bit for bit."""
-    x = arrays.from_storage(raw[mask], storage)
-    sq = np.einsum("ij,ij->i", x, x, dtype=np.float64)
-    return x.sum(0, dtype=np.float64), float(np.sqrt(sq).sum()), float(sq.sum())
+def _train_stats(sq: np.ndarray, train_sum: np.ndarray, mask: np.ndarray) -> tuple:
+    """(Σx, Σ‖x‖, Σ‖x‖²) of one source chunk's train rows from its analysis."""
+    q = sq[mask]
+    return train_sum, float(np.sqrt(q).sum()), float(q.sum())
+
+
+def _chunk_stats(raw: np.ndarray, lo: int, mask: np.ndarray, split: Split, storage: str) -> tuple:
+    """The same for a chunk not analysed before the outliers were known (or holding one):
+    shuffle_memory's analysis under the split as it is now, so the paths agree bit for bit."""
+    return _train_stats(*shuffle_memory.analyse_chunk(raw, lo, split, storage), mask)
 
 
 def _eval_before(split: Split, row: int) -> int:

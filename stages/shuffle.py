@@ -177,13 +177,14 @@ def _spills(art, srcs: dict, split: Split) -> dict:
 
 
 def _read_step(budget: int, src_arr) -> int:
-    """Rows per read: whole source chunks, a 64th of --memory (see _pass1)."""
+    """Rows per read: whole source chunks, a 64th of --memory (see shuffle_buckets.scatter)."""
     chunk, d = src_arr.chunks[0], src_arr.shape[1]
     return chunk * max(1, (budget // 64) // (chunk * d * src_arr.dtype.itemsize))
 
 
 def _check_budget(cfg: ShuffleConfig, srcs) -> None:
-    """Reads go a whole source chunk at a time, and ~64 reads fit the budget (see _pass1)."""
+    """Reads go a whole source chunk at a time, and ~64 reads fit the budget (see
+    shuffle_buckets.scatter)."""
     need = max(64 * a.chunks[0] * a.shape[1] * a.dtype.itemsize for a in srcs)
     if cfg.budget < need:
         raise ConfigError(f"--memory {cfg.memory} is too small for this harvest's chunks; "
