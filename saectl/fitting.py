@@ -3,8 +3,9 @@
 One SAE (`saectl train`) or many (`saectl sweep`'s local executor) go through `train_points`:
 every point is an ordinary train artifact with its own address, lock, checkpoint and
 evaluation. Points that read the same data (same hook, batch size and seed) share one
-prefetching reader, so each batch is read and decoded once and handed to every SAE in turn,
-as dictionary_learning's `trainSAE` and SAELens's multi-SAE runner do. Each SAE's result is
+prefetching reader, so each batch is read and decoded once and handed to every SAE, as
+dictionary_learning's `trainSAE` and SAELens's multi-SAE runner do; on CPU the SAEs' steps on
+a batch run side by side, one per torch thread (`_workers`). Each SAE's result is
 bit-identical to training it alone: it sees the same batches in the same order.
 
 Checkpoints go into each artifact every few minutes; a run killed and started again resumes
@@ -19,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -142,6 +144,7 @@ def _train_group(src, group: list[Point]) -> None:
     """One pass over the shared batches; each point trains on the steps it needs."""
     import torch  # deferred, with the modules below that import it: torch is heavy
 
+    from saectl import threads
     from saectl.reader import BatchReader, split_rows
     from saectl.trainer import Trainer
 
@@ -191,17 +194,50 @@ def _train_group(src, group: list[Point]) -> None:
         info(f"train: {stop * reader.B:,} tokens over a split of {reader.n:,}: "
              f"{stop * reader.B / reader.n:.2f} epochs")
     desc = "train" if len(group) == 1 else f"train ({len(group)} SAEs)"
-    with progress(desc, stop, "steps", done=start) as bar:
+    workers = _workers(group)
+    with ExitStack() as stack:
+        bar = stack.enter_context(progress(desc, stop, "steps", done=start))
+        pool = stack.enter_context(ThreadPoolExecutor(workers)) if workers > 1 else None
+        if pool is not None:
+            stack.enter_context(threads.one_thread())
         for step, x in reader.iterate(start, stop):
-            for p in group:
-                if p.start <= step < p.steps:
-                    _step(p, step, x)
+            live = [p for p in group if p.start <= step < p.steps]
+            for p, figs in zip(live, _steps(pool, live, x)):
+                _record(p, step, figs)
             bar.advance(1)
 
 
-def _step(p: Point, step: int, batch) -> None:
-    # a transcoder's batch is (x, y); a NaN loss raises here, the last checkpoint as it was
-    figs = p.trainer.step(*batch) if isinstance(batch, tuple) else p.trainer.step(batch)
+def _workers(group: list[Point]) -> int:
+    """Threads to step a group's SAEs on: on CPU, one per torch thread (each SAE's step then on
+    one thread), since a step's many small kernels use two threads poorly (the sparse kernel,
+    top-k, Adam); measured on the benchmark's 8-SAE grid, 2 cores: the steps in 0.75x the
+    time. One where the steps are collectives (data-parallel) or on a GPU, which runs one
+    kernel stream anyway. An SAE's step gives the same bits on one thread as on two (checked
+    by tests/test_sweep.py)."""
+    import torch
+
+    cpu = torch.device(device_for(group[0].cfg)).type == "cpu"
+    if len(group) < 2 or distributed.active() or not cpu:
+        return 1
+    return min(torch.get_num_threads(), len(group))
+
+
+def _steps(pool, live: list[Point], batch) -> list[dict]:
+    """Each live SAE's step on `batch` (a transcoder's is (x, y)), in `live`'s order; on
+    `pool`, the widest first so the last to finish is a narrow one."""
+    def step(p):  # a NaN loss raises here, the last checkpoint as it was
+        return p.trainer.step(*batch) if isinstance(batch, tuple) else p.trainer.step(batch)
+
+    if pool is None:
+        return [step(p) for p in live]
+    order = sorted(range(len(live)), key=lambda i: -live[i].sae_cfg.d_sae)
+    done = dict(zip(order, pool.map(step, [live[i] for i in order])))
+    return [done[i] for i in range(len(live))]
+
+
+def _record(p: Point, step: int, figs: dict) -> None:
+    """A step's figures into the point's log (and tracker), and its checkpoint when due: on
+    the main thread, between steps."""
     for k, v in figs.items():
         p.window.setdefault(k, []).append(v)
     if (step + 1) % p.cfg.log_every == 0 or step + 1 == p.steps:

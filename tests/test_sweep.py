@@ -41,10 +41,18 @@ def split(tmp_path, capsys):
 
 
 def test_local_sweep_equals_training_each_point_alone(split, tmp_path, capsys):
+    import torch
+
     root, sh, grid = split
-    res = run_cli(capsys, "sweep", sh, "--grid", grid, "--store", root, "--tolerance", "0.6",
-                  "--device", "cpu")
-    assert res.code == 0, res.err
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # two threads, whatever the machine: the SAEs' steps side by side,
+    try:                      # each on one thread, while the runs alone below step on two
+        res = run_cli(capsys, "sweep", sh, "--grid", grid, "--store", root, "--tolerance",
+                      "0.6", "--device", "cpu")
+        assert res.code == 0, res.err
+        assert torch.get_num_threads() == 2  # the sweep gave its threads back
+    finally:
+        torch.set_num_threads(threads)
     chosen = res.out.strip()
     assert chosen.startswith("train/") and len(res.out.splitlines()) == 1
     sweep = store.list_artifacts(root, "sweep")[0]
@@ -59,22 +67,81 @@ def test_local_sweep_equals_training_each_point_alone(split, tmp_path, capsys):
             assert np.isfinite(r["dl"]) and r["dl"] >= 0
     for name in ("table.csv", "l0_fvu.png", "dl_width.png"):
         assert (sweep.report_dir / name).stat().st_size > 0
-    rows = list(csv.DictReader(open(sweep.report_dir / "table.csv")))
+    with open(sweep.report_dir / "table.csv") as f:
+        rows = list(csv.DictReader(f))
     assert {r["ref"] for r in rows} == {r["ref"] for r in s["table"]}
     # Two points trained alone, in another store, give the same digests and weights.
     other = tmp_path / "alone"
     other.mkdir()
     assert make_split(other, capsys) == sh
-    for r in s["table"][:2]:
-        alone = run_cli(capsys, "train", sh, "--store", other, "--arch", "topk", "--k", r["k"],
+    torch.set_num_threads(2)
+    try:
+        runs = [run_cli(capsys, "train", sh, "--store", other, "--arch", "topk", "--k", r["k"],
                         "--width", r["width"], "--tokens", "40000", "--batch-size", "500",
-                        "--lr", "0.004", "--device", "cpu")
+                        "--lr", "0.004", "--device", "cpu") for r in s["table"][:2]]
+    finally:
+        torch.set_num_threads(threads)
+    for r, alone in zip(s["table"][:2], runs):
         assert alone.out.strip() == r["ref"]
         a = store.sae_dir(store.resolve(other, r["ref"])) / "sae_weights.safetensors"
         b = store.sae_dir(store.resolve(root, r["ref"])) / "sae_weights.safetensors"
         assert a.read_bytes() == b.read_bytes()
     again = run_cli(capsys, "sweep", sh, "--grid", grid, "--store", root, "--tolerance", "0.6")
     assert again.out == res.out and "cache hit" in again.err
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "jumprelu", "relu", "gated",
+                                  "transcoder"])
+def test_side_by_side_steps_give_the_bits_of_steps_in_turn(arch):
+    """The local sweep steps its SAEs on one thread each, side by side (fitting._steps): at a
+    size where torch's kernels split work over threads, every weight and Adam moment equals
+    stepping them in turn on two threads."""
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    import torch
+
+    from saectl import threads
+    from saectl.fitting import _steps
+    from saectl.sae.config import SAEConfig
+    from saectl.trainer import TrainConfig, Trainer
+
+    d, n = 64, 2048
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8192, d, generator=gen), torch.randn(8192, d, generator=gen)
+    tc = arch == "transcoder"
+    batches = [(x[i:i + n], y[i:i + n]) if tc else x[i:i + n] for i in range(0, 3 * n, n)]
+
+    def points():
+        out = []
+        for width in (d * 32, d * 16, d * 8):
+            torch.manual_seed(0)
+            cfg = SAEConfig(arch="topk" if tc else arch, d_in=d, d_sae=width, k=16,
+                            transcoder=tc)
+            out.append(SimpleNamespace(sae_cfg=cfg, trainer=Trainer(
+                cfg, TrainConfig(total_steps=3), x, target_sample=y if tc else None)))
+        return out
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        in_turn, side = points(), points()
+        for b in batches:
+            _steps(None, in_turn, b)
+        with ThreadPoolExecutor(2) as pool, threads.one_thread():
+            for b in batches:
+                _steps(pool, side, b)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(in_turn, side):
+        sa, sb = a.trainer.state_dict(), b.trainer.state_dict()
+        assert sa["step"] == sb["step"] == 3
+        for k, v in a.trainer.sae.state_dict().items():
+            assert torch.equal(v, b.trainer.sae.state_dict()[k]), k
+        oa, ob = a.trainer.optimizer.state_dict()["state"], b.trainer.optimizer.state_dict()["state"]
+        for i in oa:
+            for k in oa[i]:
+                assert torch.equal(oa[i][k], ob[i][k]), (i, k)
 
 
 def test_processes_executor_gives_the_same_digests(split, capsys):
@@ -159,7 +226,7 @@ def test_slurm_sweep_gives_each_point_several_ranks(split, slurm_cluster, monkey
                                                     tmp_path):
     """--ntasks 2: each array task is one point trained data-parallel by 2 srun ranks; the
     addresses are those of one-process training, and an uneven batch is refused in planning."""
-    root, sh, grid = split
+    root, sh, _ = split
     monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     small = tmp_path / "two.yaml"
