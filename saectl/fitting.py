@@ -210,10 +210,11 @@ def _train_group(src, group: list[Point]) -> None:
 def _workers(group: list[Point]) -> int:
     """Threads to step a group's SAEs on: on CPU, one per torch thread (each SAE's step then on
     one thread), since a step's many small kernels use two threads poorly (the sparse kernel,
-    top-k, Adam); measured on the benchmark's 8-SAE grid, 2 cores: the steps in 0.75x the
-    time. One where the steps are collectives (data-parallel) or on a GPU, which runs one
-    kernel stream anyway. An SAE's step gives the same bits on one thread as on two (checked
-    by tests/test_sweep.py)."""
+    top-k, Adam): a bare loop over the sweep benchmark's 8 trainers took 0.75x the time of
+    stepping them in turn on two threads (the whole sweep gains less: README, "The goals
+    missed"). The working memory of as many steps at once. One where the steps are collectives
+    (data-parallel) or on a GPU, which runs one kernel stream anyway. An SAE's step gives the
+    same bits on one thread as on two (checked by tests/test_sweep.py)."""
     import torch
 
     cpu = torch.device(device_for(group[0].cfg)).type == "cpu"

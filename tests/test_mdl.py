@@ -13,6 +13,7 @@ On X4 = [0, 0, 0, 0, 1, 2, 3, 4] it fires on half the tokens with 4 distinct val
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -213,7 +214,7 @@ def test_random_sae_properties(random_results):
         bits = [r.by_bins[b]["bits_per_token"] for b in BINS]
         assert all(math.isfinite(v) and v >= 0 for v in bits)
         # B bins are unions of 2B bins, and a finer partition never has less entropy
-        assert all(a <= b + 1e-9 for a, b in zip(bits, bits[1:]))
+        assert all(a <= b + 1e-9 for a, b in itertools.pairwise(bits))
         # each fired value moves at most span_i / 2B, so ‖decode(q) − decode(a)‖ per token is
         # at most Σ_fired span_i ‖W_dec,i‖ / 2B: √FVU_B is within that of √FVU (triangle ineq.)
         # (FVU_B itself need not fall monotonically: the quantisation error meets the SAE's
@@ -264,7 +265,7 @@ def test_fvu_falls_with_bins_when_quantisation_is_the_only_error():
     r = description_length(sae, once(x, 500), tolerance=1e-3)
     fvus = [r.by_bins[b]["fvu"] for b in BINS]
     assert r.fvu < 1e-10
-    assert all(a > b for a, b in zip(fvus, fvus[1:]))
+    assert all(a > b for a, b in itertools.pairwise(fvus))
     assert r.bins == select_bins(r.by_bins, 1e-3) and r.quantised_fvu <= 1e-3
     assert r.by_bins[r.bins // 2]["fvu"] > 1e-3
 
