@@ -212,9 +212,9 @@ def _workers(group: list[Point]) -> int:
     one thread), since a step's many small kernels use two threads poorly (the sparse kernel,
     top-k, Adam): a bare loop over the sweep benchmark's 8 trainers took 0.75x the time of
     stepping them in turn on two threads (the whole sweep gains less: README, "The goals
-    missed"). The working memory of as many steps at once. One where the steps are collectives
-    (data-parallel) or on a GPU, which runs one kernel stream anyway. An SAE's step gives the
-    same bits on one thread as on two (checked by tests/test_sweep.py)."""
+    missed"); the cost is the working memory of as many steps at once. One where the steps
+    are collectives (data-parallel) or on a GPU, which runs one kernel stream anyway. An SAE's
+    step gives the same bits on one thread as on two (checked by tests/test_sweep.py)."""
     import torch
 
     cpu = torch.device(device_for(group[0].cfg)).type == "cpu"
@@ -231,9 +231,10 @@ def _steps(pool, live: list[Point], batch) -> list[dict]:
 
     if pool is None:
         return [step(p) for p in live]
-    order = sorted(range(len(live)), key=lambda i: -live[i].sae_cfg.d_sae)
-    done = dict(zip(order, pool.map(step, [live[i] for i in order])))
-    return [done[i] for i in range(len(live))]
+    futures = [None] * len(live)
+    for i in sorted(range(len(live)), key=lambda i: -live[i].sae_cfg.d_sae):
+        futures[i] = pool.submit(step, live[i])
+    return [f.result() for f in futures]
 
 
 def _record(p: Point, step: int, figs: dict) -> None:
