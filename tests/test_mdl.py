@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from saectl import mdl
 from saectl.errors import ConfigError
 from saectl.mdl import (
     BINS,
@@ -161,9 +162,32 @@ def test_user_errors():
         description_length(identity_sae(), once(torch.zeros(4, 3)), tolerance=0.1)
     with pytest.raises(ValueError, match="no evaluation tokens"):
         description_length(identity_sae(), lambda: iter([]), tolerance=0.1)
+
+
+def test_second_pass_must_see_the_same_tokens(monkeypatch):
+    monkeypatch.setattr(mdl, "KEEP_BYTES", 0)  # pass 2 encodes again, so it reads again
     calls = iter([[X4], [X4[:4]]])
     with pytest.raises(ValueError, match="same tokens"):
         description_length(identity_sae(), lambda: iter(next(calls)), tolerance=0.1)
+
+
+def test_second_pass_keeps_the_first_passs_latents_or_encodes_again(monkeypatch, random_results):
+    """Pass 2 reuses pass 1's fired latents while they fit mdl.KEEP_BYTES, reading the tokens
+    once; with none kept, or when the budget runs out part-way, it reads and encodes them again.
+    The figures are the same every way."""
+    default = mdl.KEEP_BYTES
+    for sae, x, r in random_results.values():
+        for keep, reads in ((default, 1), (0, 2), (3 * 256 * 32 * 4, 2)):
+            monkeypatch.setattr(mdl, "KEEP_BYTES", keep)
+            calls = []
+
+            def batches(calls=calls, x=x):
+                calls.append(1)
+                return iter(x.split(256))
+
+            again = description_length(sae, batches, tolerance=2.0)
+            assert len(calls) == reads, (keep, len(calls))
+            assert again.as_dict() == r.as_dict()
 
 
 def test_as_dict_round_trips_through_json():
