@@ -160,7 +160,8 @@ def measure(row: dict, root: Path, test: torch.Tensor, refs: np.ndarray, class_m
                                    "l0", "ref")}
     out.update(val_dl=row["dl"], val_fvu=row["fvu"], val_quantised_fvu=row["quantised_fvu"],
                dl=dl.as_dict(), live=int(live.sum()), convergence=converged(art),
-               prefixes=list(prefixes) if prefixes else None)
+               prefixes=list(prefixes) if prefixes else None,
+               l0_coefficient=sae.cfg.l0_coefficient if row["arch"] == "jumprelu" else None)
     if row["sweep"] != "sweep":
         return out
     dirs = sae.W_dec.detach().float().numpy()[live]

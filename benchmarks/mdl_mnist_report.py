@@ -18,7 +18,7 @@ NAMES = {"template": "template-ness", "extent": "extent (pixels)", "stroke": "st
 
 def label(p: dict) -> str:
     if p["arch"] == "jumprelu":
-        return f"jumprelu {p['width']} (L0 {p['l0']:.1f})"
+        return f"jumprelu {p['width']} λ{p['l0_coefficient']:g}"  # the same for every seed
     return f"{p['arch']} {p['width']} k{p['k']}"
 
 

@@ -82,6 +82,18 @@ def test_small_mdl_mnist_pipeline_and_analysis(tmp_path, capsys, monkeypatch):
     assert cal["round blob"]["extent"] < cal["drawn segment"]["extent"] < cal["test digits"]["extent"]
 
 
+def test_a_jumprelus_seeds_are_one_row_of_the_report():
+    """The report groups an SAE's seeds by its label: a JumpReLU's is its λ, which the seeds
+    share, not its measured L0, which they do not (two labels left the seed-0 row without its
+    seeds, and the report stopped)."""
+    from benchmarks.mdl_mnist_report import label
+
+    seeds = [{"arch": "jumprelu", "width": 256, "k": 32, "l0_coefficient": 6.0, "l0": l0}
+             for l0 in (14.0, 13.7, 13.73)]
+    assert len({label(p) for p in seeds}) == 1
+    assert label(seeds[0]) != label({**seeds[0], "l0_coefficient": 12.0})
+
+
 # -- the direction figures ---------------------------------------------------------------------
 
 
