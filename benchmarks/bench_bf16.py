@@ -97,7 +97,7 @@ def time_all(d_sae: int, with_sparsify: bool, arch: str = "topk") -> dict[str, f
     steps = {"fp32": make_saectl(d_sae, data[0], None, arch),
              "bf16": make_saectl(d_sae, data[0], "bfloat16", arch)}
     if arch == "topk":
-        steps["fp32 exact"] = exact_fp32(make_saectl(d_sae, data[0], None, arch))
+        steps["fp32_exact"] = exact_fp32(make_saectl(d_sae, data[0], None, arch))
     if with_sparsify:
         steps["sparsify"] = bench_train.make_sparsify(d_sae, data[0])
     names = list(steps)
@@ -108,7 +108,7 @@ def time_all(d_sae: int, with_sparsify: bool, arch: str = "topk") -> dict[str, f
             steps[name](data[r % 2])
             if r >= WARMUP:
                 times[name].append(time.perf_counter() - t0)
-    return {n.replace(" ", ""): BATCH / statistics.median(ts) for n, ts in times.items()}
+    return {n: BATCH / statistics.median(ts) for n, ts in times.items()}
 
 
 def _saectl(*args) -> str:
@@ -202,11 +202,11 @@ def run():
         width = f"{mult}x ({d_sae})"
         _progress(f"{width} speed")
         t = time_all(d_sae, skipped is None)
-        note = (f"bf16 {t['bf16']:,.0f}, fp32 {t['fp32exact']:,.0f} (selection in fp32), "
+        note = (f"bf16 {t['bf16']:,.0f}, fp32 {t['fp32_exact']:,.0f} (selection in fp32), "
                 f"fp32 default {t['fp32']:,.0f} tokens/s; {why()}; "
                 f"{torch.get_num_threads()} torch threads")
         rows.append(Row(f"bf16 train tokens/s {width} vs saectl fp32", t["bf16"],
-                        t["fp32exact"], "tokens/s", ">= 1.6x", note=note))
+                        t["fp32_exact"], "tokens/s", ">= 1.6x", note=note))
         rows.append(Row(f"bf16 train tokens/s {width} vs saectl fp32 as it runs here by "
                         "default", t["bf16"], t["fp32"], "tokens/s", "",
                         note="saectl's float32 TopK selects its candidates from a bf16 product "
