@@ -186,8 +186,8 @@ def description_length(sae, batches: Callable[[], Iterable[Tensor]],
                    .double()).square().sum()
         if kept is not None:
             kept_bytes += sum(t.numel() * t.element_size() for t in (rest, r, cl, v))
-            if kept_bytes <= KEEP_BYTES:
-                kept.append((rest, r, cl, v))
+            if kept_bytes <= KEEP_BYTES:  # a copy: the caller may refill its batch in place
+                kept.append((rest.clone(), r, cl, v))
             else:
                 kept = None  # too many: pass 2 encodes again
         if c is None:

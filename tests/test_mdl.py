@@ -188,6 +188,15 @@ def test_second_pass_keeps_the_first_passs_latents_or_encodes_again(monkeypatch,
             again = description_length(sae, batches, tolerance=2.0)
             assert len(calls) == reads, (keep, len(calls))
             assert again.as_dict() == r.as_dict()
+        monkeypatch.setattr(mdl, "KEEP_BYTES", default)
+        buf = torch.empty(256, x.shape[1])
+
+        def refilled(x=x, buf=buf):  # one buffer, refilled in place for every batch
+            for chunk in x.split(256):
+                buf[:len(chunk)].copy_(chunk)
+                yield buf[:len(chunk)]
+
+        assert description_length(sae, refilled, tolerance=2.0).as_dict() == r.as_dict()
 
 
 def test_as_dict_round_trips_through_json():
