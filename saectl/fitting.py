@@ -5,8 +5,9 @@ every point is an ordinary train artifact with its own address, lock, checkpoint
 evaluation. Points that read the same data (same hook, batch size and seed) share one
 prefetching reader, so each batch is read and decoded once and handed to every SAE, as
 dictionary_learning's `trainSAE` and SAELens's multi-SAE runner do; on CPU the SAEs' steps on
-a batch run side by side, one per torch thread (`_workers`). Each SAE's result is
-bit-identical to training it alone: it sees the same batches in the same order.
+a batch run side by side, one per torch thread (`_workers`). Each SAE sees the same batches
+in the same order as training it alone; its bits are those of training it alone on one
+thread (torch's dense products may sum in another order on more threads, as on AVX-512 CPUs).
 
 Checkpoints go into each artifact every few minutes; a run killed and started again resumes
 each SAE from its own last checkpoint. When training ends each SAE is stored in SAELens's
@@ -213,8 +214,9 @@ def _workers(group: list[Point]) -> int:
     top-k, Adam): a bare loop over the sweep benchmark's 8 trainers took 0.75x the time of
     stepping them in turn on two threads (the whole sweep gains less: README, "The goals
     missed"); the cost is the working memory of as many steps at once. One where the steps
-    are collectives (data-parallel) or on a GPU, which runs one kernel stream anyway. An SAE's
-    step gives the same bits on one thread as on two (checked by tests/test_sweep.py)."""
+    are collectives (data-parallel) or on a GPU, which runs one kernel stream anyway. Side by
+    side, an SAE's steps give the bits of stepping it alone on one thread (tests/test_sweep.py);
+    on two threads they match to the last bits, exactly on some CPUs."""
     import torch
 
     cpu = torch.device(device_for(group[0].cfg)).type == "cpu"
