@@ -82,6 +82,17 @@ def test_small_mdl_mnist_pipeline_and_analysis(tmp_path, capsys, monkeypatch):
     assert cal["round blob"]["extent"] < cal["drawn segment"]["extent"] < cal["test digits"]["extent"]
 
 
+def test_a_wrong_mnist_path_is_one_line_and_writes_nothing(tmp_path, capsys):
+    """Where MNIST is not where the pipeline is told it is, the run stops at the import with
+    one line naming the path, and no artifact is left complete."""
+    from tests.helpers import assert_one_line_error
+
+    res = run_cli(capsys, "run", REPO / "pipelines" / "mdl-mnist.yaml", "--store", tmp_path,
+                  "--set", f"train_images.file={tmp_path / 'nowhere' / 'train.gz'}")
+    assert_one_line_error(res, "train_images", "nowhere", "does not exist")
+    assert not list(tmp_path.glob("*/*/COMPLETE"))
+
+
 def test_a_jumprelus_seeds_are_one_row_of_the_report():
     """The report groups an SAE's seeds by its label: a JumpReLU's is its λ, which the seeds
     share, not its measured L0, which they do not (two labels left the seed-0 row without its
