@@ -159,10 +159,11 @@ def _train_group(src, group: list[Point]) -> None:
     sample = torch.from_numpy(arrays.read(data, rows, artifact=src.ref))
     target_sample = (torch.from_numpy(arrays.read(target, rows, artifact=src.ref))
                      if target is not None else None)
+    b_dec_cache: dict = {}  # the group's SAEs share the sample, so their initial b_dec
     for p in group:
         torch.manual_seed(p.cfg.seed)
         p.trainer = Trainer(p.sae_cfg, p.train_cfg, sample, target_sample=target_sample,
-                            device=device_for(p.cfg))
+                            device=device_for(p.cfg), b_dec_cache=b_dec_cache)
         ckpt = layout.checkpoint(p.art.path)
         if ckpt.exists():
             state = checkpoints.load(ckpt, device_for(p.cfg), ("trainer", "log", "window"))

@@ -50,9 +50,10 @@ def geometric_median(points: Tensor, iters: int = 30, tol: float = 1e-6) -> Tens
 
 
 def init_sae(cfg: SAEConfig, sample: Tensor, *, b_dec_init: str = "geometric_median",
-             generator: torch.Generator | None = None) -> SAE:
+             generator: torch.Generator | None = None, b_dec: Tensor | None = None) -> SAE:
     """A new SAE: random decoder rows, W_enc = W_decᵀ, b_dec from the (already scaled)
-    sample by `b_dec_init`."""
+    sample by `b_dec_init`, or `b_dec` itself where the caller computed it from the same
+    sample before (a sweep's SAEs share their sample)."""
     if b_dec_init not in B_DEC_INITS:
         raise ConfigError(f"b_dec_init={b_dec_init!r} is unknown; use one of "
                           f"{', '.join(B_DEC_INITS)}")
@@ -60,7 +61,9 @@ def init_sae(cfg: SAEConfig, sample: Tensor, *, b_dec_init: str = "geometric_med
         raise ConfigError(f"the sample has shape {tuple(sample.shape)}, expected (n, {cfg.d_in})")
     sae = ARCHS[cfg.arch](cfg, generator=generator)
     with torch.no_grad():
-        if b_dec_init == "geometric_median":
+        if b_dec is not None:
+            sae.b_dec.copy_(b_dec)
+        elif b_dec_init == "geometric_median":
             sae.b_dec.copy_(geometric_median(sample[:65536]))
         elif b_dec_init == "mean":
             sae.b_dec.copy_(sample.double().mean(0))

@@ -45,7 +45,7 @@ from torch import Tensor
 from torch.nn.functional import embedding_bag
 
 from saectl.errors import ConfigError
-from saectl.metrics import pair
+from saectl.metrics import latents, pair
 from saectl.sae.base import SAE
 
 BINS = (2, 4, 8, 16, 32, 64, 128, 256)
@@ -172,17 +172,18 @@ def description_length(sae, batches: Callable[[], Iterable[Tensor]],
     sum_x = sum_sq = torch.zeros((), **f64)
     kept: list | None = []  # pass 1's (target, fired latents) per batch, for pass 2
     kept_bytes = 0
-    for x, acts, rest in _encoded(sae, batches()):
-        fired = acts > 0
-        lo = torch.minimum(lo, acts.masked_fill(~fired, math.inf).amin(0))
-        hi = torch.maximum(hi, acts.masked_fill(~fired, -math.inf).amax(0))
-        l0 += fired.sum()
+    for x, rest, r, cl, v in _fired(sae, batches()):
+        # the non-zero latents only (rows, then columns, sorted), never the dense block
+        fired = v > 0
+        f_rows, f_cols, f_vals = r[fired], cl[fired], v[fired]
+        lo.scatter_reduce_(0, f_cols, f_vals, "amin")
+        hi.scatter_reduce_(0, f_cols, f_vals, "amax")
+        l0 += f_vals.numel()
         for g, (a, b) in enumerate(spans):
-            any_fired[g] += fired[:, a:b].any(1).sum()
-            group_l0[g] += fired[:, a:b].sum()
-        r, cl = acts.nonzero(as_tuple=True)
-        v = acts[r, cl]
-        sq_err += (rest.double() - _decode_at(sae, acts.shape[0], r, cl, v)
+            in_g = (f_cols >= a) & (f_cols < b)
+            any_fired[g] += torch.unique_consecutive(f_rows[in_g]).numel()
+            group_l0[g] += in_g.sum()
+        sq_err += (rest.double() - _decode_at(sae, x.shape[0], r, cl, v)
                    .double()).square().sum()
         if kept is not None:
             kept_bytes += sum(t.numel() * t.element_size() for t in (rest, r, cl, v))
@@ -207,7 +208,8 @@ def description_length(sae, batches: Callable[[], Iterable[Tensor]],
     counts = torch.zeros(F * sum(BINS), dtype=torch.int64, device=dev)
     q_err = {b: torch.zeros((), **f64) for b in BINS}
     n2 = 0
-    for rest, rows, cols, vals in (kept if kept is not None else _fired(sae, batches())):
+    for rest, rows, cols, vals in (kept if kept is not None else
+                                   (f[1:] for f in _fired(sae, batches()))):
         # only the fired entries are touched: zeros stay exact zeros, and TopK-sparse acts
         # cost per fired value, not per (token, latent)
         up = vals > 0
@@ -313,16 +315,10 @@ def _decode_at(sae, n: int, rows: Tensor, cols: Tensor, vals: Tensor) -> Tensor:
 
 
 def _fired(sae, batches: Iterable[Tensor]):
-    """(target to reconstruct, rows, cols, values of the non-zero latents) per batch."""
-    for _, acts, rest in _encoded(sae, batches):
-        rows, cols = acts.nonzero(as_tuple=True)
-        yield rest, rows, cols, acts[rows, cols]
-
-
-def _encoded(sae, batches: Iterable[Tensor]):
-    """(target, dense acts, what the latents must reconstruct of the target) per batch, float32
-    on the SAE's device: an SAE's target is its input; a transcoder's is y of the pair (x, y),
-    less its skip path x @ W_skip, which the latents' quantisation does not touch."""
+    """(target, what the latents must reconstruct of the target, and the rows, columns and
+    values of the non-zero latents, rows then columns sorted) per batch, float32 on the
+    SAE's device: an SAE's target is its input; a transcoder's is y of the pair (x, y), less
+    its skip path x @ W_skip, which the latents' quantisation does not touch."""
     for batch in batches:
         x, y = pair(batch)
         if x.shape[-1] != sae.d_in:
@@ -332,10 +328,11 @@ def _encoded(sae, batches: Iterable[Tensor]):
         if x.shape[0] == 0:
             continue
         y = y.reshape(x.shape[0], -1).to(sae.device, torch.float32)
-        acts = sae.encode(x)
+        acts = latents(sae, x)
+        acts = (acts if acts.is_sparse else acts.to_sparse()).coalesce()
+        (rows, cols), vals = acts.indices(), acts.values().float()
         skip = getattr(sae, "W_skip", None)
-        yield y, (acts.to_dense() if acts.is_sparse else acts).float(), \
-            (y - x @ skip if skip is not None else y)
+        yield y, (y - x @ skip if skip is not None else y), rows, cols, vals
 
 
 def choose(results: dict[str, DescriptionLength], tolerance: float) -> tuple[str | None, str]:

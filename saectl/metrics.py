@@ -61,6 +61,14 @@ def pair(batch) -> tuple[torch.Tensor, torch.Tensor]:
     return batch if isinstance(batch, tuple) else (batch, batch)
 
 
+def latents(sae, x: torch.Tensor) -> torch.Tensor:
+    """The latents of x (n, d_in) for figures that need only the non-zero ones: a saectl SAE's
+    `encode_sparse` (sparse COO; at 32x width the dense decode alone costs what the encode
+    does), or the dense `encode` of any other object with encode and decode."""
+    encode = getattr(sae, "encode_sparse", None)
+    return encode(x) if encode is not None else sae.encode(x)
+
+
 def output(sae, acts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """What the SAE predicts for its target: decode(acts), plus a skip transcoder's x @ W_skip."""
     out = sae.decode(acts)
@@ -105,7 +113,8 @@ def reconstruction(sae, batches: Iterable[torch.Tensor] | Callable[[], Iterable[
         inp, x = pair(batch)  # x: the target, as the formulas below name it
         _check_width(sae, inp)
         inp, x = inp.to(sae.device, torch.float32), x.to(sae.device, torch.float32)
-        acts = sae.encode(inp)
+        inp, x = inp.reshape(-1, inp.shape[-1]), x.reshape(-1, x.shape[-1])
+        acts = latents(sae, inp)
         x_hat = output(sae, acts, inp)
         x64, err = x.double(), (x - x_hat).double()
         err_tok = err.square().sum(-1)
@@ -120,9 +129,10 @@ def reconstruction(sae, batches: Iterable[torch.Tensor] | Callable[[], Iterable[
         dot += float((x64 * hat64).sum())
         cos += float(F.cosine_similarity(x_hat, x, dim=-1).double().sum())
         ratio += float((x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).double().sum())
-        active = acts > 0
-        l0 += float(active.sum())
-        fired += active.sum(0).double().cpu()
+        cols = (acts.indices()[1][acts.values() > 0] if acts.is_sparse
+                else (acts > 0).nonzero()[:, 1])
+        l0 += float(cols.numel())
+        fired += torch.bincount(cols, minlength=sae.d_sae).double().cpu()
         n += x.shape[0]
     if n == 0:
         raise ValueError("no evaluation tokens")

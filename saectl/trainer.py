@@ -136,7 +136,8 @@ A transcoder is given a sample of its targets too (`target_sample`) and pairs of
     """
 
     def __init__(self, sae_cfg: SAEConfig, cfg: TrainConfig, sample: Tensor, *,
-                 target_sample: Tensor | None = None, device: str | torch.device = "cpu"):
+                 target_sample: Tensor | None = None, device: str | torch.device = "cpu",
+                 b_dec_cache: dict | None = None):
         self.sae_cfg, self.cfg = sae_cfg, cfg
         self.device = torch.device(device)
         if sae_cfg.transcoder != (target_sample is not None):
@@ -150,9 +151,16 @@ A transcoder is given a sample of its targets too (`target_sample`) and pairs of
         self.input_scale = scale(sample) if cfg.normalize_inputs else 1.0
         self.target_scale = scale(out) if cfg.normalize_inputs else 1.0
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        # b_dec is the output's offset: initialised from the targets (an SAE's are its inputs)
+        # b_dec is the output's offset: initialised from the targets (an SAE's are its inputs).
+        # Trainers built on the same sample may share a `b_dec_cache`: the geometric median
+        # is then found once per scale, not once per SAE.
+        scale = self.target_scale
+        key = (cfg.b_dec_init, tuple(scale.tolist()) if isinstance(scale, Tensor) else scale)
         self.sae = init_sae(sae_cfg, out * self.target_scale, b_dec_init=cfg.b_dec_init,
-                            generator=self.generator).to(self.device).train()
+                            generator=self.generator,
+                            b_dec=(b_dec_cache or {}).get(key)).to(self.device).train()
+        if b_dec_cache is not None:
+            b_dec_cache[key] = self.sae.b_dec.detach().clone()
         self.step_count = 0
         self.shards = 1
         """Ranks the latents are split over (`shard`); 1: this rank holds the whole SAE."""
@@ -358,8 +366,14 @@ def remove_parallel_gradient(W_dec: torch.nn.Parameter) -> None:
     """Project each row's gradient onto the tangent space of the unit sphere at that row."""
     if W_dec.grad is None:
         return
-    parallel = torch.einsum("fd,fd->f", W_dec.grad, W_dec.detach())
-    W_dec.grad.addcmul_(parallel[:, None], W_dec.detach(), value=-1.0)
+    # In blocks of rows that stay in cache between the dot product and the update: a whole-
+    # matrix einsum runs as F tiny batched matmuls (26 ms against 7 at 18,432 × 576, 1 thread).
+    # A GPU takes the whole matrix in one kernel.
+    G, W = W_dec.grad, W_dec.detach()
+    rows = 128 if G.device.type == "cpu" else max(G.shape[0], 1)
+    for s in range(0, G.shape[0], rows):
+        g, w = G[s:s + rows], W[s:s + rows]
+        g.addcmul_(torch.linalg.vecdot(g, w)[:, None], w, value=-1.0)
 
 
 @torch.no_grad()

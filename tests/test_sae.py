@@ -296,6 +296,42 @@ def test_fold_input_scale_keeps_latents(arch, toy):
         assert (want_acts > 0).any()
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_sparse_encode_is_the_dense_encode(arch):
+    """`encode_sparse` (the eval figures', the DL's) holds `encode`'s non-zero latents bit for
+    bit, for every architecture (TopK's own never builds the dense block), and decoding them
+    sparsely gives the dense decode."""
+    cfg = build_sae_cfg(arch=arch, d_sae=96, k=6, **(
+        {"n_layers": 2, "transcoder": True} if ARCHS[arch].cross_layer else {}))
+    torch.manual_seed(0)
+    sae = ARCHS[arch](cfg).eval()
+    with torch.no_grad():
+        for name in ("b_enc", "b_gate", "b_mag"):  # TopK: some of the top k ReLU'd to zero
+            if hasattr(sae, name):
+                getattr(sae, name).sub_(0.3)
+        x = torch.randn(37, D_IN)
+        dense, sparse = sae.encode(x), sae.encode_sparse(x)
+        assert sparse.is_sparse and sparse.is_coalesced()
+        assert torch.equal(sparse.to_dense(), dense)
+        assert (sparse.values() != 0).all()
+        assert 0 < sparse.values().numel() < dense.numel()
+        torch.testing.assert_close(sae.decode(sparse), sae.decode(dense), rtol=1e-5, atol=1e-5)
+
+
+def test_parallel_gradient_removed_in_blocks_as_at_once():
+    """The decoder's gradient loses its component along each row, whatever the row count
+    against the block size (300 = 2 blocks of 128 and a part)."""
+    from saectl.trainer import remove_parallel_gradient
+
+    torch.manual_seed(0)
+    W = torch.nn.Parameter(torch.nn.functional.normalize(torch.randn(300, 24), dim=1))
+    W.grad = torch.randn(300, 24)
+    want = W.grad - (W.grad * W).sum(1, keepdim=True) * W
+    remove_parallel_gradient(W)
+    torch.testing.assert_close(W.grad, want.detach(), rtol=1e-5, atol=1e-6)
+    assert (W.grad * W).sum(1).abs().max() < 1e-5
+
+
 # -- configs and errors --------------------------------------------------------------------
 
 

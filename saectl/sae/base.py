@@ -60,6 +60,19 @@ class ForwardOutput(NamedTuple):
     """(d_sae,) bool: which latents were active on at least one token."""
 
 
+def sparse_decode(acts: Tensor, W_dec: Tensor) -> Tensor:
+    """acts @ W_dec for sparse COO acts (n, d_sae): one `embedding_bag` over the non-zero
+    entries, at a cost per entry (torch.sparse.mm, or the dense product, costs far more at an
+    SAE's sparsity)."""
+    acts = acts.coalesce()  # rows, then columns, sorted: a no-op when built so
+    if acts.dim() != 2:
+        raise ValueError(f"sparse latents must be (n, d_sae), not {tuple(acts.shape)}")
+    (rows, cols), vals = acts.indices(), acts.values()
+    offsets = torch.searchsorted(rows, torch.arange(acts.shape[0], device=rows.device))
+    return F.embedding_bag(cols, W_dec, offsets, per_sample_weights=vals.to(W_dec.dtype),
+                           mode="sum")
+
+
 class SAE(nn.Module, metaclass=abc.ABCMeta):
     """Base of every architecture. Subclasses set the class attributes, define `encode` (dense
     acts, for inference) and `forward` (training losses), and register themselves.
@@ -166,10 +179,17 @@ class SAE(nn.Module, metaclass=abc.ABCMeta):
     def encode(self, x: Tensor) -> Tensor:
         """Latent activations of x (..., d_in), dense (..., d_sae), as used at inference."""
 
+    def encode_sparse(self, x: Tensor) -> Tensor:
+        """`encode` of x (n, d_in) as a coalesced sparse COO (n, d_sae) tensor of its non-zero
+        latents, for consumers that touch only those (the eval figures, the description
+        length, interpret's scan). An architecture with a sparse kernel (TopK) overrides it
+        and never builds the dense (n, d_sae) block."""
+        return self.encode(x).to_sparse()
+
     def decode(self, acts: Tensor) -> Tensor:
-        """acts @ W_dec + b_dec; acts may be dense or sparse COO."""
+        """acts @ W_dec + b_dec; acts may be dense or sparse COO (n, d_sae)."""
         if acts.is_sparse:
-            return torch.sparse.mm(acts, self.W_dec) + self.b_dec
+            return sparse_decode(acts, self.W_dec) + self.b_dec
         return acts @ self.W_dec + self.b_dec
 
     @abc.abstractmethod

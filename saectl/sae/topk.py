@@ -28,6 +28,20 @@ class TopKSAE(SAE):
         vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
 
+    def encode_sparse(self, x: Tensor) -> Tensor:
+        """`encode`'s values, bit for bit, without the dense (n, d_sae) block and the pass
+        that finds its non-zeros again (interpret's scan does the same: saectl.scan)."""
+        if x.dim() != 2:
+            return super().encode_sparse(x)
+        vals, idx = self.pre_acts(x).topk(self.cfg.k, dim=-1, sorted=False)
+        idx, order = idx.sort(dim=1)  # rows, then columns: the order of a coalesced COO
+        vals = vals.gather(1, order).relu_()
+        keep = vals > 0  # a negative top-k pre-activation, ReLU'd, is not a fired latent
+        rows = kernels.token_ids(idx).view_as(idx)
+        return torch.sparse_coo_tensor(torch.stack([rows[keep], idx[keep]]), vals[keep],
+                                       (x.shape[0], self.d_sae), check_invariants=False,
+                                       is_coalesced=True)
+
     def forward(self, x: Tensor, *, target: Tensor | None = None,
                 dead_mask: Tensor | None = None, auxk_coefficient: float = 0.0,
                 sparsity_scale: float = 1.0) -> ForwardOutput:
