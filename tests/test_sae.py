@@ -332,6 +332,22 @@ def test_parallel_gradient_removed_in_blocks_as_at_once():
     assert (W.grad * W).sum(1).abs().max() < 1e-5
 
 
+def test_trainers_sharing_a_sample_share_its_geometric_median(toy):
+    """A sweep's trainers share `b_dec_cache`: each starts exactly where it would alone, and a
+    trainer whose inputs are scaled otherwise (normalize_inputs off) gets its own b_dec."""
+    _, x = toy
+    cache: dict = {}
+    shared = [Trainer(build_sae_cfg(d_sae=w), build_train_cfg(normalize_inputs=n), x[:2048],
+                      b_dec_cache=cache) for w, n in ((128, True), (256, True), (128, False))]
+    alone = [Trainer(build_sae_cfg(d_sae=w), build_train_cfg(normalize_inputs=n), x[:2048])
+             for w, n in ((128, True), (256, True), (128, False))]
+    assert len(cache) == 2
+    for a, b in zip(shared, alone):
+        assert torch.equal(a.sae.b_dec, b.sae.b_dec)
+        assert torch.equal(a.sae.W_dec, b.sae.W_dec)
+    assert not torch.equal(shared[0].sae.b_dec, shared[2].sae.b_dec)
+
+
 # -- configs and errors --------------------------------------------------------------------
 
 
