@@ -230,7 +230,9 @@ def _train(cfg: SweepConfig, art: store.Artifact, grid: Grid, missing: list[Poin
         return True
     work = layout.work(art.path)
     tasks = []
-    for p in missing:
+    # processes: largest first; SLURM's array keeps the grid's order, which a later run
+    # that follows the submitted job relies on
+    for p in (_largest_first(missing) if cfg.executor == "processes" else missing):
         cfg_file = layout.work(art.path, POINTS, f"{p.art.digest[:12]}.yaml")
         values = {f.name: getattr(p.cfg, f.name) for f in dc_fields(TrainStageConfig)
                   if f.name != "shuffle"}
@@ -253,6 +255,14 @@ def _train(cfg: SweepConfig, art: store.Artifact, grid: Grid, missing: list[Poin
         raise SaectlError(f"{len(out.failed)} of {len(tasks)} sweep points failed ({lines}); "
                           "run the sweep again to retry only those")
     return True
+
+
+def _largest_first(points: list[Point]) -> list[Point]:
+    """The points by their training's FLOPs (tokens × d_in × width), largest first (ties in
+    grid order): with a few jobs at a time, the last to run are then the short ones, and a core
+    waits less at the end for one long point (each job keeps the threads it started with)."""
+    return sorted(points, key=lambda p: -p.steps * p.cfg.batch_size * p.sae_cfg.d_in
+                  * p.sae_cfg.d_sae)
 
 
 def _eval_batches(src: store.Artifact, hook: str, target: str | None = None):

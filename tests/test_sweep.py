@@ -162,6 +162,18 @@ def test_processes_executor_gives_the_same_digests(split, capsys):
     assert refs == {a.ref for a in store.list_artifacts(root, "train")} and len(refs) == 4
 
 
+def test_processes_start_the_largest_points_first(split):
+    """--executor processes starts the points by their training's FLOPs, largest first, so
+    the short ones run last; equal points keep the grid's order (k 3, then k 6)."""
+    from stages import sweep
+
+    root, sh, grid = split
+    cfg = sweep.SweepConfig(shuffle=sh, grid=str(grid), store=str(root), device="cpu")
+    points = sweep.plan(cfg).context.points
+    order = [(p.sae_cfg.d_sae, p.sae_cfg.k) for p in sweep._largest_first(points)]
+    assert order == [(96, 3), (96, 6), (48, 3), (48, 6)]
+
+
 def test_killed_sweep_trains_only_the_missing_points(split):
     root, sh, grid = split
     args = ["sweep", sh, "--grid", grid, "--store", root, "--tolerance", "0.6", "--device", "cpu"]
