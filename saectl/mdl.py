@@ -42,11 +42,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.nn.functional import embedding_bag
 
 from saectl.errors import ConfigError
 from saectl.metrics import latents, pair
-from saectl.sae.base import SAE
+from saectl.sae.base import SAE, decode_entries
 
 BINS = (2, 4, 8, 16, 32, 64, 128, 256)
 _FINEST = BINS[-1]
@@ -309,9 +308,7 @@ def _decode_at(sae, n: int, rows: Tensor, cols: Tensor, vals: Tensor) -> Tensor:
         q = torch.zeros((n, sae.d_sae), dtype=sae.dtype, device=vals.device)
         q[rows, cols] = vals.to(sae.dtype)
         return sae.decode(q)
-    offsets = torch.searchsorted(rows, torch.arange(n, device=rows.device))
-    return embedding_bag(cols, sae.W_dec, offsets, per_sample_weights=vals.to(sae.dtype),
-                         mode="sum") + sae.b_dec
+    return decode_entries(n, rows, cols, vals, sae.W_dec) + sae.b_dec
 
 
 def _fired(sae, batches: Iterable[Tensor]):

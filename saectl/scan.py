@@ -235,7 +235,7 @@ def latents(sae, features: np.ndarray | None = None):
     returns them as a sparse COO tensor: the same values as the dense encode's, without
     writing the dense (N, d_sae) block the scan would then search for its nonzeros (at 32x
     width, more time than the statistics themselves). None for other SAEs."""
-    from saectl.sae.topk import TopKSAE
+    from saectl.sae.topk import TopKSAE, topk_latents
 
     if type(sae).encode is not TopKSAE.encode:
         return None
@@ -249,16 +249,9 @@ def latents(sae, features: np.ndarray | None = None):
     def encode(x: torch.Tensor) -> torch.Tensor:
         vals, idx = sae.pre_acts(x).topk(k, dim=-1, sorted=False)
         with one_thread():  # (N, k) small kernels: see scan
-            vals = vals.relu()
             if col is not None:
-                idx = col.to(idx.device)[idx]
-            idx, order = idx.sort(dim=1)  # rows, then columns: the order nonzero() gives
-            vals = vals.gather(1, order)
-            keep = (vals > 0) & (idx >= 0)
-            rows = torch.arange(len(x), device=x.device)[:, None].expand_as(idx)
-            return torch.sparse_coo_tensor(torch.stack([rows[keep], idx[keep]]), vals[keep],
-                                           (len(x), n_f), is_coalesced=True,
-                                           check_invariants=False)
+                idx = col.to(idx.device)[idx]  # -1: a latent the scan does not keep
+            return topk_latents(vals, idx, n_f)
 
     return encode
 

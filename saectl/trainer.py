@@ -154,8 +154,8 @@ A transcoder is given a sample of its targets too (`target_sample`) and pairs of
         # b_dec is the output's offset: initialised from the targets (an SAE's are its inputs).
         # Trainers built on the same sample may share a `b_dec_cache`: the geometric median
         # is then found once per scale, not once per SAE.
-        scale = self.target_scale
-        key = (cfg.b_dec_init, tuple(scale.tolist()) if isinstance(scale, Tensor) else scale)
+        s_out = self.target_scale
+        key = (cfg.b_dec_init, tuple(s_out.tolist()) if isinstance(s_out, Tensor) else s_out)
         self.sae = init_sae(sae_cfg, out * self.target_scale, b_dec_init=cfg.b_dec_init,
                             generator=self.generator,
                             b_dec=(b_dec_cache or {}).get(key)).to(self.device).train()

@@ -60,17 +60,22 @@ class ForwardOutput(NamedTuple):
     """(d_sae,) bool: which latents were active on at least one token."""
 
 
+def decode_entries(n: int, rows: Tensor, cols: Tensor, vals: Tensor, W_dec: Tensor) -> Tensor:
+    """(n, d_out): row t is Σ vals[i] · W_dec[cols[i]] over the entries i with rows[i] = t
+    (rows sorted). One `embedding_bag`, at a cost per entry, where the dense product (or
+    torch.sparse.mm) costs far more at an SAE's sparsity."""
+    offsets = torch.searchsorted(rows, torch.arange(n, device=rows.device))
+    return F.embedding_bag(cols, W_dec, offsets, per_sample_weights=vals.to(W_dec.dtype),
+                           mode="sum")
+
+
 def sparse_decode(acts: Tensor, W_dec: Tensor) -> Tensor:
-    """acts @ W_dec for sparse COO acts (n, d_sae): one `embedding_bag` over the non-zero
-    entries, at a cost per entry (torch.sparse.mm, or the dense product, costs far more at an
-    SAE's sparsity)."""
+    """acts @ W_dec for sparse COO acts (n, d_sae)."""
     acts = acts.coalesce()  # rows, then columns, sorted: a no-op when built so
     if acts.dim() != 2:
         raise ValueError(f"sparse latents must be (n, d_sae), not {tuple(acts.shape)}")
     (rows, cols), vals = acts.indices(), acts.values()
-    offsets = torch.searchsorted(rows, torch.arange(acts.shape[0], device=rows.device))
-    return F.embedding_bag(cols, W_dec, offsets, per_sample_weights=vals.to(W_dec.dtype),
-                           mode="sum")
+    return decode_entries(acts.shape[0], rows, cols, vals, W_dec)
 
 
 class SAE(nn.Module, metaclass=abc.ABCMeta):

@@ -16,6 +16,19 @@ from saectl.sae import kernels
 from saectl.sae.base import SAE, ForwardOutput, register
 
 
+def topk_latents(vals: Tensor, idx: Tensor, width: int) -> Tensor:
+    """The coalesced sparse COO (n, width) of top-k pre-activations `vals` at columns `idx`
+    (n, k), ReLU'd: only those above 0 (a negative top-k pre-activation is not a fired
+    latent), and no column below 0 (interpret's scan marks latents it does not keep so)."""
+    idx, order = idx.sort(dim=1)  # rows, then columns: the order of a coalesced COO
+    vals = vals.gather(1, order).relu_()
+    keep = (vals > 0) & (idx >= 0)
+    rows = kernels.token_ids(idx).view_as(idx)
+    return torch.sparse_coo_tensor(torch.stack([rows[keep], idx[keep]]), vals[keep],
+                                   (idx.shape[0], width), check_invariants=False,
+                                   is_coalesced=True)
+
+
 @register("topk")
 class TopKSAE(SAE):
     saelens_architecture = "topk"
@@ -34,13 +47,7 @@ class TopKSAE(SAE):
         if x.dim() != 2:
             return super().encode_sparse(x)
         vals, idx = self.pre_acts(x).topk(self.cfg.k, dim=-1, sorted=False)
-        idx, order = idx.sort(dim=1)  # rows, then columns: the order of a coalesced COO
-        vals = vals.gather(1, order).relu_()
-        keep = vals > 0  # a negative top-k pre-activation, ReLU'd, is not a fired latent
-        rows = kernels.token_ids(idx).view_as(idx)
-        return torch.sparse_coo_tensor(torch.stack([rows[keep], idx[keep]]), vals[keep],
-                                       (x.shape[0], self.d_sae), check_invariants=False,
-                                       is_coalesced=True)
+        return topk_latents(vals, idx, self.d_sae)
 
     def forward(self, x: Tensor, *, target: Tensor | None = None,
                 dead_mask: Tensor | None = None, auxk_coefficient: float = 0.0,
