@@ -131,8 +131,8 @@ def _run_step(p: Pipeline, step: Step, cfg, root: Path) -> Ran:
     own = stage.address(cfg)
     before = own.is_complete()
     t0 = time.perf_counter()
-    out, built = contract.run_built(stage, cfg)
-    before = before or not built  # finished by another process while this one waited
+    out, did = contract.run_built(stage, cfg)
+    before = before or did == "cached"  # finished by another process while this one waited
     seconds = time.perf_counter() - t0
     if stage.report is not None:
         stage.report(cfg, out)
@@ -140,7 +140,7 @@ def _run_step(p: Pipeline, step: Step, cfg, root: Path) -> Ran:
     if ref is None:
         return Ran(step.name, stage.name, "submitted", None, own.ref, seconds)
     out_art = store.resolve(root, ref)
-    if not out_art.is_complete():
+    if did == "partial" or not out_art.is_complete():
         return Ran(step.name, stage.name, "partial", out_art.ref, None, seconds)
     arts = [own] if out_art == own else [own, out_art]
     figures = {}
@@ -170,7 +170,8 @@ def execute(p: Pipeline, root: Path, chosen: list[Step]) -> list[Ran]:
         info(f"run {p.name}: {step.name} {r.status} {r.output or ''} ({duration(r.seconds)})")
         if r.status in ("partial", "submitted"):
             rest = [s.name for s in chosen[i + 1:]]
-            what = ("its artifact completes when every shard has run" if r.status == "partial"
+            what = ("its artifact completes when every shard has run (the last shard to finish "
+                    "completes it and goes on)" if r.status == "partial"
                     else "its work was submitted")
             info(f"run {p.name}: {step.name}: {what}; run the pipeline again afterwards"
                  + (f" for {', '.join(rest)}" if rest else ""))

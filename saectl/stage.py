@@ -124,32 +124,34 @@ def run(stage: Stage, cfg) -> store.Artifact:
     return run_built(stage, cfg)[0]
 
 
-def run_built(stage: Stage, cfg) -> tuple[store.Artifact, bool]:
-    """`run`, and whether this process built (False: a cache hit, before or after the lock)."""
+def run_built(stage: Stage, cfg) -> tuple[store.Artifact, str]:
+    """`run`, and what this process did: "cached" (a hit, before or after the lock), "ran", or
+    "partial" (a harvest shard that wrote its part while another shard completed the whole:
+    whether the artifact is complete when we look again is a race, so the writer says)."""
     plan = _plan(stage, cfg)
     art = plan.art
     if distributed.rank() > 0:
         if distributed.broadcast_flag(False):
             stage.follow(cfg, plan)  # type: ignore[misc]
-        return art, False
+        return art, "cached"
     building = False
     try:
         if art.is_complete():
             info(f"{stage.name}: cache hit {art.ref}")
-            return art, False
+            return art, "cached"
         if stage.prepare is not None:
             stage.prepare(cfg, plan)
         with store.writing(art, plan.params, plan.inputs, shard=plan.shard,
                            wait=not cfg.no_wait, origin=plan.origin) as writer:
             if art.is_complete():  # another process finished it while we waited for the lock
                 info(f"{stage.name}: cache hit {art.ref} (written by another process)")
-                return art, False
+                return art, "cached"
             building = distributed.broadcast_flag(True)
             stage.build(cfg, plan, writer)
     finally:
         if not building:  # the other ranks are told there is nothing to follow
             distributed.broadcast_flag(False)
-    return art, True
+    return art, "partial" if plan.shard is not None and not writer.completed else "ran"
 
 
 def _plan(stage: Stage, cfg) -> Plan:

@@ -90,6 +90,13 @@ class Writing:
 
     def __init__(self, art: Artifact, shard: str | None):
         self.art, self.shard = art, shard
+        self.completed = False
+        """Whether this process marked the artifact complete: of a harvest's shards only the
+        last to finish does, and only it reports the step as ran."""
+
+    def mark_complete(self, summary: dict) -> None:
+        mark_complete(self.art, summary)
+        self.completed = True
 
     @contextmanager
     def exclusive(self):

@@ -175,7 +175,7 @@ def build(cfg: HarvestConfig, plan: Plan, writer: store.Writing) -> None:
             info(f"harvest: shard {cfg.shard} finished; {grid.n_chunks - len(done)} of "
                  f"{grid.n_chunks} chunks wait for other shards")
             return
-        store.mark_complete(art, _summary(art, group, cfg, ctx.dims))
+        writer.mark_complete(_summary(art, group, cfg, ctx.dims))
     info(f"harvest: wrote {art.ref}")
 
 

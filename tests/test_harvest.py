@@ -192,6 +192,33 @@ def test_incomplete_shard_leaves_artifact_incomplete(tiny_model_dirs, tiny_corpu
     assert res.code == 0 and art.is_complete()
 
 
+def test_only_the_shard_that_completes_reports_ran(tiny_model_dirs, tiny_corpus, tmp_path):
+    """The race a SLURM array hits: shard 0 (no groups of its own here) is inside its build when
+    shard 1 completes the artifact. Shard 0 must still say "partial", not "ran", whatever it
+    sees when it looks again; only the completing shard goes on to the next step."""
+    import dataclasses
+
+    from saectl import stage as contract
+    from stages import harvest
+
+    def cfg(shard):
+        return harvest.HarvestConfig(hooks="resid_post.1", model=str(tiny_model_dirs["gpt_neox"]),
+                                     dataset=str(tiny_corpus), tokens=8 * C, context_size=C,
+                                     store=str(tmp_path), device="cpu", shard=shard)
+
+    seen = {}
+
+    def shard_1_completes_first(c, plan, writer):
+        seen["1/2"] = contract.run_built(harvest.STAGE, cfg("1/2"))[1]
+        assert plan.art.is_complete()  # the interleaving this test is about
+        harvest.build(c, plan, writer)
+
+    racing = dataclasses.replace(harvest.STAGE, build=shard_1_completes_first)
+    art, did = contract.run_built(racing, cfg("0/2"))
+    assert (did, seen["1/2"]) == ("partial", "ran") and art.is_complete()
+    assert contract.run_built(harvest.STAGE, cfg("0/2"))[1] == "cached"
+
+
 def test_bad_input_is_one_line_and_loses_nothing(tiny_model_dirs, tiny_corpus, tmp_path, capsys):
     good = run_cli(capsys, *harvest_args(tiny_model_dirs["gpt2"], tiny_corpus, tmp_path))
     assert good.code == 0
