@@ -18,7 +18,8 @@ shuffle runs out of core: ~22 buckets).
   chunks: 151 MiB), so the tight budget is the smallest that takes them.
 - Memory: the real `saectl shuffle --memory BUDGET` in a fresh process, at the tight budget
   and at the default (the in-memory path); peak RSS growth over the RSS it held before the
-  command (VmHWM, reset at start); goal ≤ the budget.
+  command, once the CLI had built the command's parameters (VmHWM, reset at start; see
+  common.peak_growth); goal ≤ the budget.
 """
 
 from __future__ import annotations
