@@ -1,5 +1,6 @@
 """A local sweep of 8 TopK SAEs against 8 separate `saectl train` runs, in one run (issue 4),
-and the processes executor with two jobs against the same 8 points one by one (issue 22).
+and the processes executor with two jobs against the same 8 points one by one, and against
+one job on issue 22's MNIST grid (`_mnist_processes`; BENCH_MNIST, BENCH_MNIST_TOKENS).
 
 Synthetic float16 activations at d_in 576 (SmolLM2's width) are imported and shuffled; the
 grid is TopK at 4×, 8×, 16×, 32× and k 16, 32, each on the same tokens. Both sides run the real
@@ -95,8 +96,46 @@ def run() -> list[Row]:
             + ", ".join(f"{v:.0f}" for v in times["processes"])),
         Row("share of the 8 train runs spent reading+decoding activations", share, 1.0, "",
             "", note=f"{8 * read_s:.1f}s of {separate:.1f}s; the sweep reads once: {read_s:.1f}s"),
+        *_mnist_processes(),
         _concatenated_encoder(),
     ]
+
+
+MNIST = Path(os.environ.get("BENCH_MNIST", REPO.parent / "shared" / "data" / "mnist"))
+MNIST_TOKENS = int(os.environ.get("BENCH_MNIST_TOKENS", "120000"))
+
+
+def _mnist_processes() -> list[Row]:
+    """The processes executor on issue 22's own case: a 12-point TopK grid on MNIST pixels
+    (d_in 784, widths 32 to 2,048, k 2/8/16, batch 256, as pipelines/mdl-mnist.yaml trains),
+    `--jobs 2` (one thread each) against `--jobs 1` (each point alone with every core), each on
+    a fresh store. Small SAEs on small batches use a second thread poorly, so two one-thread
+    jobs gain most here. Skipped, saying why, without the data."""
+    images = MNIST / "train-images.idx3-ubyte.gz"
+    if not images.is_file():
+        print(f"bench: no {images} (set BENCH_MNIST to the MNIST folder): MNIST processes row "
+              "skipped")
+        return []
+    work = Path(tempfile.mkdtemp(prefix="bench-sweep-mnist-"))
+    grid = work / "grid.yaml"
+    grid.write_text(f"arch: topk\nwidth: [32, 128, 512, 2048]\nk: [2, 8, 16]\n"
+                    f"tokens: {MNIST_TOKENS}\nbatch_size: 256\ndead_tokens: 50000\n"
+                    "lm_eval: false\n")
+    times = {}
+    for jobs in (1, 2):
+        store = work / f"jobs{jobs}"
+        imp = _saectl("import", images, "--hook", "pixels", store=store)
+        split = _saectl("shuffle", imp, "--eval-fraction", "0.0834",
+                        "--max-activation-norm-multiple", "0", store=store)
+        t0 = time.perf_counter()
+        _saectl("sweep", split, "--grid", grid, "--tolerance", "0.5", "--device", "cpu",
+                "--executor", "processes", "--jobs", jobs, store=store)
+        times[jobs] = time.perf_counter() - t0
+    shutil.rmtree(work, ignore_errors=True)
+    return [Row("processes executor --jobs 2 vs --jobs 1, MNIST grid of 12 (wall s)", times[2],
+                times[1], "s", "<= 0.7x",
+                note=f"issue 22's case: TopK widths 32-2,048 x k 2/8/16 on MNIST pixels, "
+                     f"{MNIST_TOKENS:,} images each, batch 256; one run each")]
 
 
 def _concatenated_encoder() -> Row:

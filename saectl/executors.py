@@ -150,7 +150,8 @@ def run_processes(tasks: list[Task], jobs: int, log_dir: Path,
     per = threads or max(1, cores() // max(1, min(jobs, len(todo))))
     env = {**os.environ, **{v: str(per) for v in THREAD_VARS}}
     if todo:
-        info(f"executor: {min(jobs, len(todo))} processes at a time, {per} thread"
+        n = min(jobs, len(todo))
+        info(f"executor: {n} process{'es' if n > 1 else ''} at a time, {per} thread"
              f"{'s' if per > 1 else ''} each")
     running: dict[subprocess.Popen, tuple[Task, Path]] = {}
     try:
