@@ -188,15 +188,28 @@ def broadcast_module(module) -> None:
         dist.broadcast(t.data, 0)
 
 
-def kth_largest(values, k: int):
-    """The k-th largest value over every rank's `values` (1-D, the same length on each); only
-    under torchrun (one process takes its top k directly)."""
+def keep_largest(values, count: int):
+    """The entries of this rank's `values` (1-D, the same length on each rank) that are among
+    the `count` largest over every rank's, as a bool mask: exactly `count` in all. Ties at the
+    cut go to the lower ranks first and, within a rank, to the earlier entries; keeping every
+    tie would keep more than `count`, which bf16 values, with 8 bits of mantissa, often tie
+    (BatchTopK's L0 would exceed k). Only under torchrun (one process takes its top k)."""
     import torch
     import torch.distributed as dist
 
-    parts = [torch.empty_like(values) for _ in range(world()[1])]
-    dist.all_gather(parts, values)
-    return torch.cat(parts).topk(k, sorted=False).values.min()
+    n_world, me = world()[1], rank()
+    local = values.topk(min(count, values.numel()), sorted=False).values
+    parts = [torch.empty_like(local) for _ in range(n_world)]
+    dist.all_gather(parts, local)
+    cut = torch.cat(parts).topk(count, sorted=False).values.min()
+    above, tied = values > cut, values == cut
+    mine = torch.stack([above.sum(), tied.sum()])
+    counts = [torch.empty_like(mine) for _ in range(n_world)]
+    dist.all_gather(counts, mine)
+    counts = torch.stack(counts)  # (world, 2): each rank's entries above the cut and at it
+    room = count - int(counts[:, 0].sum()) - int(counts[:me, 1].sum())
+    ties = tied.nonzero().flatten()[: max(0, min(room, int(mine[1])))]
+    return above.index_fill_(0, ties, True)
 
 
 def shutdown() -> None:

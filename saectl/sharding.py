@@ -15,7 +15,7 @@ One step, as Megatron-LM splits a two-matrix MLP:
   kernels' sparse backward), for BatchTopK (whose count per token varies) densely;
 - TopK: each rank's k best per token are all-gathered and the k-th largest of the S·k is the
   token's cut, so the rank keeps exactly its latents among the global top k; BatchTopK: the
-  k·B largest over the whole global batch and every shard (`distributed.kth_largest`);
+  k·B largest over the whole global batch and every shard (`distributed.keep_largest`);
 - each rank decodes its own latents and the partial reconstructions are summed (`_SumShards`:
   all-reduce forward, identity backward: every rank holds the same loss, so the gradient of a
   partial sum is the gradient of the sum);
@@ -98,16 +98,30 @@ def _gather_cols(values: Tensor, group) -> Tensor:
 
 
 @torch.no_grad()
-def _candidates(pre: Tensor, k: int, group, allowed: Tensor | None = None):
-    """(idx, keep), each (n, min(k, m_local)): this rank's best latents per row and which of
-    them are among the row's global top k over every shard's columns; `allowed` restricts the
-    candidates (AuxK's dead latents)."""
+def _candidates(pre: Tensor, k: int, group, x_c: Tensor, sae: SAE,
+                allowed: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(idx, vals, keep), each (n, min(k, m_local)): this rank's best latents per row, their
+    pre-activations in the weights' dtype, and which of them are among the row's global top k
+    over every shard's columns; `allowed` restricts the candidates (AuxK's dead latents).
+
+    Under bf16 autocast `pre` is a bf16 product: as the TopK kernel does, k + SELECT_MARGIN
+    candidates are taken from it and their exact fp32 values recomputed, so the cut, the kept
+    latents and their activations are fp32's (bf16 values tie often: a cut over them would keep
+    more than k)."""
     if allowed is not None:
         pre = pre.masked_fill(~allowed, float("-inf"))
-    idx = kernels.block_topk_indices(pre, min(k, pre.shape[1]))
-    vals = pre.gather(1, idx)
+    m = pre.shape[1]
+    if pre.dtype == sae.dtype:
+        idx = kernels.block_topk_indices(pre, min(k, m))
+        vals = pre.gather(1, idx)
+    else:
+        idx = kernels.block_topk_indices(pre, min(k + kernels.SELECT_MARGIN, m))
+        vals = kernels.exact_values(idx, x_c, sae.W_enc, sae.b_enc)
+        vals = vals.masked_fill(pre.gather(1, idx) == float("-inf"), float("-inf"))
+        vals, j = vals.topk(min(k, m), dim=-1, sorted=False)
+        idx = idx.gather(1, j)
     cut = _gather_cols(vals, group).topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
-    return idx, (vals >= cut) & torch.isfinite(vals)
+    return idx, vals, (vals >= cut) & torch.isfinite(vals)
 
 
 class _Selected(torch.autograd.Function):
@@ -133,10 +147,9 @@ class _Selected(torch.autograd.Function):
         return None, grad_x, grad_t.t(), grad_b, None
 
 
-def _pick(x_c: Tensor, sae: SAE, pre: Tensor, idx: Tensor, keep: Tensor) -> Tensor:
+def _pick(x_c: Tensor, sae: SAE, vals: Tensor, idx: Tensor, keep: Tensor) -> Tensor:
     """The kept latents' activations (n, s), differentiable through `_Selected`."""
-    # in the weights' dtype: under bf16 autocast (saectl.precision) pre is bf16
-    vals = _Selected.apply(pre.gather(1, idx).to(sae.dtype), x_c, sae.W_enc, sae.b_enc, idx)
+    vals = _Selected.apply(vals.masked_fill(~keep, 0), x_c, sae.W_enc, sae.b_enc, idx)
     return vals.relu() * keep
 
 
@@ -192,16 +205,15 @@ class Sharded(nn.Module):
         if self.cfg.arch == "topk":  # the one dense product, without gradient (TopK kernels)
             with torch.no_grad():
                 pre = torch.addmm(sae.b_enc, x_c, sae.W_enc)  # (n, m/S)
-            idx, keep = _candidates(pre, k, self.group)
-            vals = _pick(x_c, sae, pre, idx, keep)
+            idx, vals, keep = _candidates(pre, k, self.group, x_c, sae)
+            vals = _pick(x_c, sae, vals, idx, keep)
             part = kernels.SparseDecode.apply(idx, vals, sae.W_dec)
         else:  # batchtopk: the k·B largest of the global batch over every shard, dense
             pre = torch.addmm(sae.b_enc, x_c, sae.W_enc)
             n_global = pre.shape[0] * distributed.data_part()[1]
             flat = pre.relu().flatten()
-            local = flat.detach().topk(min(k * n_global, flat.numel()), sorted=False).values
-            t = distributed.kth_largest(local, k * n_global)
-            acts = flat.mul((flat >= t) & (flat > 0)).view_as(pre)
+            keep = distributed.keep_largest(flat.detach(), k * n_global)
+            acts = flat.mul(keep & (flat > 0)).view_as(pre)
             sae.update_threshold(acts.detach())
             idx, vals, part = None, acts, acts @ sae.W_dec
         x_hat = _SumShards.apply(part, self.group) + sae.b_dec
@@ -210,9 +222,9 @@ class Sharded(nn.Module):
             num_dead = int(dead_mask.sum())  # over every shard: the mask is the whole SAE's
             k_aux = min(self.cfg.d_in // 2, num_dead)
             mine = dead_mask[self.lo:self.hi].expand_as(pre)
-            a_idx, a_keep = _candidates(pre.detach(), k_aux, self.group, mine)
-            e_part = kernels.SparseDecode.apply(a_idx, _pick(x_c, sae, pre.detach(), a_idx,
-                                                             a_keep), sae.W_dec)
+            a_idx, a_vals, a_keep = _candidates(pre.detach(), k_aux, self.group, x_c, sae, mine)
+            e_part = kernels.SparseDecode.apply(a_idx, _pick(x_c, sae, a_vals, a_idx, a_keep),
+                                                sae.W_dec)
             e_hat = _SumShards.apply(e_part, self.group)
             auxk = (e_hat - (y - x_hat).detach()).pow(2).sum(-1).mean()
             terms["auxk_loss"] = auxk_coefficient * min(num_dead / (self.cfg.d_in // 2), 1.0) * auxk

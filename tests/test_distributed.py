@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from saectl import store
+from saectl import layout, store
 from saectl.sae import load_sae
 from tests.helpers import REPO, assert_one_line_error, run_cli, tried
 
@@ -100,13 +100,17 @@ def test_a_killed_rank_resumes_on_one_process(shuffled):
         torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-def test_latents_sharded_over_two_ranks_equal_one_process(shuffled, arch):
+@pytest.mark.parametrize("arch,extra", [("topk", []), ("batchtopk", []),
+                                        ("topk", ["--autocast", "bfloat16"])])
+def test_latents_sharded_over_two_ranks_equal_one_process(shuffled, arch, extra):
     """--shards 2: each rank holds half the latents (and their Adam state); TopK's and
-    BatchTopK's selection runs across the shards, so the steps are the unsharded ones."""
+    BatchTopK's selection runs across the shards, so the steps are the unsharded ones. Under
+    bf16 autocast the shards' TopK recomputes its candidates' exact values as the kernel does:
+    exactly k latents a token, the same steps."""
     root, base, sh = shuffled
-    args = ["train", sh, "--arch", arch, *TRAIN]
-    one, two = _copy(root, base, f"one-sh-{arch}"), _copy(root, base, f"sharded-{arch}")
+    args = ["train", sh, "--arch", arch, *TRAIN, *extra]
+    name = f"{arch}{'-bf16' if extra else ''}"
+    one, two = _copy(root, base, f"one-sh-{name}"), _copy(root, base, f"sharded-{name}")
     ref1 = _run([*args, "--store", one]).stdout.strip()
     p = _run([*args, "--shards", "2", "--store", two], launcher=TORCHRUN)
     assert p.stdout.strip() == ref1, "the address does not depend on the sharding"
@@ -118,6 +122,9 @@ def test_latents_sharded_over_two_ranks_equal_one_process(shuffled, arch):
     s2 = store.open_complete(two, ref1).manifest()["summary"]
     assert s2["final_log"]["fvu"] == pytest.approx(s1["final_log"]["fvu"], rel=1e-3)
     assert s2["final_log"]["l0"] == pytest.approx(s1["final_log"]["l0"], rel=1e-4)
+    if arch == "topk":  # every logging window: at most k a token (bf16 ties once kept more)
+        l0 = store.open_complete(two, ref1).group()[layout.train_log("l0")][:]
+        assert l0.max() <= int(TRAIN[TRAIN.index("--k") + 1]), l0
 
 
 def test_a_two_by_two_mesh_equals_one_process(shuffled):

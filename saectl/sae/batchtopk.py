@@ -35,9 +35,8 @@ class BatchTopKSAE(SAE):
         flat = pre.relu().flatten()
         if distributed.active():
             n_global = pre.shape[0] * distributed.world()[1]
-            local = flat.topk(min(self.cfg.k * n_global, flat.numel()), sorted=False).values
-            t = distributed.kth_largest(local, self.cfg.k * n_global)
-            return flat.mul((flat >= t) & (flat > 0)).view_as(pre)
+            keep = distributed.keep_largest(flat.detach(), self.cfg.k * n_global)
+            return flat.mul(keep & (flat > 0)).view_as(pre)
         vals, idx = flat.topk(min(self.cfg.k * pre.shape[0], flat.numel()), sorted=False)
         return torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre)
 

@@ -117,6 +117,12 @@ def _sddmm(cols: Tensor, A: Tensor, B: Tensor) -> Tensor:
     return torch.einsum("nd,nmd->nm", A, B.t()[cols])  # pragma: no cover - other devices
 
 
+def exact_values(idx: Tensor, x_c: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
+    """pre[t, idx[t, j]] = x_c[t] · W_enc[:, idx[t, j]] + b_enc[idx[t, j]] in x_c's dtype: the
+    exact values of candidates found from a bf16 product (also the sharded TopK's)."""
+    return _sddmm(idx, x_c, W_enc) + b_enc[idx]
+
+
 def _augmented(x_c: Tensor, W_enc: Tensor, b_enc: Tensor,
                dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """[x_c, 1] (n, d+1) and [W_enc; b_enc] (d+1, F), column-major like W_enc, in `dtype`:
@@ -165,11 +171,11 @@ def select_topk(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int,
                 aux_vals[rows] = pre.gather(1, aux_idx[rows])  # type: ignore[index]
     del buf, pre
     if bf16:  # exact float32 values of the candidates, then the exact top k among them
-        vals = _sddmm(idx, x_c, W_enc) + b_enc[idx]
+        vals = exact_values(idx, x_c, W_enc, b_enc)
         vals, j = vals.topk(k, dim=-1, sorted=False)
         idx = idx.gather(1, j)
         if kk_aux:
-            aux_vals = _sddmm(aux_idx, x_c, W_enc) + b_enc[aux_idx]
+            aux_vals = exact_values(aux_idx, x_c, W_enc, b_enc)
             aux_vals, j = aux_vals.topk(k_aux, dim=-1, sorted=False)
             aux_idx = aux_idx.gather(1, j)
         else:
