@@ -6,5 +6,8 @@ __version__ = "0.1.0"
 
 # Inside a SLURM task torch would start a thread per core of the node, not per core the task
 # was given: honour --cpus-per-task unless the user set the thread count (issue 22).
-if _os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit() and "OMP_NUM_THREADS" not in _os.environ:
-    _os.environ["OMP_NUM_THREADS"] = _os.environ["SLURM_CPUS_PER_TASK"]
+# (Only where saectl is imported before torch, as the CLI and the job scripts do.)
+_cpus = _os.environ.get("SLURM_CPUS_PER_TASK", "")
+if (_cpus.isascii() and _cpus.isdigit() and int(_cpus) > 0
+        and "OMP_NUM_THREADS" not in _os.environ):
+    _os.environ["OMP_NUM_THREADS"] = str(int(_cpus))

@@ -110,15 +110,32 @@ THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 """What sets a child's thread pools: torch's intra-op pool reads OMP_NUM_THREADS at start."""
 
 
+def slurm_cpus() -> int | None:
+    """SLURM's --cpus-per-task inside a SLURM task (SLURM_CPUS_PER_TASK, a positive integer),
+    else None; a value that is not one is ignored, as torch would ignore it."""
+    value = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return int(value) if value.isascii() and value.isdigit() and int(value) > 0 else None
+
+
 def cores() -> int:
-    """The cores this process may use: SLURM's --cpus-per-task inside a SLURM task, else the
-    CPU affinity mask (what a container or taskset allows), else the machine's count."""
-    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
-        return int(os.environ["SLURM_CPUS_PER_TASK"])
+    """The cores this process may use: the CPU affinity mask (what a container, taskset or
+    SLURM's cgroup allows), at most SLURM's --cpus-per-task inside a SLURM task."""
     try:
-        return len(os.sched_getaffinity(0))
+        mask = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+        mask = os.cpu_count() or 1
+    return min(mask, slurm_cpus() or mask)
+
+
+def thread_split(n_cores: int, jobs: int, threads: int | None) -> tuple[int, list[int]]:
+    """(processes at once, threads of each process slot): `threads` each where given (the
+    user's choice, `jobs` at once); else at most one process per core, the cores divided
+    among them, the first slots taking one more where they do not divide evenly (3 cores, 2
+    jobs: 2 and 1), so no core idles and none runs two threads."""
+    if threads:
+        return jobs, [threads] * jobs
+    n = max(1, min(jobs, n_cores))
+    return n, [n_cores // n + (i < n_cores % n) for i in range(n)]
 
 
 def run_processes(tasks: list[Task], jobs: int, log_dir: Path,
@@ -127,10 +144,11 @@ def run_processes(tasks: list[Task], jobs: int, log_dir: Path,
     """Run each task as `python -m saectl.cli ARGV`, at most `jobs` at once, each writing
     stdout and stderr to `log_dir/<name>.log`.
 
-    Each process gets `threads` threads, by default the cores divided among the jobs: every
-    torch starts a thread per core, so N jobs would otherwise run N × cores threads and stall
-    on each other's parallel regions (issue 22: two width-2,048 points side by side on two
-    cores took 5 min each, 46 s alone).
+    Each process gets `threads` threads, by default the cores divided among the jobs, and
+    never more processes at once than cores (`thread_split`): every torch starts a thread per
+    core, so N jobs would otherwise run N × cores threads and stall on each other's parallel
+    regions (issue 22: two width-2,048 points side by side on two cores took 5 min each, 46 s
+    alone).
 
     A task whose artifact is already complete is done without starting a process. A process
     that exits non-zero, or exits 0 without its artifact complete, is failed with its log path.
@@ -147,26 +165,32 @@ def run_processes(tasks: list[Task], jobs: int, log_dir: Path,
     for t in tasks:
         (out.done.append(t) if t.artifact.is_complete() else todo.append(t))
     todo.reverse()  # pop() from the end starts them in the given order
-    per = threads or max(1, cores() // max(1, min(jobs, len(todo))))
-    env = {**os.environ, **{v: str(per) for v in THREAD_VARS}}
+    n_cores = cores()
+    at_once, per_slot = thread_split(n_cores, min(jobs, max(1, len(todo))), threads)
     if todo:
-        n = min(jobs, len(todo))
-        info(f"executor: {n} process{'es' if n > 1 else ''} at a time, {per} thread"
-             f"{'s' if per > 1 else ''} each")
-    running: dict[subprocess.Popen, tuple[Task, Path]] = {}
+        each = (f"{per_slot[0]} thread{'s' if per_slot[0] > 1 else ''} each"
+                if len(set(per_slot)) == 1 else f"{'/'.join(map(str, per_slot))} threads")
+        capped = f" (--jobs {jobs} > {n_cores} cores)" if at_once < min(jobs, len(todo)) else ""
+        info(f"executor: {at_once} process{'es' if at_once > 1 else ''} at a time{capped}, "
+             f"{each}")
+    free = list(range(at_once))[::-1]  # process slots; pop() takes the lowest
+    running: dict[subprocess.Popen, tuple[Task, Path, int]] = {}
     try:
         while todo or running:
-            while todo and len(running) < jobs:
-                task = todo.pop()
+            while todo and free:
+                task, slot = todo.pop(), free.pop()
                 log = log_dir / f"{task.name}.log"
+                env = {**os.environ, **{v: str(per_slot[slot]) for v in THREAD_VARS}}
                 with open(log, "wb") as f:  # the child holds its own copy of the descriptor
                     proc = subprocess.Popen([python, "-m", "saectl.cli", *task.argv],
                                             stdout=f, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, env=env)
-                running[proc] = (task, log)
+                running[proc] = (task, log, slot)
             time.sleep(poll)
             for proc in [p for p in running if p.poll() is not None]:
-                task, log = running.pop(proc)
+                task, log, slot = running.pop(proc)
+                free.append(slot)
+                free.sort(reverse=True)
                 if proc.returncode == 0 and task.artifact.is_complete():
                     out.done.append(task)
                     continue

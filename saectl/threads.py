@@ -7,14 +7,20 @@ import contextlib
 import torch
 
 
-@contextlib.contextmanager
 def one_thread():
     """torch on one thread inside, its thread count again after (an error included). For
     loops of many small kernels (the interpret scan's bookkeeping, probing's L-BFGS fits):
     under load two threads wait ~15 ms at every parallel region's barrier, which costs more
     than the second core gains."""
+    return count(1)
+
+
+@contextlib.contextmanager
+def count(n: int | None):
+    """torch on `n` threads inside (None: as it is), its thread count again after."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if n is not None:
+        torch.set_num_threads(n)
     try:
         yield
     finally:

@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 from rich.table import Table
 
-from saectl import evaluation, executors, layout, store, sweep_plots
+from saectl import evaluation, executors, layout, store, sweep_plots, threads
 from saectl.config import build as build_config
 from saectl.config import load_yaml, opt
 from saectl.console import console, info
@@ -64,7 +64,8 @@ class SweepConfig(DeviceOptions):
     eval: bool = opt(False, "Also run `saectl eval` on every point (k-sparse probing in the "
                             "table and report/probe_k.png); the grid's `eval:` sets its flags")
     executor: str = opt("local", "local, processes or slurm", address=False)
-    jobs: int = opt(2, "Concurrent processes (--executor processes)", address=False)
+    jobs: int = opt(2, "Concurrent processes (--executor processes; at most one per core "
+                       "unless --threads is given)", address=False)
     autocast: str | None = opt(None, "bfloat16: train every point with bf16 products (a grid "
                                      "may set `autocast:` per point instead); in the points' "
                                      "addresses", address=False)
@@ -72,8 +73,8 @@ class SweepConfig(DeviceOptions):
                                 "(one group)", address=False)
     log_strict: bool = opt(False, "Stop if the --log tracker cannot start", address=False)
     threads: int | None = opt(None, "Threads per process (--executor processes; default: the "
-                                    "cores, or SLURM's --cpus-per-task, divided among --jobs)",
-                              address=False)
+                                    "cores, or SLURM's --cpus-per-task, divided among --jobs), "
+                                    "or of the one process (local)", address=False)
     no_wait: bool = opt(False, "slurm: submit and exit, run again to collect; any executor: "
                                "exit at once if another process is writing this sweep",
                         address=False)
@@ -101,6 +102,9 @@ class SweepConfig(DeviceOptions):
             raise ConfigError("--jobs must be at least 1")
         if self.threads is not None and self.threads < 1:
             raise ConfigError("--threads must be at least 1")
+        if self.threads is not None and self.executor == "slurm":
+            raise ConfigError("--threads is for --executor processes or local; a SLURM task "
+                              "uses its --cpus-per-task (give --cpus-per-task instead)")
 
 
 @dataclass
@@ -226,7 +230,8 @@ def _eval_config(cfg: SweepConfig, opts: dict, ref: str) -> evaluation.EvalConfi
 def _train(cfg: SweepConfig, art: store.Artifact, grid: Grid, missing: list[Point]) -> bool:
     """Train the missing points; False when they were submitted without waiting."""
     if cfg.executor == "local":
-        train_points(grid.src, grid.manifest, grid.harvest, missing)
+        with threads.count(cfg.threads):
+            train_points(grid.src, grid.manifest, grid.harvest, missing)
         return True
     work = layout.work(art.path)
     tasks = []

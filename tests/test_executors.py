@@ -5,6 +5,7 @@ of a 64×8 import with different seeds (about a second each)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from tests.helpers import tried
 
-from saectl import store
+from saectl import executors, store
 from saectl.errors import ArtifactError, ConfigError
 from saectl.executors import (
     JOB_FILE,
@@ -117,34 +118,84 @@ def test_pending_lists_only_incomplete_tasks(tasks, tmp_path):
     assert pending(todo) == [todo[0], todo[2]]
 
 
-def test_run_processes_divides_the_cores_among_the_jobs(tasks, tmp_path, monkeypatch):
-    """Each process gets cores // jobs threads (OMP_NUM_THREADS, which torch reads at start),
-    SLURM's --cpus-per-task standing for the cores inside a SLURM task; --threads overrides."""
+def test_run_processes_divides_the_cores_among_the_jobs(tasks, tmp_path, monkeypatch, capsys):
+    """Each process gets its share of the cores (OMP_NUM_THREADS, which torch reads at start:
+    the child's torch runs that many threads), SLURM's --cpus-per-task bounding the cores
+    inside a SLURM task; cores that do not divide go to the first slots; never more processes
+    than cores; --threads overrides."""
     import sys
 
     from saectl.executors import cores
 
     wrapper = tmp_path / "python"
-    wrapper.write_text(f'#!/bin/sh\necho "threads=$OMP_NUM_THREADS"\nexec {sys.executable} "$@"\n')
+    wrapper.write_text(f'#!/bin/sh\necho "threads=$OMP_NUM_THREADS"\n'
+                       f'{sys.executable} -c "import torch; print(\'torch=%d\' % '
+                       f'torch.get_num_threads())"\nexec {sys.executable} "$@"\n')
     wrapper.chmod(0o755)
     todo = [tasks.good(s) for s in range(2)]
-    for t in todo:  # fresh artifacts: these seeds may be complete from another test
-        if t.artifact.path.exists():
-            shutil.rmtree(t.artifact.path)
-    out = run_processes(todo, jobs=2, log_dir=tmp_path / "a", python=str(wrapper))
-    assert out.ok
+
+    def run(name, jobs=2, **kw):
+        for t in todo:  # fresh artifacts: these seeds may be complete from another test
+            if t.artifact.path.exists():
+                shutil.rmtree(t.artifact.path)
+        assert run_processes(todo, jobs=jobs, log_dir=tmp_path / name, python=str(wrapper),
+                             **kw).ok
+        return [(tmp_path / name / f"s{i}.log").read_text() for i in range(2)]
+
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    logs = run("a")
     want = max(1, cores() // 2)
-    assert f"threads={want}\n" in (tmp_path / "a" / "s0.log").read_text()
-    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "8")
+    assert all(f"threads={want}\ntorch={want}\n" in log for log in logs), logs
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
     assert cores() == 8
-    for t in todo:
-        shutil.rmtree(t.artifact.path)
-    run_processes(todo, jobs=2, log_dir=tmp_path / "b", python=str(wrapper))
-    assert "threads=4\n" in (tmp_path / "b" / "s1.log").read_text()
-    for t in todo:
-        shutil.rmtree(t.artifact.path)
-    run_processes(todo, jobs=2, log_dir=tmp_path / "c", python=str(wrapper), threads=3)
-    assert "threads=3\n" in (tmp_path / "c" / "s0.log").read_text()
+    for bad in ("x", "0", "\u00b2", "-2", ""):  # not a positive integer: ignored
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", bad)
+        assert cores() == 8
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "16")  # more than the mask allows: the mask
+    assert cores() == 8
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    assert cores() == 3
+    logs = run("b")  # 3 cores, 2 jobs: 2 threads and 1 (s0 starts first, in the first slot)
+    assert "threads=2\n" in logs[0] and "threads=1\n" in logs[1], logs
+    assert "2 processes at a time, 2/1 threads" in capsys.readouterr().err
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    logs = run("c", jobs=4)  # more jobs than cores: one process at a time
+    assert all("threads=1\n" in log for log in logs)
+    assert "1 process at a time (--jobs 4 > 1 cores), 1 thread each" in capsys.readouterr().err
+    logs = run("d", threads=3)
+    assert all("threads=3\n" in log for log in logs)
+    assert "2 processes at a time, 3 threads each" in capsys.readouterr().err
+
+
+def test_thread_split():
+    from saectl.executors import thread_split
+
+    assert thread_split(2, 2, None) == (2, [1, 1])
+    assert thread_split(8, 2, None) == (2, [4, 4])
+    assert thread_split(3, 2, None) == (2, [2, 1])
+    assert thread_split(5, 3, None) == (3, [2, 2, 1])
+    assert thread_split(2, 4, None) == (2, [1, 1])  # never more processes than cores
+    assert thread_split(2, 4, 1) == (4, [1, 1, 1, 1])  # --threads: as the user asked
+
+
+@pytest.mark.parametrize("value,want", [("1", "1"), ("\u00b2", None), ("0", None)])
+def test_slurm_cpus_set_the_threads_of_a_task(value, want):
+    """Inside a SLURM task `import saectl` (before torch) sets torch's threads from
+    --cpus-per-task; a value that is not a positive integer is ignored, without an error."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in executors.THREAD_VARS}
+    p = subprocess.run([sys.executable, "-c", "import saectl, torch, os; "
+                        "print(torch.get_num_threads(), os.environ.get('OMP_NUM_THREADS'))"],
+                       check=False, capture_output=True, text=True,
+                       env={**env, "SLURM_CPUS_PER_TASK": value})
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    threads, omp = p.stdout.split()
+    if want:
+        assert (threads, omp) == (want, want)
+    else:
+        assert omp == "None"
 
 
 def test_jobs_must_be_positive(tasks, tmp_path):

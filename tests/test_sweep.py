@@ -211,6 +211,12 @@ def test_bad_grids(split, tmp_path, capsys):
     good.write_text(GRID)
     assert_one_line_error(run_cli(capsys, "sweep", sh, "--grid", good, "--store", root,
                                   "--executor", "cluster"), "executor")
+    for flags, needles in ((["--jobs", "0"], ["--jobs", "at least 1"]),
+                           (["--threads", "0"], ["--threads", "at least 1"]),
+                           (["--executor", "slurm", "--threads", "2"],
+                            ["--threads", "--cpus-per-task"])):
+        assert_one_line_error(run_cli(capsys, "sweep", sh, "--grid", good, "--store", root,
+                                      "--executor", "processes", *flags), *needles)
     env_path = os.environ["PATH"]
     try:
         os.environ["PATH"] = "/nonexistent"
