@@ -65,14 +65,16 @@ def why() -> str:
             f"fp32), so bf16 cannot be faster here; batch {BATCH}, {STEPS} timed steps")
 
 
-def make_saectl(d_sae: int, sample: torch.Tensor, autocast: str | None, arch: str = "topk"):
+def make_trainer(d_sae: int, sample: torch.Tensor, autocast: str | None, arch: str = "topk"):
     from saectl.sae import SAEConfig
     from saectl.trainer import TrainConfig, Trainer
 
-    trainer = Trainer(SAEConfig(arch=arch, d_in=D_IN, d_sae=d_sae, k=K),
-                      TrainConfig(total_steps=10_000, lr_warmup_steps=0, autocast=autocast),
-                      sample)
-    return trainer.step
+    return Trainer(SAEConfig(arch=arch, d_in=D_IN, d_sae=d_sae, k=K),
+                   TrainConfig(total_steps=10_000, lr_warmup_steps=0, autocast=autocast), sample)
+
+
+def make_saectl(d_sae: int, sample: torch.Tensor, autocast: str | None, arch: str = "topk"):
+    return make_trainer(d_sae, sample, autocast, arch).step
 
 
 def exact_fp32(step):
@@ -109,6 +111,53 @@ def time_all(d_sae: int, with_sparsify: bool, arch: str = "topk") -> dict[str, f
             if r >= WARMUP:
                 times[name].append(time.perf_counter() - t0)
     return {n: BATCH / statistics.median(ts) for n, ts in times.items()}
+
+
+def selection_times(d_sae: int) -> dict[str, float]:
+    """Median seconds of the one part of a TopK step that `--autocast` changes: the kernel's
+    selection (saectl.sae.kernels.select_topk) in fp32 (dense fp32 product, top k) and in bf16
+    (bf16 product, top k + 8, their exact fp32 values by a sampled product, top k of those).
+    The rest of the step (sparse decode, backward, Adam) is the same fp32 code in both, so
+    (fp32 step) - (fp32 selection) is what bf16 shares, and these two bound bf16 ÷ fp32."""
+    from saectl.sae import kernels
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(BATCH, D_IN, generator=g)
+    trainer = make_trainer(d_sae, x, None)
+    sae = trainer.sae
+    with torch.no_grad():
+        x_c = (x * trainer.input_scale - sae.b_dec).contiguous()
+        fns = {b: (lambda b=b: kernels.select_topk(x_c, sae.W_enc, sae.b_enc, K, bf16=b))
+               for b in (False, True)}
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for r in range(WARMUP + STEPS):
+            for b in ((False, True) if r % 2 else (True, False)):
+                t0 = time.perf_counter()
+                fns[b]()
+                if r >= WARMUP:
+                    times[b].append(time.perf_counter() - t0)
+    return {"fp32": statistics.median(times[False]), "bf16": statistics.median(times[True])}
+
+
+def floor_row(width: str, d_sae: int, step_fp32_s: float):
+    """The measured ceiling of bf16 ÷ fp32 for TopK at this width: what bf16 changes is the
+    selection; with the shared rest R of the step, bf16 ÷ fp32 <= (sel32 + R) / (sel16 + R)."""
+    from benchmarks.common import Row
+    from saectl.sae import kernels
+
+    sel = selection_times(d_sae)
+    rest = max(step_fp32_s - sel["fp32"], 0.0)
+    ceiling = (sel["fp32"] + rest) / (sel["bf16"] + rest)
+    need = (sel["fp32"] - 1.6 * sel["bf16"]) / 0.6  # R that would allow 1.6x
+    reach = (f"1.6x would need the shared rest at <= {need * 1e3:.1f} ms" if need > 0 else
+             "1.6x is out of reach even if the rest of the step cost nothing")
+    return Row(f"bf16 train {width}: TopK selection time fp32 / bf16 (bf16's ceiling if the "
+               "rest of the step were free)", sel["fp32"] * 1e3, sel["bf16"] * 1e3, "ms", "",
+               note=f"selection of {BATCH} tokens: fp32 {sel['fp32'] * 1e3:.1f} ms, bf16 "
+                    f"{sel['bf16'] * 1e3:.1f} ms (bf16 product + exact fp32 values of the "
+                    f"k + {kernels.SELECT_MARGIN} candidates); the rest of the fp32 step, shared by both: "
+                    f"{rest * 1e3:.1f} ms; so bf16 ÷ fp32 <= {ceiling:.2f}x with the rest as "
+                    f"it is; {reach}")
 
 
 def _saectl(*args) -> str:
@@ -212,6 +261,7 @@ def run():
                         note="saectl's float32 TopK selects its candidates from a bf16 product "
                              "where the CPU has avx512_bf16/amx (values recomputed in fp32), so "
                              f"on such a CPU --autocast adds little for TopK; {note}"))
+        rows.append(floor_row(width, d_sae, BATCH / t["fp32_exact"]))
         if os.environ.get("BENCH_BF16_DENSE", "1") == "1":
             _progress(f"{width} speed, batchtopk")
             tb = time_all(d_sae, False, "batchtopk")

@@ -186,8 +186,9 @@ def test_slurm_cpus_set_the_threads_of_a_task(value, want):
     import sys
 
     env = {k: v for k, v in os.environ.items() if k not in executors.THREAD_VARS}
-    p = subprocess.run([sys.executable, "-c", "import saectl, torch, os; "
-                        "print(torch.get_num_threads(), os.environ.get('OMP_NUM_THREADS'))"],
+    code = ("import saectl, torch, os; "
+            "print(torch.get_num_threads(), os.environ.get('OMP_NUM_THREADS'))")
+    p = subprocess.run([sys.executable, "-c", code],
                        check=False, capture_output=True, text=True,
                        env={**env, "SLURM_CPUS_PER_TASK": value})
     assert p.returncode == 0 and p.stderr == "", p.stderr
