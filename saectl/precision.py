@@ -23,7 +23,7 @@ policy, and why each part stays where it is:
   promotes) and its L0 count is summed in fp32.
 
 `emulated(device)` is True where bf16 products have no hardware support (a CPU without
-avx512_bf16 / amx_bf16, a GPU before Ampere): there they are slower than fp32, which
+avx512_bf16 / amx_bf16 or Arm's bf16, a GPU before Ampere): there they are slower than fp32, which
 `say_if_emulated` tells the user once per process, and training goes on.
 """
 
@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import subprocess
+import sys
 
 AUTOCAST = (None, "bfloat16")
 """`--autocast` choices; None: fp32 throughout (float16 would need loss scaling: not offered)."""
@@ -38,13 +40,24 @@ AUTOCAST = (None, "bfloat16")
 
 @functools.cache
 def cpu_has_native_bf16() -> bool:
-    """avx512_bf16 or amx_bf16 in /proc/cpuinfo: oneDNN then runs bf16 matmuls natively."""
+    """Whether oneDNN / the Arm kernels run bf16 matmuls natively: avx512_bf16 or amx_bf16 in
+    /proc/cpuinfo's flags (x86), bf16 in its Features (Arm: Graviton3, Neoverse V1/N2), or
+    FEAT_BF16 on macOS (Apple M2 and later)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            words = set(f.read().split())
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        words = set()
+    if words & {"avx512_bf16", "amx_bf16", "bf16"}:
+        return True
+    if sys.platform == "darwin":
+        try:
+            out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], check=False,
+                                 capture_output=True, text=True, timeout=5).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return out.strip() == "1"
+    return False
 
 
 def check(autocast: str | None) -> None:
@@ -54,7 +67,8 @@ def check(autocast: str | None) -> None:
     if autocast not in AUTOCAST:
         why = (" (float16 needs loss scaling to train; bfloat16 has float32's range)"
                if autocast == "float16" else "")
-        raise ConfigError(f"--autocast {autocast} is not supported{why}; use --autocast "
+        shown = autocast if autocast else repr(autocast)  # an empty value shows as ''
+        raise ConfigError(f"--autocast {shown} is not supported{why}; use --autocast "
                           f"bfloat16, or leave it out for float32")
 
 
@@ -83,8 +97,8 @@ def say_if_emulated(device) -> None:
     if kind in _told or not emulated(device):
         return
     _told.add(kind)
-    what = ("this CPU has no avx512_bf16 or amx_bf16" if kind == "cpu"
-            else "this GPU has no native bfloat16 (before Ampere)")
+    what = ("this CPU has no native bfloat16 (avx512_bf16, amx_bf16 or Arm's bf16)"
+            if kind == "cpu" else "this GPU has no native bfloat16 (before Ampere)")
     info(f"train: --autocast bfloat16: {what}, so bf16 products are emulated and training "
          "will be slower than float32; training anyway")
 

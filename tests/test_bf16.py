@@ -158,6 +158,8 @@ def test_bad_autocast_is_one_line_and_writes_nothing(split, capsys, tmp_path):  
                                       "--store", root, "--autocast", value),
                               f"--autocast {value}")
         tried("train", "bad input")
+    res = run_cli(capsys, *train_args(root, ref, "topk", "--autocast", ""))
+    assert_one_line_error(res, "--autocast '' is not supported", "bfloat16")
     assert store.list_artifacts(root, "train") == [] and store.list_artifacts(root, "sweep") == []
 
 
