@@ -149,7 +149,6 @@ def _concatenated_encoder() -> Row:
     """What sharing the encoder product could save: the 8 SAEs' encoder matmuls on one batch
     as one concatenated product (the sweep's SAEs share the batch and d_in) against 8 separate
     ones, outputs preallocated (as the TopK kernel's buffer is), alternated, medians."""
-
     import torch
 
     x = torch.randn(1024, D_IN + 1)  # the kernel's augmented input (bias folded in)
