@@ -23,8 +23,8 @@ policy, and why each part stays where it is:
   promotes) and its L0 count is summed in fp32.
 
 `emulated(device)` is True where bf16 products have no hardware support (a CPU without
-avx512_bf16 / amx_bf16 or Arm's bf16, a GPU before Ampere): there they are slower than fp32, which
-`say_if_emulated` tells the user once per process, and training goes on.
+avx512_bf16 / amx_bf16 or Arm's bf16, a GPU before Ampere): there they are slower than fp32,
+which `say_if_emulated` tells the user once per process, and training goes on.
 """
 
 from __future__ import annotations
