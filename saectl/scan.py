@@ -235,7 +235,7 @@ def latents(sae, features: np.ndarray | None = None):
     returns them as a sparse COO tensor: the same values as the dense encode's, without
     writing the dense (N, d_sae) block the scan would then search for its nonzeros (at 32x
     width, more time than the statistics themselves). None for other SAEs."""
-    from saectl.sae.topk import TopKSAE, topk_latents
+    from saectl.sae.topk import TopKSAE, top_k, topk_latents
 
     if type(sae).encode is not TopKSAE.encode:
         return None
@@ -247,7 +247,7 @@ def latents(sae, features: np.ndarray | None = None):
         col[torch.from_numpy(np.asarray(features))] = torch.arange(n_f)
 
     def encode(x: torch.Tensor) -> torch.Tensor:
-        vals, idx = sae.pre_acts(x).topk(k, dim=-1, sorted=False)
+        vals, idx = top_k(sae.pre_acts(x), k)
         with one_thread():  # (N, k) small kernels: see scan
             if col is not None:
                 idx = col.to(idx.device)[idx]  # -1: a latent the scan does not keep

@@ -16,6 +16,15 @@ from saectl.sae import kernels
 from saectl.sae.base import SAE, ForwardOutput, register
 
 
+def top_k(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(values, indices) of the k largest pre-activations per row (n, d_sae), unordered:
+    `pre.topk(k)`'s, found by the kernels' block pre-selection (`kernels.block_topk_indices`,
+    ~3x cheaper than torch.topk over d_sae on a CPU), the values gathered from `pre` itself,
+    so bit for bit those of the dense encode."""
+    idx = kernels.block_topk_indices(pre, k)
+    return pre.gather(1, idx), idx
+
+
 def topk_latents(vals: Tensor, idx: Tensor, width: int) -> Tensor:
     """The coalesced sparse COO (n, width) of top-k pre-activations `vals` at columns `idx`
     (n, k), ReLU'd: only those above 0 (a negative top-k pre-activation is not a fired
@@ -46,7 +55,7 @@ class TopKSAE(SAE):
         that finds its non-zeros again (interpret's scan does the same: saectl.scan)."""
         if x.dim() != 2:
             return super().encode_sparse(x)
-        vals, idx = self.pre_acts(x).topk(self.cfg.k, dim=-1, sorted=False)
+        vals, idx = top_k(self.pre_acts(x), self.cfg.k)
         return topk_latents(vals, idx, self.d_sae)
 
     def forward(self, x: Tensor, *, target: Tensor | None = None,
