@@ -13,6 +13,7 @@ saectl train ...` on CPU with the gloo backend.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -218,3 +219,28 @@ def test_the_sbatch_script_trains_with_two_tasks(shuffled, slurm_cluster, tmp_pa
     a, b = _weights(one, ref), _weights(s, ref)
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=0, msg=name)
+
+
+KEEP_LARGEST = """
+import json, sys, torch
+from saectl import distributed
+distributed.init("cpu")
+values = {0: [3.0, 2.0, 2.0, 2.0, 1.0], 1: [2.0, 2.0, 0.0, 0.0, 5.0]}[distributed.rank()]
+keep = distributed.keep_largest(torch.tensor(values), 4)
+with open(f"{sys.argv[1]}/rank{distributed.rank()}.json", "w") as f:
+    json.dump(keep.tolist(), f)
+distributed.shutdown()
+"""
+
+
+def test_keep_largest_keeps_exactly_count_over_the_ranks(tmp_path):
+    """The 4 largest of [3, 2, 2, 2, 1] and [2, 2, 0, 0, 5] over 2 ranks: 5 and 3 are above the
+    cut (2); of the five 2s, two are kept, the lower rank's and its earlier ones first (keeping
+    every tie would keep 7, as bf16 values tie at BatchTopK's cut)."""
+    script = tmp_path / "keep.py"
+    script.write_text(KEEP_LARGEST)
+    p = subprocess.run([*TORCHRUN, str(script), str(tmp_path)], check=False, capture_output=True,
+                       text=True, timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert got == [[True, True, True, False, False], [False, False, False, False, True]]
