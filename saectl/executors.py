@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from saectl import store
+from saectl import slurm_cpus, store
 from saectl.console import info
 from saectl.errors import ArtifactError, ConfigError
 from saectl.sbatch import SlurmOptions, job_script
@@ -108,13 +108,6 @@ def _check_tasks(tasks: list[Task]) -> None:
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 """What sets a child's thread pools: torch's intra-op pool reads OMP_NUM_THREADS at start."""
-
-
-def slurm_cpus() -> int | None:
-    """SLURM's --cpus-per-task inside a SLURM task (SLURM_CPUS_PER_TASK, a positive integer),
-    else None; a value that is not one is ignored, as torch would ignore it."""
-    value = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    return int(value) if value.isascii() and value.isdigit() and int(value) > 0 else None
 
 
 def cores() -> int:
