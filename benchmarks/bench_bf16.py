@@ -155,9 +155,9 @@ def floor_row(width: str, d_sae: int, step_fp32_s: float):
                "rest of the step were free)", sel["fp32"] * 1e3, sel["bf16"] * 1e3, "ms", "",
                note=f"selection of {BATCH} tokens: fp32 {sel['fp32'] * 1e3:.1f} ms, bf16 "
                     f"{sel['bf16'] * 1e3:.1f} ms (bf16 product + exact fp32 values of the "
-                    f"k + {kernels.SELECT_MARGIN} candidates); the rest of the fp32 step, shared by both: "
-                    f"{rest * 1e3:.1f} ms; so bf16 ÷ fp32 <= {ceiling:.2f}x with the rest as "
-                    f"it is; {reach}")
+                    f"k + {kernels.SELECT_MARGIN} candidates); the rest of the fp32 step, "
+                    f"shared by both: {rest * 1e3:.1f} ms; so bf16 ÷ fp32 <= {ceiling:.2f}x "
+                    f"with the rest as it is; {reach}")
 
 
 def _saectl(*args) -> str:

@@ -40,6 +40,7 @@ from saectl import distributed
 from saectl.errors import ConfigError
 from saectl.sae import ARCHS, SAE, kernels
 from saectl.sae.base import ForwardOutput
+from saectl.sae.topk import top_k
 
 ARCHS_SHARDED = ("topk", "batchtopk")
 
@@ -112,8 +113,7 @@ def _candidates(pre: Tensor, k: int, group, x_c: Tensor, sae: SAE,
         pre = pre.masked_fill(~allowed, float("-inf"))
     m = pre.shape[1]
     if pre.dtype == sae.dtype:
-        idx = kernels.block_topk_indices(pre, min(k, m))
-        vals = pre.gather(1, idx)
+        vals, idx = top_k(pre, min(k, m))
     else:
         idx = kernels.block_topk_indices(pre, min(k + kernels.SELECT_MARGIN, m))
         vals = kernels.exact_values(idx, x_c, sae.W_enc, sae.b_enc)
