@@ -1,7 +1,8 @@
 """A local sweep of 8 TopK SAEs against 8 separate `saectl train` runs, in one run (issue 4),
 and the processes executor with two jobs against the same 8 points one by one, and against
 one job on issue 22's MNIST grid (`_mnist_processes`; BENCH_MNIST, BENCH_MNIST_TOKENS,
-BENCH_MNIST_ROUNDS).
+BENCH_MNIST_ROUNDS); and the sweep's downstream evaluation with the clean and zero-ablated
+passes shared against each SAE's own (`_shared_lm_eval`, on the packaged SmolLM2).
 
 Synthetic float16 activations at d_in 576 (SmolLM2's width) are imported and shuffled; the
 grid is TopK at 4×, 8×, 16×, 32× and k 16, 32, each on the same tokens. Both sides run the real
@@ -100,6 +101,7 @@ def run() -> list[Row]:
             "", note=f"{8 * read_s:.1f}s of {separate:.1f}s; the sweep reads once: {read_s:.1f}s"),
         *_mnist_processes(),
         _concatenated_encoder(),
+        *_shared_lm_eval(),
     ]
 
 
@@ -174,3 +176,55 @@ def _concatenated_encoder() -> Row:
                cat, sep, "s", "", note=f"{torch.get_num_threads()} torch threads; the encoder "
                "product is most of a TopK step, and one concatenated product does the same "
                "FLOPs: this ratio bounds what a shared encoder could save")
+
+
+LM_EVAL_SEQS = int(os.environ.get("BENCH_LM_EVAL_SEQS", "8"))
+
+
+def _shared_lm_eval() -> list[Row]:
+    """The sweep's downstream evaluation: the grid's 8 TopK SAEs (randomly initialised; the
+    time does not depend on the weights) spliced into the packaged SmolLM2-135M at
+    resid_post.15 on LM_EVAL_SEQS sequences of 128 tokens (the demo's lm_eval_seqs), as a
+    local sweep now does it (`metrics.spliced_many`: one clean and one zero-ablated pass a
+    batch for all 8) against each SAE alone (`metrics.spliced`, as 8 train runs or the
+    processes executor do). Alternated, the figures checked equal. Skipped, saying why,
+    without the packaged model."""
+    import torch
+
+    from saectl import metrics, models
+    from saectl.errors import SaectlError
+    from saectl.sae import ARCHS, SAEConfig
+
+    try:
+        model = models.load_model(models.resolve_model(models.DEFAULT_MODEL), device="cpu")
+    except SaectlError as e:
+        print(f"bench: {e}: shared lm-eval row skipped")
+        return []
+    torch.manual_seed(0)
+    saes = {f"{e}x k{k}": ARCHS["topk"](SAEConfig(arch="topk", d_in=D_IN, d_sae=D_IN * e, k=k))
+            for e in GRID["expansion"] for k in GRID["k"]}
+    ids = torch.randint(0, model.config.vocab_size, (LM_EVAL_SEQS, 128))
+    hook = "resid_post.15"
+    times: dict[str, list[float]] = {"shared": [], "alone": []}
+    figures = {}
+
+    def shared():
+        figures["shared"] = metrics.spliced_many(model, saes, hook, None, ids, 1)
+
+    def alone():
+        figures["alone"] = {k: metrics.spliced(model, sae, hook, None, ids, 1)
+                            for k, sae in saes.items()}
+
+    for rep in range(2):
+        for name, fn in (("shared", shared), ("alone", alone))[:: 1 if rep % 2 == 0 else -1]:
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    same = figures["shared"] == figures["alone"]
+    return [Row("sweep lm-eval of 8 SAEs: clean and zero-ablated passes shared vs each SAE "
+                "alone (wall s)", min(times["shared"]), min(times["alone"]), "s", "",
+                note=f"SmolLM2-135M resid_post.15, {LM_EVAL_SEQS} sequences of 128 tokens, "
+                     f"4 a batch: {2 + len(saes)} forward passes a batch against "
+                     f"{3 * len(saes)}; figures {'equal' if same else 'DIFFER'}; every run (s): "
+                     + "; ".join(f"{n} {', '.join(f'{t:.1f}' for t in ts)}"
+                                 for n, ts in times.items()))]

@@ -125,8 +125,8 @@ def fit(src, manifest, harvest, points: list[Point], lm: dict) -> None:
         _train_group(src, group)
         for p in group:
             p.trainer.unshard()  # sharded latents: every rank gathers the whole SAE
-            if distributed.rank() == 0:  # the other ranks of a data-parallel run only train
-                _finish(src, manifest, harvest, p, lm.get(p.art.ref))
+        if distributed.rank() == 0:  # the other ranks of a data-parallel run only train
+            _finish(src, manifest, harvest, group, lm)
 
 
 def device_for(cfg):
@@ -273,27 +273,48 @@ def _save_checkpoint(p: Point) -> None:
         faults.point("train.checkpointed")
 
 
-def _finish(src, manifest, harvest, p: Point, lm_spec) -> None:
-    sae = p.trainer.export()
-    out = p.art.group("r+")
-    for k, v in p.log.items():
-        out.create_array(layout.train_log(k), data=np.asarray(v, dtype=np.float64), overwrite=True)
-    summary = _evaluate(p.art, src, harvest, p.hook, sae, lm_spec, p.cfg, p.target)
-    summary.update(hook=p.hook, **({"target": p.target} if p.target else {}),
-                   transcoder=p.target is not None, arch=p.sae_cfg.arch, d_in=p.sae_cfg.d_in, d_sae=p.sae_cfg.d_sae,
-                   k=p.sae_cfg.k, steps=p.steps, tokens=p.steps * p.cfg.batch_size,
-                   epochs=p.steps * p.cfg.batch_size / manifest["summary"]["n_train"],
-                   final_log={k: v[-1] for k, v in p.log.items()} if p.log else {})
-    if p.tracker is not None:
-        p.tracker.summary(summary)
-        p.tracker.close()
-        p.tracker = None
-    store.mark_complete(p.art, summary)
-    checkpoints.remove(layout.checkpoint(p.art.path))  # the weights are saved; free the disk
-    p.trainer = None
-    figs = ", ".join(f"{k} {summary[k]:.4g}" for k in ("fvu", "l0", "dead_fraction",
-                                                        "ce_loss_score") if k in summary)
-    info(f"train: wrote {p.art.ref} ({figs})")
+def _finish(src, manifest, harvest, group: list[Point], lm: dict) -> None:
+    """Evaluate, save and complete a group's points. Points spliced into the same model on the
+    same sequences share each batch's clean and zero-ablated passes (`metrics.spliced_many`):
+    their figures are those of evaluating each alone, for 2 + P passes a batch, not 3P."""
+    saes, summaries = {}, {}
+    for p in group:
+        saes[p.art.ref] = p.trainer.export()
+        p.trainer = None  # the optimizer's state is no longer needed
+        out = p.art.group("r+")
+        for k, v in p.log.items():
+            out.create_array(layout.train_log(k), data=np.asarray(v, dtype=np.float64),
+                             overwrite=True)
+        summaries[p.art.ref] = _evaluate(p.art, src, harvest, p.hook, saes[p.art.ref], p.cfg,
+                                         p.target)
+    shared: dict[tuple, list[Point]] = {}
+    for p in group:
+        if lm.get(p.art.ref) is not None:
+            key = (lm[p.art.ref], p.cfg.lm_eval_seqs, getattr(saes[p.art.ref], "cross_layer",
+                                                              False))
+            shared.setdefault(key, []).append(p)
+    for (spec, _, _), points in shared.items():
+        figures = _lm_figures(src, harvest, points[0].hook, points[0].target,
+                              {p.art.ref: saes[p.art.ref] for p in points}, spec, points[0].cfg)
+        for ref, f in figures.items():
+            summaries[ref].update(f)
+    for p in group:
+        summary = summaries[p.art.ref]
+        summary.update(hook=p.hook, **({"target": p.target} if p.target else {}),
+                       transcoder=p.target is not None, arch=p.sae_cfg.arch,
+                       d_in=p.sae_cfg.d_in, d_sae=p.sae_cfg.d_sae, k=p.sae_cfg.k, steps=p.steps,
+                       tokens=p.steps * p.cfg.batch_size,
+                       epochs=p.steps * p.cfg.batch_size / manifest["summary"]["n_train"],
+                       final_log={k: v[-1] for k, v in p.log.items()} if p.log else {})
+        if p.tracker is not None:
+            p.tracker.summary(summary)
+            p.tracker.close()
+            p.tracker = None
+        store.mark_complete(p.art, summary)
+        checkpoints.remove(layout.checkpoint(p.art.path))  # the weights are saved; free the disk
+        figs = ", ".join(f"{k} {summary[k]:.4g}" for k in ("fvu", "l0", "dead_fraction",
+                                                            "ce_loss_score") if k in summary)
+        info(f"train: wrote {p.art.ref} ({figs})")
 
 
 def _lm_setup(cfg, harvest):
@@ -309,10 +330,9 @@ def load_lm(spec, device):
     return models.load_model(spec, device=device)
 
 
-def _evaluate(art, src, harvest, hook, sae, lm_spec, cfg, target=None) -> dict:
-    """The figures on the eval split (a transcoder's: of its prediction of the target), and
-    the CE-loss/KL scores with the SAE spliced in (a transcoder's output replacing the
-    target hook's activation)."""
+def _evaluate(art, src, harvest, hook, sae, cfg, target=None) -> dict:
+    """The figures on the eval split (a transcoder's: of its prediction of the target); the
+    SAE saved beside them with its latents' firing densities."""
     import torch  # deferred, with the modules below that import it: torch is heavy
 
     from saectl import metrics
@@ -335,15 +355,25 @@ def _evaluate(art, src, harvest, hook, sae, lm_spec, cfg, target=None) -> dict:
                        "saectl_ref": art.ref,
                        "model_name": harvest.manifest().get("origin", {}).get("model", {})
                        .get("name"), "context_size": harvest.manifest()["params"]["context_size"]})
-    if lm_spec is not None:
-        device = device_for(cfg)
-        model = load_lm(lm_spec, device)
-        seqs = group[layout.EVAL_SEQUENCES][:][: cfg.lm_eval_seqs]
-        tokens = harvest.group()[layout.TOKENS].get_orthogonal_selection((seqs, slice(None)))
-        ids = torch.from_numpy(np.asarray(tokens)).long().to(device)
-        skip = 0 if src.manifest()["params"].get("keep_bos") else 1
-        # The outliers the shuffle left out of training keep their clean activation, as BOS does.
-        first = (layer_range(hook) or [hook])[0]  # one set of outliers for all of a shuffle's hooks
-        keep = torch.from_numpy(outliers.left_out(src, first, seqs, ids.shape[1]))
-        figures.update(metrics.spliced(model, sae.to(device), hook, target, ids, skip, keep))
     return figures
+
+
+def _lm_figures(src, harvest, hook, target, saes: dict, lm_spec, cfg) -> dict:
+    """{key: CE-loss/KL scores} of `saes` {key: sae} of one site, each spliced into the model
+    (a transcoder's output replacing the target hook's activation) on the first
+    `cfg.lm_eval_seqs` held-out sequences, the clean and zero-ablated passes shared."""
+    import torch  # deferred, with the modules below that import it: torch is heavy
+
+    from saectl import metrics
+
+    device = device_for(cfg)
+    model = load_lm(lm_spec, device)
+    seqs = src.group()[layout.EVAL_SEQUENCES][:][: cfg.lm_eval_seqs]
+    tokens = harvest.group()[layout.TOKENS].get_orthogonal_selection((seqs, slice(None)))
+    ids = torch.from_numpy(np.asarray(tokens)).long().to(device)
+    skip = 0 if src.manifest()["params"].get("keep_bos") else 1
+    # The outliers the shuffle left out of training keep their clean activation, as BOS does.
+    first = (layer_range(hook) or [hook])[0]  # one set of outliers for all of a shuffle's hooks
+    keep = torch.from_numpy(outliers.left_out(src, first, seqs, ids.shape[1]))
+    return metrics.spliced_many(model, {k: sae.to(device) for k, sae in saes.items()}, hook,
+                                target, ids, skip, keep)

@@ -177,6 +177,20 @@ def downstream(model, hook, reconstruct: Callable[[torch.Tensor], torch.Tensor] 
     `run(ids, keep, ablate)` replaces the one-hook splice with the caller's: the logits with
     the spliced model (ablate False) or the zero-ablated one (a cross-layer transcoder's
     replacement model, `replacement_run`)."""
+    return downstream_many(model, hook, {"": reconstruct}, token_batches, skip_first,
+                           passthrough, source, None if run is None else {"": run})[""]
+
+
+@torch.no_grad()
+def downstream_many(model, hook, reconstructs: dict, token_batches: Iterable[torch.Tensor],
+                    skip_first: int = 1, passthrough: Iterable[torch.Tensor] | None = None,
+                    source=None, runs: dict | None = None) -> dict:
+    """`downstream`'s figures for each of several splices at the same site, {key: figures}
+    for `reconstructs` {key: fn} (or `runs` {key: run}), on the same batches. The clean and
+    the zero-ablated passes are the same for every splice, so they run once a batch: P SAEs
+    cost P + 2 forward passes a batch, not 3P (a sweep's points, issue 22). Each key's figures
+    are those `downstream` gives it alone, bit for bit: the same passes, summed in the same
+    order."""
     from contextlib import nullcontext
 
     from saectl.hooks import reading, run_with_replacement
@@ -196,36 +210,40 @@ def downstream(model, hook, reconstruct: Callable[[torch.Tensor], torch.Tensor] 
             return out
         return replace
 
+    def logp_of(ids, keep, key, ablate: bool):
+        """Log-probs with `key`'s splice (ablate: the zero-ablated model)."""
+        if runs is not None:
+            return runs[key](ids, keep, ablate)[:, :-1].float().log_softmax(-1)
+        fn = splice(None if ablate else reconstructs[key], keep)
+        with reading(model, source, seen) if source is not None else nullcontext():
+            return run_with_replacement(model, hook, fn, ids)[:, :-1].float().log_softmax(-1)
+
+    keys = list(runs if runs is not None else reconstructs)
     masks = iter(passthrough) if passthrough is not None else None
-    ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
-    kl = {"sae": 0.0, "zero": 0.0}
+    ce = {k: 0.0 for k in ("clean", "zero", *keys)}
+    kl = {k: 0.0 for k in ("zero", *keys)}
     n = 0
     for ids in token_batches:
         keep = next(masks).to(ids.device) if masks is not None else None
-        labels = ids[:, 1:]
-        clean_logits = model(input_ids=ids).logits[:, :-1].float()
-        clean_logp = clean_logits.log_softmax(-1)
-        for name, fn in (("sae", splice(reconstruct, keep)), ("zero", splice(None, keep))):
-            if run is not None:
-                logp = run(ids, keep, name == "zero")[:, :-1].float()
-            else:
-                with reading(model, source, seen) if source is not None else nullcontext():
-                    logp = run_with_replacement(model, hook, fn, ids)[:, :-1].float()
-            logp = logp.log_softmax(-1)
-            ce[name] += float(F.nll_loss(logp.flatten(0, 1), labels.flatten(), reduction="sum"))
-            kl[name] += float((clean_logp.exp() * (clean_logp - logp)).sum())
-        ce["clean"] += float(F.nll_loss(clean_logp.flatten(0, 1), labels.flatten(), reduction="sum"))
+        labels = ids[:, 1:].flatten()
+        clean_logp = model(input_ids=ids).logits[:, :-1].float().log_softmax(-1)
+        clean_p = clean_logp.exp()
+        for name, key, ablate in [*((k, k, False) for k in keys), ("zero", keys[0], True)]:
+            logp = logp_of(ids, keep, key, ablate)
+            ce[name] += float(F.nll_loss(logp.flatten(0, 1), labels, reduction="sum"))
+            kl[name] += float((clean_p * (clean_logp - logp)).sum())
+        ce["clean"] += float(F.nll_loss(clean_logp.flatten(0, 1), labels, reduction="sum"))
         n += labels.numel()
     ce = {k: v / n for k, v in ce.items()}
     kl = {k: v / n for k, v in kl.items()}
     denom = ce["zero"] - ce["clean"]
-    return {
-        "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero": ce["zero"],
-        "ce_loss_score": (ce["zero"] - ce["sae"]) / denom if denom != 0 else float("nan"),
-        "kl_sae": kl["sae"], "kl_zero": kl["zero"],
-        "kl_score": (kl["zero"] - kl["sae"]) / kl["zero"] if kl["zero"] > 0 else float("nan"),
-        "delta_lm_loss": ce["sae"] - ce["clean"], "lm_eval_tokens": n,
-    }
+    return {k: {
+        "ce_clean": ce["clean"], "ce_sae": ce[k], "ce_zero": ce["zero"],
+        "ce_loss_score": (ce["zero"] - ce[k]) / denom if denom != 0 else float("nan"),
+        "kl_sae": kl[k], "kl_zero": kl["zero"],
+        "kl_score": (kl["zero"] - kl[k]) / kl["zero"] if kl["zero"] > 0 else float("nan"),
+        "delta_lm_loss": ce[k] - ce["clean"], "lm_eval_tokens": n,
+    } for k in keys}
 
 
 def spliced(model, sae, hook: str, target: str | None, ids: torch.Tensor, skip_first: int,
@@ -234,33 +252,45 @@ def spliced(model, sae, hook: str, target: str | None, ids: torch.Tensor, skip_f
     at `hook`, or for a transcoder its prediction from `hook` replacing `target`; `keep`
     (n, C) marks positions passed through (outliers). `centred`: the SAE reads x − mean(x)
     (saectl.basis) and its output gets the mean back. {} where the site cannot be spliced."""
+    return spliced_many(model, {"": sae}, hook, target, ids, skip_first, keep, centred)[""]
+
+
+def spliced_many(model, saes: dict, hook: str, target: str | None, ids: torch.Tensor,
+                 skip_first: int, keep: torch.Tensor | None = None,
+                 centred: bool = False) -> dict:
+    """`spliced` for several SAEs of one site, {key: figures} for `saes` {key: sae}, sharing
+    each batch's clean and zero-ablated passes (`downstream_many`)."""
     from saectl import hooks
     from saectl.layout import layer_range
 
-    if getattr(sae, "cross_layer", False):
+    parts = range(0, len(ids), 4)
+    batches = [ids[i:i + 4] for i in parts]
+    masks = None if keep is None else [keep[i:i + 4] for i in parts]
+    cross = {getattr(sae, "cross_layer", False) for sae in saes.values()}
+    assert len(cross) == 1, "cross-layer transcoders and SAEs are spliced in apart"
+    if cross == {True}:
         reads = hooks.parse_hooks(model, layer_range(hook))
         writes = hooks.parse_hooks(model, layer_range(target))
-        run = replacement_run(model, sae, reads, writes, skip_first)
-        parts = range(0, len(ids), 4)
-        figures = downstream(model, None, None, [ids[i:i + 4] for i in parts], skip_first,
-                             None if keep is None else [keep[i:i + 4] for i in parts], run=run)
-        figures["outliers_passed_through"] = int(keep.sum()) if keep is not None else 0
-        return figures
-    read = hooks.parse_hooks(model, [hook])[0]
-    write = hooks.parse_hooks(model, [target])[0] if target else read
-    if write.name.split(".")[0] in hooks.READ_ONLY_SITES:
-        return {}
+        runs = {k: replacement_run(model, clt, reads, writes, skip_first)
+                for k, clt in saes.items()}
+        figures = downstream_many(model, None, {}, batches, skip_first, masks, runs=runs)
+    else:
+        read = hooks.parse_hooks(model, [hook])[0]
+        write = hooks.parse_hooks(model, [target])[0] if target else read
+        if write.name.split(".")[0] in hooks.READ_ONLY_SITES:
+            return {k: {} for k in saes}
 
-    def splice(a):
-        a = a.float()
-        mean = a.mean(-1, keepdim=True) if centred else 0
-        return output(sae, sae.encode(a - mean), a) + mean
+        def splice(sae):
+            def fn(a):
+                a = a.float()
+                mean = a.mean(-1, keepdim=True) if centred else 0
+                return output(sae, sae.encode(a - mean), a) + mean
+            return fn
 
-    parts = range(0, len(ids), 4)
-    figures = downstream(model, write, splice, [ids[i:i + 4] for i in parts], skip_first,
-                         None if keep is None else [keep[i:i + 4] for i in parts],
-                         source=read if target else None)
-    figures["outliers_passed_through"] = int(keep.sum()) if keep is not None else 0
+        figures = downstream_many(model, write, {k: splice(sae) for k, sae in saes.items()},
+                                  batches, skip_first, masks, source=read if target else None)
+    for f in figures.values():
+        f["outliers_passed_through"] = int(keep.sum()) if keep is not None else 0
     return figures
 
 

@@ -368,3 +368,48 @@ def test_table_shows_per_token_figures_and_eval_keeps_addresses(split, tmp_path,
     again = run_cli(capsys, "eval", s["table"][0]["ref"], "--store", root, "--probe-data",
                     probes, "--lm-eval-seqs", "2", "--tolerance", "0.9", "--device", "cpu")
     assert again.out.strip() == s["table"][0]["eval_ref"] and "cache hit" in again.err
+
+
+def test_sweep_points_share_the_lm_eval_and_score_as_alone(tiny_model_dirs, tiny_corpus,
+                                                           tmp_path, capsys):
+    """A local sweep splices its points into the model with one clean and one zero-ablated
+    pass a batch for all of them; each point's CE-loss and KL figures are still those of
+    training and evaluating it alone (issue 22)."""
+    import shutil
+
+    import torch
+
+    h = run_cli(capsys, "harvest", "--model", tiny_model_dirs["gpt_neox"], "--dataset",
+                tiny_corpus, "--hooks", "resid_post.1", "--tokens", 64 * 16, "--context-size",
+                16, "--store", tmp_path, "--device", "cpu")
+    sh = run_cli(capsys, "shuffle", h.out.strip(), "--store", tmp_path, "--eval-fraction",
+                 "0.2").out.strip()
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("arch: topk\nk: [2, 4]\nexpansion: 2\ntokens: 2048\nbatch_size: 256\n"
+                    "lm_eval_seqs: 4\n")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the steps in turn, as alone: the same weights, bit for bit
+    try:
+        res = run_cli(capsys, "sweep", sh, "--grid", grid, "--store", tmp_path, "--tolerance",
+                      "0.99", "--device", "cpu")
+        assert res.code == 0, res.err
+        table = store.list_artifacts(tmp_path, "sweep")[0].manifest()["summary"]["table"]
+        assert len(table) == 2
+        swept = {r["ref"]: store.resolve(tmp_path, r["ref"]).manifest()["summary"]
+                 for r in table}
+        k2 = next(ref for ref, s in swept.items() if s["k"] == 2)
+        shutil.rmtree(store.resolve(tmp_path, k2).path)
+        alone = run_cli(capsys, "train", sh, "--store", tmp_path, "--arch", "topk", "--k", "2",
+                        "--expansion", "2", "--tokens", "2048", "--batch-size", "256",
+                        "--lm-eval-seqs", "4", "--device", "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert alone.code == 0 and alone.out.strip() == k2, alone.err
+    again = store.resolve(tmp_path, k2).manifest()["summary"]
+    for key in ("ce_clean", "ce_zero", "ce_sae", "ce_loss_score", "kl_zero", "kl_sae",
+                "kl_score", "lm_eval_tokens", "fvu"):
+        assert again[key] == swept[k2][key], key
+    (k4,) = set(swept) - {k2}
+    assert swept[k4]["ce_clean"] == swept[k2]["ce_clean"]
+    assert swept[k4]["ce_sae"] != swept[k2]["ce_sae"]
+    assert np.isfinite(swept[k4]["ce_loss_score"]) and swept[k4]["lm_eval_tokens"] == 4 * 15

@@ -132,6 +132,32 @@ def test_downstream_scores_bracket_identity_and_zero(tiny_model_dirs, tiny_corpu
     assert zero["kl_score"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_downstream_of_several_splices_shares_the_clean_and_zero_passes(tiny_model_dirs):
+    """P splices at one site on the same batches: each gets the figures `downstream` gives it
+    alone, bit for bit, from P + 2 forward passes a batch instead of 3P (issue 22)."""
+    spec = models.resolve_model(str(tiny_model_dirs["llama"]))
+    model = models.load_model(spec)
+    hook = hooks.parse_hooks(model, ["resid_post.1"])[0]
+    torch.manual_seed(0)
+    ids = [torch.randint(2, 300, (2, 16)) for _ in range(3)]
+    keep = [torch.rand(2, 16) < 0.2 for _ in range(3)]
+    fns = {"ident": lambda a: a, "half": lambda a: 0.5 * a, "noisy": lambda a: a + 0.3}
+    passes = []
+    handle = model.register_forward_hook(lambda *_: passes.append(1))
+    try:
+        many = metrics.downstream_many(model, hook, fns, ids, passthrough=keep)
+        assert len(passes) == len(ids) * (len(fns) + 2)
+        passes.clear()
+        alone = {k: metrics.downstream(model, hook, fn, ids, passthrough=keep)
+                 for k, fn in fns.items()}
+        assert len(passes) == len(ids) * 3 * len(fns)
+    finally:
+        handle.remove()
+    assert many == alone
+    assert many["ident"]["ce_loss_score"] == pytest.approx(1.0, abs=1e-6)
+    assert 0 < many["half"]["ce_loss_score"] < 1 and many["half"] != many["noisy"]
+
+
 def test_train_on_a_harvest_with_lm_eval(tiny_model_dirs, tiny_corpus, tmp_path, capsys):
     h = run_cli(capsys, "harvest", "--model", tiny_model_dirs["gpt_neox"], "--dataset",
                 tiny_corpus, "--hooks", "resid_post.1", "--tokens", 64 * 16, "--context-size",
