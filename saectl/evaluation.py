@@ -16,12 +16,13 @@ spliced into the model on held-out sequences), the description length at `--tole
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 
-from saectl import arrays, layout, lineage, outliers, probe_data, store
+from saectl import arrays, eval_lm, layout, lineage, probe_data, store
 from saectl import stage as contract
 from saectl.config import address_params, opt
 from saectl.console import info
@@ -208,22 +209,8 @@ def _outlier_threshold(cfg: EvalConfig, t: Target) -> tuple[float | None, int]:
     return threshold, int((norms > threshold).sum())
 
 
-def _passthrough(t: Target, n_seqs: int, C: int) -> np.ndarray | None:
-    """[n_seqs, C] bool: the positions of the CE-loss sequences left out as outliers, which the
-    splice passes through unchanged (as train's own evaluation does)."""
-    if t.data.stage == "shuffle":
-        seqs = t.data.group()[layout.EVAL_SEQUENCES][:][:n_seqs]
-        return outliers.left_out(t.data, (layer_range(t.lin.hook) or [t.lin.hook])[0], seqs, C)
-    if t.threshold is None:
-        return None
-    x = arrays.read(_acts(t, t.lin.hook), slice(0, n_seqs * C), artifact=t.data.ref)
-    return (np.linalg.norm(x.astype(np.float64), axis=1) > t.threshold).reshape(n_seqs, C)
-
-
 def build(cfg: EvalConfig, plan: Plan, writer: store.Writing) -> None:
-    import torch  # deferred, with the modules below that import it: torch is heavy
-
-    from saectl import hooks, mdl, metrics
+    from saectl import hooks, mdl, metrics  # deferred: they import torch, which is heavy
     from saectl.fitting import device_for, load_lm  # train's model cache, shared in a sweep
     from saectl.sae import load_sae
 
@@ -255,11 +242,7 @@ def build(cfg: EvalConfig, plan: Plan, writer: store.Writing) -> None:
         info(f"eval: {t.harvest.ref} holds imported activations, so there is no model: no "
              "CE-loss/KL scores and no probing")
     if model is not None and cfg.lm_eval:
-        ids = torch.from_numpy(np.asarray(_lm_tokens(t, cfg.lm_eval_seqs))).long().to(device)
-        keep = _passthrough(t, len(ids), ids.shape[1])
-        scores = metrics.spliced(model, sae, t.lin.hook, t.lin.target, ids,
-                                 0 if t.keep_bos else 1,
-                                 None if keep is None else torch.from_numpy(keep), centred)
+        scores = eval_lm.scores(plan.art.ref, t, sae, model, cfg.lm_eval_seqs, device, centred)
         summary.update(scores)
         if not scores:
             info(f"eval: {t.lin.target or t.lin.hook} can be read but not spliced, so no "
@@ -274,14 +257,6 @@ def build(cfg: EvalConfig, plan: Plan, writer: store.Writing) -> None:
         probe_plot(layout.report(plan.art.path, layout.PROBE_K_PNG), {"this SAE": summary["probing"]})
     store.mark_complete(plan.art, summary)
     info(f"eval: wrote {plan.art.ref}")
-
-
-def _lm_tokens(t: Target, n: int) -> np.ndarray:
-    tokens = t.harvest.group()[layout.TOKENS]
-    if t.data.stage == "shuffle":
-        seqs = t.data.group()[layout.EVAL_SEQUENCES][:][:n]
-        return tokens.get_orthogonal_selection((seqs, slice(None)))
-    return tokens[:n]
 
 
 _PROBE_ACTS: dict = {}  # one entry: a sweep evaluates many SAEs on the same model pass
@@ -349,3 +324,23 @@ def probe_plot(path, results: dict[str, dict]) -> None:
 def evaluate(cfg: EvalConfig) -> store.Artifact:
     """The lifecycle `saectl eval` has (cache hit, lock, build), for the sweep's points."""
     return contract.run(Stage(NAME, EvalConfig, "", plan, build, prepare=prepare), cfg)
+
+
+@contextmanager
+def shared_lm_eval(cfgs: list[EvalConfig]):
+    """While a sweep evaluates its points one by one (`evaluate`): the CE-loss/KL scores of the
+    points not yet evaluated, spliced in together (saectl.eval_lm), for their builds to take."""
+    from saectl.fitting import device_for
+
+    points = []
+    for cfg in cfgs:
+        p = plan(cfg)
+        t: Target = p.context
+        if cfg.lm_eval and not p.art.is_complete() and t.harvest.stage == "harvest":
+            t.model = lineage.harvest_model(t.harvest, cfg.model)
+            points.append((p.art.ref, t, cfg.lm_eval_seqs, device_for(cfg)))
+    try:
+        eval_lm.share(points)
+        yield
+    finally:
+        eval_lm.forget()

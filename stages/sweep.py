@@ -214,8 +214,9 @@ def build(cfg: SweepConfig, plan: Plan, writer: store.Writing) -> None:
         return  # --no-wait: submitted; nothing chosen yet
     evals = None
     if grid.eval is not None:
-        evals = [evaluation.evaluate(_eval_config(cfg, grid.eval, p.art.ref))
-                 for p in grid.points]
+        cfgs = [_eval_config(cfg, grid.eval, p.art.ref) for p in grid.points]
+        with evaluation.shared_lm_eval(cfgs):  # one clean and one zero-ablated pass for all
+            evals = [evaluation.evaluate(c) for c in cfgs]
     _finish(plan.art, grid, cfg.tolerance, evals)
 
 

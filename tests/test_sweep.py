@@ -413,3 +413,49 @@ def test_sweep_points_share_the_lm_eval_and_score_as_alone(tiny_model_dirs, tiny
     assert swept[k4]["ce_clean"] == swept[k2]["ce_clean"]
     assert swept[k4]["ce_sae"] != swept[k2]["ce_sae"]
     assert np.isfinite(swept[k4]["ce_loss_score"]) and swept[k4]["lm_eval_tokens"] == 4 * 15
+
+
+def test_sweep_eval_shares_the_lm_passes_and_scores_as_alone(tiny_model_dirs, tiny_corpus,
+                                                            tmp_path, capsys):
+    """`sweep --eval` splices its points into the model together, as train's figures do: a clean
+    and a zero-ablated pass a batch for all points, and one each; each point's eval artifact
+    holds the figures `saectl eval` gives it alone (issue 22)."""
+    import shutil
+
+    import torch
+
+    h = run_cli(capsys, "harvest", "--model", tiny_model_dirs["gpt_neox"], "--dataset",
+                tiny_corpus, "--hooks", "resid_post.1", "--tokens", 64 * 16, "--context-size",
+                16, "--store", tmp_path, "--device", "cpu")
+    sh = run_cli(capsys, "shuffle", h.out.strip(), "--store", tmp_path, "--eval-fraction",
+                 "0.2").out.strip()
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("arch: topk\nk: [2, 4]\nexpansion: 2\ntokens: 2048\nbatch_size: 256\n"
+                    "lm_eval_seqs: 4\neval: {probe: false, lm_eval_seqs: 4}\n")
+    passes = []
+
+    def count(module, args, output):  # every forward pass of the whole model, wherever run
+        if type(module).__name__ == "GPTNeoXForCausalLM":
+            passes.append(module)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        res = run_cli(capsys, "sweep", sh, "--grid", grid, "--store", tmp_path, "--tolerance",
+                      "0.99", "--device", "cpu")
+    finally:
+        handle.remove()
+    assert res.code == 0, res.err
+    # 4 sequences are one batch; train's figures and eval's each take 2 + 2 passes (not 3 · 2)
+    assert len(passes) == 2 * (2 + 2), len(passes)
+    row = store.list_artifacts(tmp_path, "sweep")[0].manifest()["summary"]["table"][0]
+    ev = store.resolve(tmp_path, row["eval_ref"])
+    swept = ev.manifest()["summary"]
+    shutil.rmtree(ev.path)
+    alone = run_cli(capsys, "eval", row["ref"], "--store", tmp_path, "--no-probe",
+                    "--lm-eval-seqs", "4", "--tolerance", "0.99", "--device", "cpu")
+    assert alone.code == 0 and alone.out.strip() == row["eval_ref"], alone.err
+    again = store.resolve(tmp_path, row["eval_ref"]).manifest()["summary"]
+    for key in ("ce_clean", "ce_zero", "ce_sae", "ce_loss_score", "kl_zero", "kl_sae",
+                "kl_score", "lm_eval_tokens", "outliers_passed_through", "fvu", "dl"):
+        assert again[key] == swept[key], key
+    assert np.isfinite(swept["ce_loss_score"]) and swept["lm_eval_tokens"] == 4 * 15
