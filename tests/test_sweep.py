@@ -370,6 +370,20 @@ def test_table_shows_per_token_figures_and_eval_keeps_addresses(split, tmp_path,
     assert again.out.strip() == s["table"][0]["eval_ref"] and "cache hit" in again.err
 
 
+LM_GRID = ("arch: topk\nk: [2, 4]\nexpansion: 2\ntokens: 2048\nbatch_size: 256\n"
+           "lm_eval_seqs: 4\n")
+"""Two points on `_tiny_lm_shuffle`, scored spliced into the model on 4 held-out sequences."""
+
+
+def _tiny_lm_shuffle(capsys, model_dir, corpus, root) -> str:
+    """A tiny model's resid_post.1 harvested (64 sequences of 16) and shuffled, 20% eval."""
+    h = run_cli(capsys, "harvest", "--model", model_dir, "--dataset", corpus, "--hooks",
+                "resid_post.1", "--tokens", 64 * 16, "--context-size", 16, "--store", root,
+                "--device", "cpu")
+    return run_cli(capsys, "shuffle", h.out.strip(), "--store", root, "--eval-fraction",
+                   "0.2").out.strip()
+
+
 def test_sweep_points_share_the_lm_eval_and_score_as_alone(tiny_model_dirs, tiny_corpus,
                                                            tmp_path, capsys):
     """A local sweep splices its points into the model with one clean and one zero-ablated
@@ -379,14 +393,9 @@ def test_sweep_points_share_the_lm_eval_and_score_as_alone(tiny_model_dirs, tiny
 
     import torch
 
-    h = run_cli(capsys, "harvest", "--model", tiny_model_dirs["gpt_neox"], "--dataset",
-                tiny_corpus, "--hooks", "resid_post.1", "--tokens", 64 * 16, "--context-size",
-                16, "--store", tmp_path, "--device", "cpu")
-    sh = run_cli(capsys, "shuffle", h.out.strip(), "--store", tmp_path, "--eval-fraction",
-                 "0.2").out.strip()
+    sh = _tiny_lm_shuffle(capsys, tiny_model_dirs["gpt_neox"], tiny_corpus, tmp_path)
     grid = tmp_path / "grid.yaml"
-    grid.write_text("arch: topk\nk: [2, 4]\nexpansion: 2\ntokens: 2048\nbatch_size: 256\n"
-                    "lm_eval_seqs: 4\n")
+    grid.write_text(LM_GRID)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the steps in turn, as alone: the same weights, bit for bit
     try:
@@ -424,14 +433,9 @@ def test_sweep_eval_shares_the_lm_passes_and_scores_as_alone(tiny_model_dirs, ti
 
     import torch
 
-    h = run_cli(capsys, "harvest", "--model", tiny_model_dirs["gpt_neox"], "--dataset",
-                tiny_corpus, "--hooks", "resid_post.1", "--tokens", 64 * 16, "--context-size",
-                16, "--store", tmp_path, "--device", "cpu")
-    sh = run_cli(capsys, "shuffle", h.out.strip(), "--store", tmp_path, "--eval-fraction",
-                 "0.2").out.strip()
+    sh = _tiny_lm_shuffle(capsys, tiny_model_dirs["gpt_neox"], tiny_corpus, tmp_path)
     grid = tmp_path / "grid.yaml"
-    grid.write_text("arch: topk\nk: [2, 4]\nexpansion: 2\ntokens: 2048\nbatch_size: 256\n"
-                    "lm_eval_seqs: 4\neval: {probe: false, lm_eval_seqs: 4}\n")
+    grid.write_text(LM_GRID + "eval: {probe: false, lm_eval_seqs: 4}\n")
     passes = []
 
     def count(module, args, output):  # every forward pass of the whole model, wherever run
