@@ -10,8 +10,7 @@ Sharing (issue 22): the clean and zero-ablated losses are the same for every SAE
 so a sweep evaluating P points runs 2 + P forward passes a batch, not 3P. `share` splices the
 points in together before the sweep evaluates them one by one, and each point's build takes
 its own figures from here by its eval address (`scores`). The figures are bit for bit those of
-evaluating the point alone (metrics.spliced_many); only points that read the eval split of a
-shuffle are shared (the sweep's default), since a harvest's norm threshold is found in build.
+evaluating the point alone (metrics.spliced_many).
 """
 
 from __future__ import annotations
@@ -72,19 +71,20 @@ def scores(address: str, t, sae, model, n_seqs: int, device, centred: bool) -> d
 
 def share(points: list[tuple]) -> None:
     """Splice in together the points [(address, target, n_seqs, device), ...] (targets with
-    their model found) that share a model, site and held-out sequences, into `_SHARED`."""
+    their model and, on a harvest, their norm threshold found) that share a model, site,
+    held-out sequences and outliers, into `_SHARED`."""
     from saectl import metrics
     from saectl.fitting import load_lm  # train's model cache, shared in a sweep
     from saectl.sae import load_sae
 
     groups: dict[tuple, list] = {}
     for address, t, n_seqs, device in points:
-        if t.data.stage != "shuffle" or t.model is None:
+        if t.model is None:
             continue
         sae = load_sae(layout.sae_dir(t.lin.sae.path)).to(device)
         centred = t.lin.sae.manifest()["summary"].get("basis") == "center"
         key = (t.model, str(device), t.data.ref, t.harvest.ref, t.lin.hook, t.lin.target,
-               n_seqs, t.keep_bos, centred, getattr(sae, "cross_layer", False))
+               n_seqs, t.keep_bos, centred, getattr(sae, "cross_layer", False), t.threshold)
         groups.setdefault(key, []).append((address, t, sae, device))
     for key, members in groups.items():
         if len(members) < 2:

@@ -332,12 +332,18 @@ def shared_lm_eval(cfgs: list[EvalConfig]):
     points not yet evaluated, spliced in together (saectl.eval_lm), for their builds to take."""
     from saectl.fitting import device_for
 
-    points = []
+    points, thresholds = [], {}
     for cfg in cfgs:
         p = plan(cfg)
         t: Target = p.context
         if cfg.lm_eval and not p.art.is_complete() and t.harvest.stage == "harvest":
             t.model = lineage.harvest_model(t.harvest, cfg.model)
+            # on a harvest, the outliers passed through: one norm pass for all the points
+            key = (t.data.ref, t.lin.hook, t.lin.target, t.keep_bos,
+                   cfg.max_activation_norm_multiple)
+            if key not in thresholds:
+                thresholds[key] = _outlier_threshold(cfg, t)[0]
+            t.threshold = thresholds[key]
             points.append((p.art.ref, t, cfg.lm_eval_seqs, device_for(cfg)))
     try:
         eval_lm.share(points)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 
 import numpy as np
@@ -424,18 +425,26 @@ def test_sweep_points_share_the_lm_eval_and_score_as_alone(tiny_model_dirs, tiny
     assert np.isfinite(swept[k4]["ce_loss_score"]) and swept[k4]["lm_eval_tokens"] == 4 * 15
 
 
+@pytest.mark.parametrize("data", ["shuffle", "harvest"])
 def test_sweep_eval_shares_the_lm_passes_and_scores_as_alone(tiny_model_dirs, tiny_corpus,
-                                                            tmp_path, capsys):
+                                                            tmp_path, capsys, data):
     """`sweep --eval` splices its points into the model together, as train's figures do: a clean
     and a zero-ablated pass a batch for all points, and one each; each point's eval artifact
-    holds the figures `saectl eval` gives it alone (issue 22)."""
+    holds the figures `saectl eval` gives it alone (issue 22). On the shuffle's eval split (the
+    default) and on a harvest, whose outliers (a low norm multiple: many) pass through."""
     import shutil
 
     import torch
 
     sh = _tiny_lm_shuffle(capsys, tiny_model_dirs["gpt_neox"], tiny_corpus, tmp_path)
+    flags = ["--no-probe", "--lm-eval-seqs", "4"]
+    if data == "harvest":
+        href = store.list_artifacts(tmp_path, "harvest")[0].ref
+        flags += ["--harvest", href, "--max-activation-norm-multiple", "1.2"]
+    opts = {"probe": False, "lm_eval_seqs": 4,
+            **({"harvest": href, "max_activation_norm_multiple": 1.2} if data == "harvest" else {})}
     grid = tmp_path / "grid.yaml"
-    grid.write_text(LM_GRID + "eval: {probe: false, lm_eval_seqs: 4}\n")
+    grid.write_text(LM_GRID + f"eval: {json.dumps(opts)}\n")
     passes = []
 
     def count(module, args, output):  # every forward pass of the whole model, wherever run
@@ -455,11 +464,13 @@ def test_sweep_eval_shares_the_lm_passes_and_scores_as_alone(tiny_model_dirs, ti
     ev = store.resolve(tmp_path, row["eval_ref"])
     swept = ev.manifest()["summary"]
     shutil.rmtree(ev.path)
-    alone = run_cli(capsys, "eval", row["ref"], "--store", tmp_path, "--no-probe",
-                    "--lm-eval-seqs", "4", "--tolerance", "0.99", "--device", "cpu")
+    alone = run_cli(capsys, "eval", row["ref"], "--store", tmp_path, *flags, "--tolerance",
+                    "0.99", "--device", "cpu")
     assert alone.code == 0 and alone.out.strip() == row["eval_ref"], alone.err
     again = store.resolve(tmp_path, row["eval_ref"]).manifest()["summary"]
     for key in ("ce_clean", "ce_zero", "ce_sae", "ce_loss_score", "kl_zero", "kl_sae",
                 "kl_score", "lm_eval_tokens", "outliers_passed_through", "fvu", "dl"):
         assert again[key] == swept[key], key
-    assert np.isfinite(swept["ce_loss_score"]) and swept["lm_eval_tokens"] == 4 * 15
+    assert swept["data_stage"] == data and np.isfinite(swept["ce_loss_score"])
+    if data == "harvest":
+        assert 0 < swept["outliers_passed_through"] < 4 * 16
