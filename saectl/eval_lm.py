@@ -79,20 +79,18 @@ def share(points: list[tuple]) -> None:
 
     groups: dict[tuple, list] = {}
     for address, t, n_seqs, device in points:
-        if t.model is None:
-            continue
-        sae = load_sae(layout.sae_dir(t.lin.sae.path)).to(device)
         centred = t.lin.sae.manifest()["summary"].get("basis") == "center"
+        # a cross-layer transcoder reads a layer range: `hook` tells it from an SAE
         key = (t.model, str(device), t.data.ref, t.harvest.ref, t.lin.hook, t.lin.target,
-               n_seqs, t.keep_bos, centred, getattr(sae, "cross_layer", False), t.threshold)
-        groups.setdefault(key, []).append((address, t, sae, device))
-    for key, members in groups.items():
+               n_seqs, t.keep_bos, centred, t.threshold)
+        groups.setdefault(key, []).append((address, t, n_seqs, device, centred))
+    for members in groups.values():
         if len(members) < 2:
             continue  # alone: its build splices it in itself
-        _, t, _, device = members[0]
-        n_seqs, centred = key[6], key[8]
+        _, t, n_seqs, device, centred = members[0]
         ids, skip_first, keep = _inputs(t, n_seqs, device)
-        saes = {address: sae for address, _, sae, _ in members}
+        saes = {address: load_sae(layout.sae_dir(m.lin.sae.path)).to(device)
+                for address, m, *_ in members}
         # the device as build passes it: load_lm's cache is keyed by it
         _SHARED.update(metrics.spliced_many(load_lm(t.model, device), saes, t.lin.hook,
                                             t.lin.target, ids, skip_first, keep, centred))
